@@ -1,0 +1,15 @@
+"""Open-source actors for Flyte: task executions on warm replicas of an `ActorEnvironment`.
+
+.. autosummary::
+   ActorEnvironment
+   ActorTask
+   actor_cache
+   map
+"""
+
+from flytekitplugins_actor.cache import actor_cache
+from flytekitplugins_actor.environment import ActorEnvironment
+from flytekitplugins_actor.errors import ActorError, ActorTaskFailed, ExecutionCancelled, ReplicaDied
+from flytekitplugins_actor.task import ActorTask
+
+__all__ = ["ActorEnvironment", "ActorTask", "actor_cache", "ActorError", "ActorTaskFailed", "ReplicaDied", "ExecutionCancelled"]

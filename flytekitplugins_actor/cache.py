@@ -1,0 +1,1 @@
+def actor_cache(fn=None, **kw): return fn

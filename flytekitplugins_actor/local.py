@@ -1,0 +1,169 @@
+"""Local runs: actor tasks execute on real local replica processes, one warm pool per environment key."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+import uuid
+from typing import Any, Dict, Optional
+
+from flytekit.configuration import ImageConfig, SerializationSettings
+from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.type_engine import TypeEngine
+from flytekit.core.utils import load_proto_from_file, write_proto_to_file
+from flytekit.models.literals import LiteralMap
+
+from flytekitplugins_actor.environment import ActorEnvironment
+from flytekitplugins_actor.errors import ActorTaskFailed, ExecutionCancelled, ReplicaDied
+from flytekitplugins_actor.pool import ExecutionState, ReplicaPool
+from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec
+from flytekitplugins_actor.replica.execution import ExecutionSpec
+
+REAP_INTERVAL_S = 1.0
+
+
+class LocalPools:
+    """The driver's pools. Replicas die with the driver: at exit, and at once if it is killed (their stdin closes)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: Dict[str, ReplicaPool] = {}
+        self._backend = LocalProcessBackend()
+        self._stop = threading.Event()
+        self._reaper: Optional[threading.Thread] = None
+        self.log_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "flyte-actor-logs", str(os.getpid()))
+        atexit.register(self.shutdown)
+
+    def pool_for(self, env: ActorEnvironment) -> ReplicaPool:
+        key = env.key()
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                replica_env = {**env.replica_env(), "PYTHONPATH": _python_path()}
+                cwd = os.getcwd()
+
+                def make_spec(name: str, token: str) -> ReplicaSpec:
+                    return ReplicaSpec(name=name, token=token, env=replica_env, cwd=cwd, log_dir=self.log_dir,
+                                       labels={"actor-env": env.name, "actor-env-key": key})
+
+                pool = ReplicaPool(key, self._backend, make_spec, env.replica_count, env.resolved_ttl_seconds, name=env.name)
+                self._pools[key] = pool
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, name="actor-pool-reaper", daemon=True)
+                    self._reaper.start()
+            return pool
+
+    def pools(self) -> Dict[str, ReplicaPool]:
+        with self._lock:
+            return dict(self._pools)
+
+    def _reap(self) -> None:
+        while not self._stop.wait(REAP_INTERVAL_S):
+            with self._lock:
+                expired = [k for k, p in self._pools.items() if p.expired()]
+                pools = [self._pools.pop(k) for k in expired]
+            for p in pools:
+                p.shutdown()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for p in pools:
+            p.shutdown(grace_seconds=1.0)
+
+
+def _python_path() -> str:
+    """The driver's sys.path, so the task's module imports in the replica exactly as in the driver."""
+    paths = [os.path.abspath(p or os.getcwd()) for p in sys.path]
+    return os.pathsep.join(dict.fromkeys(paths))
+
+
+_POOLS: Optional[LocalPools] = None
+_POOLS_LOCK = threading.Lock()
+
+
+def local_pools() -> LocalPools:
+    global _POOLS
+    with _POOLS_LOCK:
+        if _POOLS is None:
+            _POOLS = LocalPools()
+        return _POOLS
+
+
+def _loader(task, workdir: str):
+    """(resolver location, loader args): by module name when importable, else a cloudpickle of the task."""
+    from flytekit.tools.translator import get_serializable  # noqa: F401  (keeps flytekit's loaders registered)
+
+    module = getattr(task, "instantiated_in", None) or task.task_function.__module__
+    if module != "__main__" and task.task_resolver.location.startswith("flytekit."):
+        settings = SerializationSettings(image_config=ImageConfig.auto_default_image())
+        try:
+            return task.task_resolver.location, task.task_resolver.loader_args(settings, task)
+        except Exception:
+            pass
+    import cloudpickle
+
+    path = os.path.join(workdir, "task.pkl")
+    with open(path, "wb") as f:
+        cloudpickle.dump(task, f)
+    return "flytekitplugins_actor.resolver.pickled_task_resolver", ["pickled-task", path]
+
+
+def identity_env(task) -> Dict[str, str]:
+    """The FLYTE_INTERNAL_* identity a pod would get, derived from the driver's current execution."""
+    ctx = FlyteContextManager.current_context()
+    params = ctx.user_space_params
+    exe = params.execution_id if params is not None else None
+    return {
+        "FLYTE_INTERNAL_EXECUTION_PROJECT": getattr(exe, "project", None) or "local",
+        "FLYTE_INTERNAL_EXECUTION_DOMAIN": getattr(exe, "domain", None) or "local",
+        "FLYTE_INTERNAL_EXECUTION_ID": getattr(exe, "name", None) or "local",
+        "FLYTE_INTERNAL_EXECUTION_WORKFLOW": "",
+        "FLYTE_INTERNAL_EXECUTION_LAUNCHPLAN": "",
+        "FLYTE_INTERNAL_TASK_PROJECT": "local",
+        "FLYTE_INTERNAL_TASK_DOMAIN": "local",
+        "FLYTE_INTERNAL_TASK_NAME": task.name,
+        "FLYTE_INTERNAL_TASK_VERSION": "local",
+    }
+
+
+def run_on_replica(task, native_inputs: Dict[str, Any]) -> Any:
+    """Executes an actor task on a warm local replica of its environment and returns its native outputs."""
+    ctx = FlyteContextManager.current_context()
+    pool = local_pools().pool_for(task.task_config)
+    workdir = ctx.file_access.get_random_local_directory()
+    os.makedirs(workdir, exist_ok=True)
+    inputs_path = os.path.join(workdir, "inputs.pb")
+    output_prefix = os.path.join(workdir, "outputs")
+    raw_prefix = ctx.file_access.raw_output_prefix
+    literals = TypeEngine.dict_to_literal_map(ctx, native_inputs, task.python_interface.inputs)
+    write_proto_to_file(literals.to_flyte_idl(), inputs_path)
+    resolver, loader_args = _loader(task, workdir)
+    args = ["pyflyte-execute", "--inputs", inputs_path, "--output-prefix", output_prefix,
+            "--raw-output-data-prefix", raw_prefix, "--resolver", resolver, "--", *loader_args]
+    execution = pool.submit(ExecutionSpec(f"local-{uuid.uuid4().hex}", args, identity_env(task)), want_exception=True)
+    execution.wait()
+    pool.forget(execution.id)
+    if execution.state is ExecutionState.SUCCEEDED:
+        from flyteidl.core import literals_pb2
+
+        outputs = LiteralMap.from_flyte_idl(load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb")))
+        names = list(task.python_interface.outputs)
+        values = TypeEngine.literal_map_to_kwargs(ctx, outputs, task.python_interface.outputs)
+        if not names:
+            return None
+        return values[names[0]] if len(names) == 1 else tuple(values[n] for n in names)
+    where = f"actor task {task.name!r} on replica {execution.replica} (log: {execution.log_uri})"
+    if execution.state is ExecutionState.REPLICA_DIED:
+        raise ReplicaDied(f"{where} failed: {execution.death}; a new replica takes its place")
+    if execution.state is ExecutionState.CANCELLED:
+        raise ExecutionCancelled(f"{where} was cancelled")
+    message = (execution.error or {}).get("message", "unknown error")
+    exc = execution.exception()
+    if exc is not None:
+        exc.add_note(f"raised by {where}; replica traceback:\n{message}") if hasattr(exc, "add_note") else None
+        raise exc
+    raise ActorTaskFailed(f"{where} failed: {message}")

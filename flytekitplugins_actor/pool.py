@@ -1,0 +1,325 @@
+"""A warm replica pool: a FIFO queue of executions served by up to `size` replicas, one execution each at a time.
+
+The same pool serves local runs (driver) and the connector; only the replica backend differs.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import contextlib
+import enum
+import itertools
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Deque, Dict, List, Optional
+
+from flytekitplugins_actor.replica.backend import Replica, ReplicaBackend, ReplicaDeath, ReplicaSpec, ReplicaState
+from flytekitplugins_actor.replica.execution import ExecutionSpec
+from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient
+
+READY_TIMEOUT_S = 120.0
+
+
+class ExecutionState(enum.Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # the task failed: error carries the ContainerError fields
+    CANCELLED = "cancelled"
+    REPLICA_DIED = "replica_died"  # the replica died or vanished mid-execution: death says how
+
+    @property
+    def terminal(self) -> bool:
+        return self not in (ExecutionState.QUEUED, ExecutionState.RUNNING)
+
+
+@dataclass
+class Execution:
+    """One execution's life in a pool."""
+
+    spec: ExecutionSpec
+    state: ExecutionState = ExecutionState.QUEUED
+    error: Optional[dict] = None
+    death: Optional[ReplicaDeath] = None
+    replica: Optional[str] = None
+    log_uri: Optional[str] = None
+    warm: Optional[bool] = None
+    exception_payload: Optional[str] = None
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    want_exception: bool = False
+    _done: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    @property
+    def id(self) -> str:
+        return self.spec.execution_id
+
+    def wait(self, timeout: Optional[float] = None) -> bool:
+        return self._done.wait(timeout)
+
+    def exception(self) -> Optional[BaseException]:
+        """The task's own exception object when the replica could send it back (local runs), else None."""
+        if not self.exception_payload:
+            return None
+        try:
+            import cloudpickle
+
+            return cloudpickle.loads(base64.b64decode(self.exception_payload))
+        except Exception:
+            return None
+
+
+class PoolClosed(RuntimeError):
+    """The pool was shut down; it accepts no more executions."""
+
+
+class _Slot:
+    """A replica and the thread that feeds it executions from the pool's queue."""
+
+    def __init__(self, pool: "ReplicaPool", replica: Replica):
+        self.pool, self.replica = pool, replica
+        self.busy = False
+        self.executions = 0
+        self.current: Optional[Execution] = None
+        self.client: Optional[ReplicaClient] = None
+        replica.add_death_callback(pool._notify)
+        self.thread = threading.Thread(target=self._run, name=f"slot-{replica.name}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        pool, replica = self.pool, self.replica
+        state = replica.wait_ready(READY_TIMEOUT_S)
+        if state is ReplicaState.STARTING:
+            replica.terminate(0)
+            replica._set_dead(f"did not become ready within {READY_TIMEOUT_S:.0f}s")
+        try:
+            if replica.state is ReplicaState.READY:
+                self.client = ReplicaClient(replica.address, replica.spec.token)
+                pool._on_slot_ready(self)
+                while True:
+                    execution = pool._next_for(self)
+                    if execution is None:
+                        return
+                    if not self._execute(execution):
+                        return
+        except ProtocolError:
+            pass
+        finally:
+            if self.client:
+                self.client.close()
+            pool._on_slot_gone(self)
+
+    def _execute(self, execution: Execution) -> bool:
+        """Runs one execution on the replica; returns False when the replica is gone."""
+        spec = execution.spec
+        try:
+            self.client.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)
+        except ProtocolError:  # never accepted: it goes back to the head of the queue for another replica
+            self.pool._requeue(self, execution)
+            self.replica.terminate(0)
+            return False
+        try:
+            reply = self.client.request("wait", execution_id=spec.execution_id, include_exception=execution.want_exception)
+        except ProtocolError:
+            death = self.replica.wait_dead(5.0) or ReplicaDeath(self.replica.name, "stopped answering its control port")
+            self.pool._finish(self, execution, ExecutionState.REPLICA_DIED, death=death)
+            self.replica.terminate(0)
+            return False
+        state = {"succeeded": ExecutionState.SUCCEEDED, "failed": ExecutionState.FAILED,
+                 "cancelled": ExecutionState.CANCELLED}.get(reply.get("state"), ExecutionState.FAILED)
+        self.pool._finish(self, execution, state, error=reply.get("error"), exception_payload=reply.get("exception"))
+        return True
+
+
+class ReplicaPool:
+    """Warm replicas of one environment (and code version). Executions queue FIFO; each replica runs one at a time."""
+
+    _ids = itertools.count(1)
+
+    def __init__(
+        self,
+        key: str,
+        backend: ReplicaBackend,
+        make_spec: Callable[[str, str], ReplicaSpec],
+        size: int,
+        ttl_seconds: float,
+        name: str = "actor",
+        on_change: Optional[Callable[["ReplicaPool"], None]] = None,
+    ):
+        self.key, self.backend, self.size, self.ttl_seconds, self.name = key, backend, size, ttl_seconds, name
+        self.token = secrets.token_hex(16)
+        self._make_spec = make_spec
+        self._on_change = on_change
+        self._cond = threading.Condition()
+        self._queue: Deque[Execution] = collections.deque()
+        self._executions: Dict[str, Execution] = {}
+        self._slots: List[_Slot] = []
+        self._closed = False
+        self.idle_since = time.monotonic()
+        self.deaths: List[ReplicaDeath] = []
+        self.dispatches = {"warm": 0, "cold": 0}
+
+    # ---- public ----
+    def submit(self, spec: ExecutionSpec, want_exception: bool = False) -> Execution:
+        """Queues an execution and returns at once. Idempotent per execution id: a repeat returns the same one."""
+        with self._cond:
+            if self._closed:
+                raise PoolClosed(f"pool {self.name} ({self.key}) is shut down")
+            existing = self._executions.get(spec.execution_id)
+            if existing is not None:
+                return existing
+            execution = Execution(spec=spec, want_exception=want_exception)
+            self._executions[spec.execution_id] = execution
+            self._queue.append(execution)
+            self._scale_locked()
+            self._cond.notify_all()
+        return execution
+
+    def get(self, execution_id: str) -> Optional[Execution]:
+        with self._cond:
+            return self._executions.get(execution_id)
+
+    def forget(self, execution_id: str) -> None:
+        with self._cond:
+            e = self._executions.get(execution_id)
+            if e is not None and e.state.terminal:
+                del self._executions[execution_id]
+
+    def cancel(self, execution_id: str, grace_seconds: float = 5.0) -> Optional[Execution]:
+        """Drops a queued execution or interrupts a running one (restarting its replica if it ignores the interrupt)."""
+        with self._cond:
+            execution = self._executions.get(execution_id)
+            if execution is None or execution.state.terminal:
+                return execution
+            if execution.state is ExecutionState.QUEUED:
+                self._queue.remove(execution)
+                self._complete_locked(execution, ExecutionState.CANCELLED)
+                return execution
+            slot = next((s for s in self._slots if s.current is execution), None)
+        if slot is not None:
+            try:
+                with contextlib.closing(ReplicaClient(slot.replica.address, self.token, timeout=2.0)) as c:
+                    c.request("cancel", timeout=2.0, execution_id=execution_id)
+            except (ProtocolError, OSError):
+                pass
+            if not execution.wait(grace_seconds):
+                slot.replica.terminate(0)  # it would not stop: replace the replica
+        return execution
+
+    def stats(self) -> dict:
+        with self._cond:
+            ready = [s for s in self._slots if s.replica.state is ReplicaState.READY]
+            return {
+                "queued": len(self._queue),
+                "replicas": len(self._slots),
+                "starting": sum(1 for s in self._slots if s.replica.state is ReplicaState.STARTING),
+                "busy": sum(1 for s in ready if s.busy),
+                "idle": sum(1 for s in ready if not s.busy),
+                "deaths": len(self.deaths),
+                **self.dispatches,
+            }
+
+    @property
+    def replicas(self) -> List[Replica]:
+        with self._cond:
+            return [s.replica for s in self._slots]
+
+    def is_idle(self) -> bool:
+        with self._cond:
+            return not self._queue and not any(s.busy for s in self._slots)
+
+    def expired(self, now: Optional[float] = None) -> bool:
+        with self._cond:
+            return self.is_idle() and (now or time.monotonic()) - self.idle_since >= self.ttl_seconds
+
+    def shutdown(self, grace_seconds: float = 2.0) -> None:
+        """Stops every replica; queued executions end CANCELLED."""
+        with self._cond:
+            self._closed = True
+            while self._queue:
+                self._complete_locked(self._queue.popleft(), ExecutionState.CANCELLED)
+            slots = list(self._slots)
+            self._cond.notify_all()
+        for s in slots:
+            s.replica.terminate(grace_seconds)
+
+    # ---- slot callbacks ----
+    def _scale_locked(self) -> None:
+        idle = sum(1 for s in self._slots if not s.busy and s.replica.state is not ReplicaState.DEAD)
+        want = min(self.size, len(self._slots) + max(0, len(self._queue) - idle))
+        while len(self._slots) < want:
+            name = f"{self.name}-{next(self._ids)}"
+            replica = self.backend.start(self._make_spec(name, self.token))
+            self._slots.append(_Slot(self, replica))
+        self._changed()
+
+    def _notify(self, *_: object) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _requeue(self, slot: _Slot, execution: Execution) -> None:
+        with self._cond:
+            slot.busy, slot.current = False, None
+            execution.state, execution.replica, execution.started_at = ExecutionState.QUEUED, None, None
+            self._queue.appendleft(execution)
+            self._cond.notify_all()
+
+    def _on_slot_ready(self, slot: _Slot) -> None:
+        self._changed()
+
+    def _next_for(self, slot: _Slot) -> Optional[Execution]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._queue or self._closed or slot.replica.death is not None)
+            if slot.replica.death is not None or (self._closed and not self._queue):
+                return None
+            execution = self._queue.popleft()
+            execution.state = ExecutionState.RUNNING
+            execution.started_at = time.monotonic()
+            execution.replica = slot.replica.name
+            execution.log_uri = slot.replica.log_uri
+            execution.warm = slot.executions > 0
+            self.dispatches["warm" if execution.warm else "cold"] += 1
+            slot.busy, slot.current = True, execution
+            slot.executions += 1
+        self._changed()
+        return execution
+
+    def _finish(self, slot: _Slot, execution: Execution, state: ExecutionState, error=None, death=None, exception_payload=None) -> None:
+        with self._cond:
+            execution.error, execution.death, execution.exception_payload = error, death, exception_payload
+            slot.busy, slot.current = False, None
+            self._complete_locked(execution, state)
+
+    def _complete_locked(self, execution: Execution, state: ExecutionState) -> None:
+        execution.state = state
+        execution.finished_at = time.monotonic()
+        if not self._queue and not any(s.busy for s in self._slots):
+            self.idle_since = time.monotonic()
+        execution._done.set()
+        self._cond.notify_all()
+
+    def _on_slot_gone(self, slot: _Slot) -> None:
+        with self._cond:
+            if slot in self._slots:
+                self._slots.remove(slot)
+            if slot.replica.death is not None and not self._closed:
+                self.deaths.append(slot.replica.death)
+            if slot.current is not None and not slot.current.state.terminal:
+                slot.current.death = slot.replica.death
+                self._complete_locked(slot.current, ExecutionState.REPLICA_DIED)
+            if not self._closed:
+                self._scale_locked()  # a replacement starts if work is waiting
+            self._cond.notify_all()
+        self._changed()
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change(self)
+            except Exception:
+                pass
+

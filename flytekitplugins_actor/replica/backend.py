@@ -1,0 +1,213 @@
+"""The replica backend interface: how a pool starts, watches and stops its replicas.
+
+Implementations: local processes (`LocalProcessBackend`, here) and Kubernetes pods (plugin_backend.kubernetes).
+Starting is asynchronous: `start` returns a `Replica` at once, which becomes ready (has an address) or dead later.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+from flytekitplugins_actor.replica.protocol import TOKEN_ENV
+
+
+class ReplicaState(enum.Enum):
+    STARTING = "starting"
+    READY = "ready"
+    DEAD = "dead"
+
+
+@dataclass(frozen=True)
+class ReplicaDeath:
+    """Why a replica is gone: a first-class state, not a None. `reason` reads like 'killed by signal SIGKILL'."""
+
+    replica: str
+    reason: str
+    exit_code: Optional[int] = None
+
+    def __str__(self) -> str:
+        return f"replica {self.replica} {self.reason}"
+
+
+@dataclass
+class ReplicaSpec:
+    """Everything a backend needs to start one replica of a pool."""
+
+    name: str
+    token: str
+    env: Dict[str, str] = field(default_factory=dict)
+    labels: Dict[str, str] = field(default_factory=dict)
+    cwd: Optional[str] = None
+    image: Optional[str] = None
+    log_dir: Optional[str] = None
+    pod_spec: Optional[dict] = None  # serialized pod spec with the primary container (Kubernetes backend)
+    primary_container: str = "primary"
+
+
+class Replica(abc.ABC):
+    """One replica as its backend sees it."""
+
+    def __init__(self, spec: ReplicaSpec):
+        self.spec = spec
+        self.name = spec.name
+        self._cond = threading.Condition()
+        self._state = ReplicaState.STARTING
+        self._address: Optional[str] = None
+        self._death: Optional[ReplicaDeath] = None
+        self._death_callbacks: List = []
+
+    def add_death_callback(self, fn) -> None:
+        """Calls fn(death) once the replica is dead (at once if it already is)."""
+        with self._cond:
+            if self._death is None:
+                self._death_callbacks.append(fn)
+                return
+        fn(self._death)
+
+    @property
+    def state(self) -> ReplicaState:
+        return self._state
+
+    @property
+    def address(self) -> Optional[str]:
+        return self._address
+
+    @property
+    def death(self) -> Optional[ReplicaDeath]:
+        return self._death
+
+    @property
+    @abc.abstractmethod
+    def log_uri(self) -> str:
+        """Where the replica's log can be read (a file path locally, a pod log reference on Kubernetes)."""
+
+    def _set_ready(self, address: str) -> None:
+        with self._cond:
+            if self._state is ReplicaState.STARTING:
+                self._address, self._state = address, ReplicaState.READY
+            self._cond.notify_all()
+
+    def _set_dead(self, reason: str, exit_code: Optional[int] = None) -> None:
+        with self._cond:
+            if self._death is not None:
+                return
+            self._death = ReplicaDeath(self.name, reason, exit_code)
+            self._state = ReplicaState.DEAD
+            callbacks, self._death_callbacks = self._death_callbacks, []
+            self._cond.notify_all()
+        for fn in callbacks:
+            fn(self._death)
+
+    def wait_ready(self, timeout: Optional[float] = None) -> ReplicaState:
+        """Blocks until the replica is ready or dead (or the timeout passes); returns the state."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._state is not ReplicaState.STARTING, timeout)
+            return self._state
+
+    def wait_dead(self, timeout: Optional[float] = None) -> Optional[ReplicaDeath]:
+        with self._cond:
+            self._cond.wait_for(lambda: self._death is not None, timeout)
+            return self._death
+
+    @abc.abstractmethod
+    def terminate(self, grace_seconds: float = 5.0) -> None:
+        """Stops the replica (SIGTERM, then SIGKILL after the grace period); returns without waiting."""
+
+
+class ReplicaBackend(abc.ABC):
+    name: str = "abstract"
+
+    @abc.abstractmethod
+    def start(self, spec: ReplicaSpec) -> Replica:
+        """Starts a replica without waiting for it to be ready."""
+
+
+def describe_exit(returncode: int) -> str:
+    if returncode < 0:
+        try:
+            sig = signal.Signals(-returncode).name
+        except ValueError:
+            sig = f"signal {-returncode}"
+        return f"was killed by signal {sig} (exit code {returncode})"
+    return f"exited with code {returncode}"
+
+
+class LocalProcessReplica(Replica):
+    """A replica that is a child process of this one. It exits when this process dies (its stdin closes)."""
+
+    def __init__(self, spec: ReplicaSpec):
+        super().__init__(spec)
+        log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "flyte-actor-logs")
+        os.makedirs(log_dir, exist_ok=True)
+        self._log_path = os.path.join(log_dir, f"{spec.name}.log")
+        ready_r, ready_w = os.pipe()
+        env = {**os.environ, **spec.env, TOKEN_ENV: spec.token, "FLYTE_ACTOR_REPLICA_NAME": spec.name}
+        cmd = [sys.executable, "-m", "flytekitplugins_actor.replica.worker", "--host", "127.0.0.1", "--port", "0",
+               "--name", spec.name, "--ready-fd", str(ready_w), "--watch-stdin"]
+        with open(self._log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
+                cwd=spec.cwd or os.getcwd(), pass_fds=(ready_w,), start_new_session=True,
+            )
+        os.close(ready_w)
+        threading.Thread(target=self._watch, args=(ready_r,), name=f"watch-{spec.name}", daemon=True).start()
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    @property
+    def log_uri(self) -> str:
+        return self._log_path
+
+    def _watch(self, ready_r: int) -> None:
+        with os.fdopen(ready_r, "r") as ready:
+            line = ready.readline()
+        if line:
+            info = json.loads(line)
+            self._set_ready(f"127.0.0.1:{info['port']}")
+        returncode = self.process.wait()
+        self._set_dead(describe_exit(returncode), returncode)
+
+    def terminate(self, grace_seconds: float = 5.0) -> None:
+        if self.process.poll() is not None:
+            return
+        try:
+            self.process.terminate()
+        except ProcessLookupError:
+            return
+
+        def _kill_later() -> None:
+            if self.wait_dead(grace_seconds) is None:
+                try:
+                    self.process.kill()
+                except ProcessLookupError:
+                    pass
+
+        threading.Thread(target=_kill_later, daemon=True).start()
+
+    def kill(self) -> None:
+        try:
+            self.process.kill()
+        except ProcessLookupError:
+            pass
+
+
+class LocalProcessBackend(ReplicaBackend):
+    """Replicas as processes on this host: the default for local runs and the connector's embedded backend."""
+
+    name = "local"
+
+    def start(self, spec: ReplicaSpec) -> Replica:
+        return LocalProcessReplica(spec)

@@ -1,0 +1,245 @@
+"""Runs one task execution inside a warm replica: the pyflyte-execute path, minus the process start.
+
+This is the single code path every actor execution takes (local runs, the connector's local backend and
+pods): inputs.pb -> task -> outputs.pb or error.pb under the output prefix, exactly as pyflyte-execute.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+_FAST_EXECUTE = "pyflyte-fast-execute"
+_EXECUTE = "pyflyte-execute"
+
+
+class CodeVersionMismatch(RuntimeError):
+    """A replica was handed code from another fast-registered distribution than the one it has imported."""
+
+
+@dataclass
+class ExecutionSpec:
+    """What a replica needs to run one execution: the rendered container args and the execution's identity env."""
+
+    execution_id: str
+    args: List[str]
+    env: Dict[str, str] = field(default_factory=dict)
+
+    def parsed(self) -> "ParsedCommand":
+        return parse_command(self.args)
+
+
+@dataclass
+class ParsedCommand:
+    inputs: str
+    output_prefix: str
+    raw_output_data_prefix: Optional[str]
+    checkpoint_path: Optional[str]
+    prev_checkpoint: Optional[str]
+    resolver: str
+    resolver_args: List[str]
+    distribution: Optional[str] = None
+    dest_dir: Optional[str] = None
+
+
+def parse_command(args: List[str]) -> ParsedCommand:
+    """Parses `[pyflyte-fast-execute ... --] pyflyte-execute ...` the way flytekit's click commands do."""
+    from flytekit.bin.entrypoint import execute_task_cmd, fast_execute_task_cmd
+
+    args = list(args)
+    distribution = dest_dir = None
+    if args and args[0] == _FAST_EXECUTE:
+        ctx = fast_execute_task_cmd.make_context(_FAST_EXECUTE, args[1:], resilient_parsing=False)
+        distribution = ctx.params.get("additional_distribution")
+        dest_dir = ctx.params.get("dest_dir")
+        args = list(ctx.params["task_execute_cmd"])
+        if args and args[0] == "--":
+            args = args[1:]
+    if not args or args[0] != _EXECUTE:
+        raise ValueError(f"an actor execution must run {_EXECUTE!r}, got command {args[:1]!r}")
+    params = execute_task_cmd.make_context(_EXECUTE, args[1:]).params
+    if not params.get("resolver"):
+        raise ValueError("pyflyte-execute args carry no --resolver")
+    resolver_args = [a for a in params["resolver_args"] if a != "--"]
+    return ParsedCommand(
+        inputs=params["inputs"],
+        output_prefix=params["output_prefix"],
+        raw_output_data_prefix=params.get("raw_output_data_prefix"),
+        checkpoint_path=params.get("checkpoint_path"),
+        prev_checkpoint=params.get("prev_checkpoint"),
+        resolver=params["resolver"],
+        resolver_args=resolver_args,
+        distribution=distribution or params.get("dynamic_addl_distro"),
+        dest_dir=dest_dir or params.get("dynamic_dest_dir"),
+    )
+
+
+@dataclass
+class ExecutionOutcome:
+    """How an execution ended. `error` mirrors flyteidl's ContainerError: code, message, kind, origin."""
+
+    execution_id: str
+    state: str  # "succeeded" | "failed" | "cancelled"
+    error: Optional[Dict[str, Any]] = None
+    duration_s: float = 0.0
+    exception: Optional[BaseException] = None
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"execution_id": self.execution_id, "state": self.state, "error": self.error, "duration_s": self.duration_s}
+
+
+class ReplicaRuntime:
+    """Process-wide state of one replica: the code version it has imported and the execution in flight."""
+
+    def __init__(self) -> None:
+        self.code_version: Optional[str] = None
+        self.current: Optional[ExecutionSpec] = None
+        self.last_exception: Optional[BaseException] = None
+        self.executions = 0
+
+    def _activate_distribution(self, cmd: ParsedCommand) -> None:
+        if not cmd.distribution:
+            return
+        if self.code_version is None:
+            from flytekit.tools.fast_registration import download_distribution
+
+            dest = os.path.realpath(os.path.expanduser(cmd.dest_dir or os.getcwd()))
+            download_distribution(cmd.distribution, dest)
+            if dest not in sys.path:
+                sys.path.insert(0, dest)
+            self.code_version = cmd.distribution
+        elif self.code_version != cmd.distribution:
+            raise CodeVersionMismatch(
+                f"this replica imported code from {self.code_version!r} and cannot run code from "
+                f"{cmd.distribution!r}; pools are keyed by code version, so this is a routing bug"
+            )
+
+    def run(self, spec: ExecutionSpec) -> ExecutionOutcome:
+        """Runs one execution to completion. Never raises for anything the task does (KeyboardInterrupt = cancel)."""
+        from flytekit.bin.entrypoint import _execute_task, normalize_inputs
+
+        started = time.perf_counter()
+        cmd = spec.parsed()
+        saved_env = {k: os.environ.get(k) for k in spec.env}
+        saved_tempdir = tempfile.tempdir
+        scratch = tempfile.mkdtemp(prefix=f"actor-exec-")
+        self.current, self.last_exception = spec, None
+        outcome: Optional[ExecutionOutcome] = None
+        try:
+            os.environ.update(spec.env)
+            tempfile.tempdir = scratch
+            self._activate_distribution(cmd)
+            raw, ckpt, prev = normalize_inputs(cmd.raw_output_data_prefix, cmd.checkpoint_path, cmd.prev_checkpoint)
+            _execute_task(
+                inputs=cmd.inputs,
+                output_prefix=cmd.output_prefix,
+                test=False,
+                raw_output_data_prefix=raw,
+                resolver=cmd.resolver,
+                resolver_args=cmd.resolver_args,
+                checkpoint_path=ckpt,
+                prev_checkpoint=prev,
+                dynamic_addl_distro=cmd.distribution,
+                dynamic_dest_dir=cmd.dest_dir,
+            )
+        except KeyboardInterrupt:
+            outcome = ExecutionOutcome(spec.execution_id, "cancelled", error=_error("ABORTED", "execution was cancelled", "USER", False))
+        except SystemExit as e:
+            message = f"task called sys.exit({e.code!r}); a replica survives it, but the execution fails"
+            outcome = self._fail(spec, cmd, _error("SystemExit", message, "USER", False), e)
+        except CodeVersionMismatch as e:
+            outcome = self._fail(spec, cmd, _error("CodeVersionMismatch", str(e), "SYSTEM", True), e)
+        except BaseException as e:  # _dispatch_execute catches task errors; this is a failure around it
+            outcome = self._fail(spec, cmd, _error("SYSTEM", traceback.format_exc(), "SYSTEM", True), e)
+        finally:
+            for k, v in saved_env.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            tempfile.tempdir = saved_tempdir
+            shutil.rmtree(scratch, ignore_errors=True)
+            self.current = None
+            self.executions += 1
+        if outcome is None:
+            error = read_error_document(cmd.output_prefix)
+            outcome = ExecutionOutcome(spec.execution_id, "failed" if error else "succeeded", error=error)
+            outcome.exception = self.last_exception if error else None
+        outcome.duration_s = time.perf_counter() - started
+        return outcome
+
+    def _fail(self, spec: ExecutionSpec, cmd: ParsedCommand, error: Dict[str, Any], exc: BaseException) -> ExecutionOutcome:
+        write_error_document(cmd.output_prefix, error)
+        return ExecutionOutcome(spec.execution_id, "failed", error=error, exception=exc)
+
+
+def _error(code: str, message: str, origin: str, recoverable: bool) -> Dict[str, Any]:
+    return {"code": code, "message": message, "origin": origin, "recoverable": recoverable}
+
+
+def _join(prefix: str, name: str) -> str:
+    return prefix.rstrip("/") + "/" + name
+
+
+def write_error_document(output_prefix: str, error: Dict[str, Any]) -> None:
+    """Writes error.pb the way pyflyte-execute does, for failures that happen around `_dispatch_execute`."""
+    from flytekit.core.context_manager import FlyteContextManager
+    from flytekit.core.utils import write_proto_to_file
+    from flytekit.models.core import errors as error_models
+    from flytekit.models.core import execution as execution_models
+
+    kind = error_models.ContainerError.Kind
+    origin = execution_models.ExecutionError.ErrorKind
+    doc = error_models.ErrorDocument(
+        error_models.ContainerError(
+            code=error["code"],
+            message=error["message"],
+            kind=kind.RECOVERABLE if error["recoverable"] else kind.NON_RECOVERABLE,
+            origin=origin.USER if error["origin"] == "USER" else origin.SYSTEM,
+        )
+    )
+    with tempfile.TemporaryDirectory() as d:
+        local = os.path.join(d, "error.pb")
+        write_proto_to_file(doc.to_flyte_idl(), local)
+        FlyteContextManager.current_context().file_access.put_data(local, _join(output_prefix, "error.pb"))
+
+
+def read_error_document(output_prefix: str) -> Optional[Dict[str, Any]]:
+    """Returns the error.pb under an output prefix as a dict, or None when there is none."""
+    from flyteidl.core import errors_pb2
+
+    from flytekit.core.context_manager import FlyteContextManager
+
+    path = _join(output_prefix, "error.pb")
+    fa = FlyteContextManager.current_context().file_access
+    if fa.is_remote(path):
+        if not fa.exists(path):
+            return None
+        with tempfile.TemporaryDirectory() as d:
+            fa.get_data(path, os.path.join(d, "error.pb"))
+            data = open(os.path.join(d, "error.pb"), "rb").read()
+    else:
+        local = path[len("file://"):] if path.startswith("file://") else path
+        try:
+            with open(local, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+    doc = errors_pb2.ErrorDocument()
+    doc.ParseFromString(data)
+    e = doc.error
+    return _error(
+        e.code,
+        e.message,
+        "USER" if e.origin == 1 else "SYSTEM",
+        e.kind == errors_pb2.ContainerError.RECOVERABLE,
+    )
+
+
+RUNTIME = ReplicaRuntime()

@@ -1,0 +1,94 @@
+"""The replica control protocol: length-prefixed JSON messages over TCP, each authenticated by the pool token.
+
+A request is ``{"op": ..., "token": ..., ...}``; a reply is ``{"ok": true, ...}`` or
+``{"ok": false, "error": ...}``. See docs/replica-protocol.md.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import socket
+import struct
+import threading
+from typing import Any, Dict, Optional
+
+PROTOCOL_VERSION = 1
+TOKEN_ENV = "FLYTE_ACTOR_TOKEN"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_HEADER = struct.Struct("!I")
+
+
+class ProtocolError(ConnectionError):
+    """The peer sent something that is not a protocol message, or closed the connection."""
+
+
+class AuthenticationError(PermissionError):
+    """The request's token does not match the replica's pool token."""
+
+
+def send_message(sock: socket.socket, message: Dict[str, Any]) -> None:
+    data = json.dumps(message, separators=(",", ":")).encode()
+    sock.sendall(_HEADER.pack(len(data)) + data)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise ProtocolError("connection closed by peer")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_message(sock: socket.socket) -> Dict[str, Any]:
+    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    if size > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"message of {size} bytes exceeds the {MAX_MESSAGE_BYTES} byte limit")
+    message = json.loads(_recv_exact(sock, size))
+    if not isinstance(message, dict):
+        raise ProtocolError("a message must be a JSON object")
+    return message
+
+
+def token_matches(expected: str, given: Optional[str]) -> bool:
+    return isinstance(given, str) and hmac.compare_digest(expected.encode(), given.encode())
+
+
+class ReplicaClient:
+    """One connection to a replica's control port. Thread-safe: requests are serialized on the connection."""
+
+    def __init__(self, address: str, token: str, timeout: Optional[float] = 10.0):
+        host, port = address.rsplit(":", 1)
+        self.address = address
+        self._token = token
+        self._lock = threading.Lock()
+        self._sock = socket.create_connection((host, int(port)), timeout=timeout)
+        self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._sock.settimeout(None)
+
+    def request(self, op: str, timeout: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
+        """Sends one request and returns the reply; raises ProtocolError if the replica went away."""
+        with self._lock:
+            try:
+                self._sock.settimeout(timeout)
+                send_message(self._sock, {"op": op, "token": self._token, **fields})
+                reply = recv_message(self._sock)
+            except (OSError, ValueError) as e:
+                if isinstance(e, ProtocolError):
+                    raise
+                raise ProtocolError(f"{op} to replica at {self.address} failed: {e}") from e
+        if not reply.get("ok"):
+            error = reply.get("error", "unknown error")
+            if reply.get("code") == "UNAUTHENTICATED":
+                raise AuthenticationError(error)
+            raise ProtocolError(f"replica at {self.address} refused {op}: {error}")
+        return reply
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass

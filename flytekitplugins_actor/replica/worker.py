@@ -1,0 +1,254 @@
+"""The replica worker: a long-lived process that runs actor executions one at a time in a warm interpreter.
+
+Start it the same way everywhere (laptop, the connector's local backend, a pod's command):
+
+    FLYTE_ACTOR_TOKEN=<pool token> python -m flytekitplugins_actor.replica.worker --port 8777
+
+The main thread executes; a server thread per connection answers the control protocol (docs/replica-protocol.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import collections
+import json
+import os
+import queue
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import _thread
+from typing import Any, Dict, Optional
+
+from flytekitplugins_actor.replica.execution import RUNTIME, ExecutionOutcome, ExecutionSpec
+from flytekitplugins_actor.replica.protocol import (
+    PROTOCOL_VERSION,
+    TOKEN_ENV,
+    ProtocolError,
+    recv_message,
+    send_message,
+    token_matches,
+)
+
+_KEEP_OUTCOMES = 1000
+
+
+class ReplicaTerminated(BaseException):
+    """Raised into a running execution when the replica is told to stop (SIGTERM)."""
+
+
+class Worker:
+    """Accepts executions over the control protocol and runs them on the main thread, one at a time."""
+
+    def __init__(self, token: str, name: str):
+        self.token = token
+        self.name = name
+        self._lock = threading.Condition()
+        self._queue: "queue.Queue[Optional[ExecutionSpec]]" = queue.Queue()
+        self._running: Optional[str] = None
+        self._accepted: Dict[str, ExecutionSpec] = {}
+        self._outcomes: "collections.OrderedDict[str, ExecutionOutcome]" = collections.OrderedDict()
+        self._cancelled: set = set()
+        self.stopping = False
+
+    # ---- control plane (server threads) ----
+    def handle(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+        if not token_matches(self.token, msg.get("token")):
+            return {"ok": False, "code": "UNAUTHENTICATED", "error": "bad or missing pool token"}
+        op = msg.get("op")
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            return {"ok": False, "code": "INVALID_ARGUMENT", "error": f"unknown op {op!r}; expected submit, status, wait, cancel or health"}
+        try:
+            return {"ok": True, **handler(msg)}
+        except (KeyError, TypeError, ValueError) as e:
+            return {"ok": False, "code": "INVALID_ARGUMENT", "error": f"{op}: {e}"}
+
+    def _state_of(self, execution_id: str, include_exception: bool = False) -> Dict[str, Any]:
+        outcome = self._outcomes.get(execution_id)
+        if outcome is not None:
+            wire = outcome.to_wire()
+            if include_exception and outcome.exception is not None:
+                wire["exception"] = _pickle_exception(outcome.exception)
+            return wire
+        if execution_id == self._running:
+            return {"execution_id": execution_id, "state": "running"}
+        if execution_id in self._accepted:
+            return {"execution_id": execution_id, "state": "accepted"}
+        return {"execution_id": execution_id, "state": "unknown"}
+
+    def op_health(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+        with self._lock:
+            busy = self._running is not None or bool(self._accepted)
+            return {
+                "replica": self.name,
+                "pid": os.getpid(),
+                "protocol": PROTOCOL_VERSION,
+                "state": "stopping" if self.stopping else ("busy" if busy else "idle"),
+                "running": self._running,
+                "executions": RUNTIME.executions,
+                "code_version": RUNTIME.code_version,
+            }
+
+    def op_submit(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+        spec = ExecutionSpec(execution_id=str(msg["execution_id"]), args=[str(a) for a in msg["args"]], env={str(k): str(v) for k, v in (msg.get("env") or {}).items()})
+        spec.parsed()  # refuse a malformed command now, not on the main thread
+        with self._lock:
+            known = self._state_of(spec.execution_id)
+            if known["state"] != "unknown":  # idempotent: the same execution is never run twice
+                return known
+            if self.stopping:
+                raise ValueError("replica is stopping")
+            if self._running is not None or self._accepted:
+                raise ValueError(f"replica is busy with {self._running or next(iter(self._accepted))}; it runs one execution at a time")
+            self._accepted[spec.execution_id] = spec
+        self._queue.put(spec)
+        return {"execution_id": spec.execution_id, "state": "accepted"}
+
+    def op_status(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+        with self._lock:
+            return self._state_of(str(msg["execution_id"]), bool(msg.get("include_exception")))
+
+    def op_wait(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+        execution_id = str(msg["execution_id"])
+        timeout = msg.get("timeout")
+        with self._lock:
+            self._lock.wait_for(lambda: execution_id in self._outcomes or self._state_of(execution_id)["state"] == "unknown", timeout)
+            return self._state_of(execution_id, bool(msg.get("include_exception")))
+
+    def op_cancel(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+        execution_id = str(msg["execution_id"])
+        with self._lock:
+            if self._accepted.pop(execution_id, None) is not None:
+                self._record(ExecutionOutcome(execution_id, "cancelled", error={"code": "ABORTED", "message": "cancelled before it started", "origin": "USER", "recoverable": False}))
+            elif self._running == execution_id and execution_id not in self._cancelled:
+                self._cancelled.add(execution_id)
+                _thread.interrupt_main()
+            return self._state_of(execution_id)
+
+    def _record(self, outcome: ExecutionOutcome) -> None:
+        self._outcomes[outcome.execution_id] = outcome
+        while len(self._outcomes) > _KEEP_OUTCOMES:
+            self._outcomes.popitem(last=False)
+        self._lock.notify_all()
+
+    # ---- execution (main thread) ----
+    def serve_forever(self) -> None:
+        while True:
+            spec = self._queue.get()
+            if spec is None:
+                return
+            with self._lock:
+                if self._accepted.pop(spec.execution_id, None) is None:
+                    continue  # cancelled while queued
+                self._running = spec.execution_id
+            print(f"[actor-replica {self.name}] execution {spec.execution_id} started", flush=True)
+            try:
+                outcome = RUNTIME.run(spec)
+            except KeyboardInterrupt:  # a cancel that landed between the task and the bookkeeping
+                outcome = ExecutionOutcome(spec.execution_id, "cancelled")
+            print(f"[actor-replica {self.name}] execution {spec.execution_id} {outcome.state} in {outcome.duration_s:.4f}s", flush=True)
+            with self._lock:
+                self._running = None
+                self._cancelled.discard(spec.execution_id)
+                self._record(outcome)
+            if self.stopping:
+                return
+
+    def stop(self) -> None:
+        with self._lock:
+            self.stopping = True
+            running = self._running
+        self._queue.put(None)
+        if running is not None:
+            _thread.interrupt_main()
+
+
+def _pickle_exception(exc: BaseException) -> Optional[str]:
+    try:
+        import cloudpickle
+
+        return base64.b64encode(cloudpickle.dumps(exc)).decode()
+    except Exception:
+        return None
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        worker: Worker = self.server.worker  # type: ignore[attr-defined]
+        while True:
+            try:
+                msg = recv_message(self.request)
+            except (ProtocolError, OSError, ValueError):
+                return
+            try:
+                send_message(self.request, worker.handle(msg))
+            except OSError:
+                return
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+def _watch_parent_stdin() -> None:
+    """Exits the replica when its parent's end of stdin closes: the parent died, even by SIGKILL."""
+    try:
+        while os.read(0, 4096):
+            pass
+    except OSError:
+        pass
+    os._exit(0)
+
+
+def main(argv: Optional[list] = None) -> None:
+    parser = argparse.ArgumentParser(prog="actor-replica", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default=os.environ.get("FLYTE_ACTOR_HOST", "0.0.0.0"))
+    parser.add_argument("--port", type=int, default=int(os.environ.get("FLYTE_ACTOR_PORT", "8777")))
+    parser.add_argument("--name", default=os.environ.get("FLYTE_ACTOR_REPLICA_NAME", socket.gethostname()))
+    parser.add_argument("--ready-fd", type=int, default=None, help="write {host, port, pid} as JSON here once listening")
+    parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF (parent died)")
+    args = parser.parse_args(argv)
+
+    token = os.environ.pop(TOKEN_ENV, "")  # the task code never sees the pool token
+    if not token:
+        parser.error(f"{TOKEN_ENV} must be set: every control request is authenticated with the pool token")
+    os.environ["FLYTE_ACTOR_REPLICA"] = args.name
+    if args.watch_stdin:
+        threading.Thread(target=_watch_parent_stdin, name="parent-watch", daemon=True).start()
+
+    import flytekit  # noqa: F401  -- pay the import before the first execution, not during it
+
+    worker = Worker(token, args.name)
+    server = _Server((args.host, args.port), _Handler)
+    server.worker = worker  # type: ignore[attr-defined]
+    threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
+
+    def _terminate(signum, frame):
+        worker.stopping = True
+        if worker._running is not None:
+            raise ReplicaTerminated(f"replica {args.name} received signal {signum}")
+        worker._queue.put(None)
+
+    signal.signal(signal.SIGTERM, _terminate)
+    host, port = server.server_address[:2]
+    if args.ready_fd is not None:
+        with os.fdopen(args.ready_fd, "w") as f:
+            f.write(json.dumps({"host": host, "port": port, "pid": os.getpid()}) + "\n")
+    print(f"[actor-replica {args.name}] listening on {host}:{port} (pid {os.getpid()})", flush=True)
+    try:
+        worker.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""`ActorTask`: a Python function task of type "actor" that runs on a warm replica of its environment."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, Optional
+
+from flytekit.configuration import SerializationSettings
+from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.python_function_task import PythonFunctionTask
+from flytekit.extend import TaskPlugins
+
+from flytekitplugins_actor.environment import ActorEnvironment
+from flytekitplugins_actor.replica.execution import RUNTIME
+
+ACTOR_TASK_TYPE = "actor"
+IN_PROCESS_ENV = "FLYTE_ACTOR_IN_PROCESS"
+"""Set to 1 to run actor tasks inside the driver during local runs (for breakpoints); replicas are skipped."""
+
+
+def execution_env(env: ActorEnvironment, settings: Optional[SerializationSettings], extra_spec: Optional[dict] = None) -> Dict[str, Any]:
+    """The JSON form of flyteidl's core.ExecutionEnv for an environment, as Union's SDK emits it."""
+    image_config = settings.image_config if settings is not None else None
+    spec = {
+        "container_image": env.resolved_image(image_config),
+        "replica_count": env.replica_count,
+        "ttl_seconds": env.resolved_ttl_seconds,
+        "parallelism": 1,
+        "backlog_length": None,
+    }
+    spec = {k: v for k, v in spec.items() if v is not None}
+    spec.update(extra_spec or {})
+    return {"name": env.name, "version": env.key(image_config), "type": "actor", "spec": spec}
+
+
+class ActorTask(PythonFunctionTask[ActorEnvironment]):
+    """Runs its function on a replica of `task_config` (an ActorEnvironment) instead of a fresh pod."""
+
+    _TASK_TYPE = ACTOR_TASK_TYPE
+
+    def __init__(self, task_config: ActorEnvironment, task_function, **kwargs):
+        super().__init__(task_config=task_config, task_function=task_function, task_type=self._TASK_TYPE, task_type_version=0, **kwargs)
+
+    @property
+    def environment_key(self) -> str:
+        return self.task_config.key()
+
+    def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
+        return execution_env(self.task_config, settings)
+
+    def execute(self, **kwargs) -> Any:
+        ctx = FlyteContextManager.current_context()
+        if not ctx.execution_state.is_local_execution() or os.environ.get(IN_PROCESS_ENV) == "1":
+            try:  # on a replica (or a pod): run the function here
+                return super().execute(**kwargs)
+            except BaseException as e:
+                RUNTIME.last_exception = e
+                raise
+        from flytekitplugins_actor.local import run_on_replica
+
+        return run_on_replica(self, kwargs)
+
+
+TaskPlugins.register_pythontask_plugin(ActorEnvironment, ActorTask)
