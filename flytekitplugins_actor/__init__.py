@@ -7,9 +7,10 @@
    map
 """
 
+from flytekitplugins_actor.actor_map import ActorMapTask, MapFailed, map
 from flytekitplugins_actor.cache import actor_cache
 from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.errors import ActorError, ActorTaskFailed, ExecutionCancelled, ReplicaDied
 from flytekitplugins_actor.task import ActorTask
 
-__all__ = ["ActorEnvironment", "ActorTask", "actor_cache", "ActorError", "ActorTaskFailed", "ReplicaDied", "ExecutionCancelled"]
+__all__ = ["ActorEnvironment", "ActorTask", "ActorMapTask", "MapFailed", "actor_cache", "map", "ActorError", "ActorTaskFailed", "ReplicaDied", "ExecutionCancelled"]
