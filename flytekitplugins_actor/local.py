@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import sys
+import tempfile
 import threading
 import uuid
 from typing import Any, Dict, Optional
@@ -134,8 +136,14 @@ def run_on_replica(task, native_inputs: Dict[str, Any]) -> Any:
     """Executes an actor task on a warm local replica of its environment and returns its native outputs."""
     ctx = FlyteContextManager.current_context()
     pool = local_pools().pool_for(task.task_config)
-    workdir = ctx.file_access.get_random_local_directory()
-    os.makedirs(workdir, exist_ok=True)
+    workdir = tempfile.mkdtemp(prefix="actor-run-")  # inputs.pb, outputs.pb, error.pb: removed once read
+    try:
+        return _run_in(workdir, ctx, pool, task, native_inputs)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_in(workdir: str, ctx, pool: ReplicaPool, task, native_inputs: Dict[str, Any]) -> Any:
     inputs_path = os.path.join(workdir, "inputs.pb")
     output_prefix = os.path.join(workdir, "outputs")
     raw_prefix = ctx.file_access.raw_output_prefix

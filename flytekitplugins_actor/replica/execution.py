@@ -123,6 +123,8 @@ class ReplicaRuntime:
     def run(self, spec: ExecutionSpec) -> ExecutionOutcome:
         """Runs one execution to completion. Never raises for anything the task does (KeyboardInterrupt = cancel)."""
         from flytekit.bin.entrypoint import _execute_task, normalize_inputs
+        from flytekit.core.context_manager import FlyteContextManager
+        from flytekit.core.data_persistence import FileAccessProvider
 
         started = time.perf_counter()
         cmd = spec.parsed()
@@ -136,18 +138,22 @@ class ReplicaRuntime:
             tempfile.tempdir = scratch
             self._activate_distribution(cmd)
             raw, ckpt, prev = normalize_inputs(cmd.raw_output_data_prefix, cmd.checkpoint_path, cmd.prev_checkpoint)
-            _execute_task(
-                inputs=cmd.inputs,
-                output_prefix=cmd.output_prefix,
-                test=False,
-                raw_output_data_prefix=raw,
-                resolver=cmd.resolver,
-                resolver_args=cmd.resolver_args,
-                checkpoint_path=ckpt,
-                prev_checkpoint=prev,
-                dynamic_addl_distro=cmd.distribution,
-                dynamic_dest_dir=cmd.dest_dir,
-            )
+            # flytekit makes its working dirs under the current context's sandbox: point it into scratch
+            ctx = FlyteContextManager.current_context()
+            sandbox = ctx.new_builder().with_file_access(FileAccessProvider(local_sandbox_dir=scratch, raw_output_prefix=raw))
+            with FlyteContextManager.with_context(sandbox):
+                _execute_task(
+                    inputs=cmd.inputs,
+                    output_prefix=cmd.output_prefix,
+                    test=False,
+                    raw_output_data_prefix=raw,
+                    resolver=cmd.resolver,
+                    resolver_args=cmd.resolver_args,
+                    checkpoint_path=ckpt,
+                    prev_checkpoint=prev,
+                    dynamic_addl_distro=cmd.distribution,
+                    dynamic_dest_dir=cmd.dest_dir,
+                )
         except KeyboardInterrupt:
             outcome = ExecutionOutcome(spec.execution_id, "cancelled", error=_error("ABORTED", "execution was cancelled", "USER", False))
         except SystemExit as e:
