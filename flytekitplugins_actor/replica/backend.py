@@ -53,6 +53,8 @@ class ReplicaSpec:
     log_dir: Optional[str] = None
     pod_spec: Optional[dict] = None  # serialized pod spec with the primary container (Kubernetes backend)
     primary_container: str = "primary"
+    namespace: Optional[str] = None  # where the replica runs (Kubernetes backend); None = the backend's default
+    service_account: Optional[str] = None  # the identity the replica runs as (Kubernetes backend)
 
 
 class Replica(abc.ABC):

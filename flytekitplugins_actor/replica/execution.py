@@ -13,7 +13,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 _FAST_EXECUTE = "pyflyte-fast-execute"
 _EXECUTE = "pyflyte-execute"
@@ -32,7 +32,10 @@ class ExecutionSpec:
     env: Dict[str, str] = field(default_factory=dict)
 
     def parsed(self) -> "ParsedCommand":
-        return parse_command(self.args)
+        cached = self.__dict__.get("_parsed")
+        if cached is None:
+            cached = self.__dict__["_parsed"] = parse_command(self.args)
+        return cached
 
 
 @dataclass
@@ -48,35 +51,61 @@ class ParsedCommand:
     dest_dir: Optional[str] = None
 
 
-def parse_command(args: List[str]) -> ParsedCommand:
-    """Parses `[pyflyte-fast-execute ... --] pyflyte-execute ...` the way flytekit's click commands do."""
-    from flytekit.bin.entrypoint import execute_task_cmd, fast_execute_task_cmd
+_EXECUTE_OPTIONS = {
+    "--inputs": "inputs", "--output-prefix": "output_prefix", "--raw-output-data-prefix": "raw_output_data_prefix",
+    "--checkpoint-path": "checkpoint_path", "--prev-checkpoint": "prev_checkpoint", "--resolver": "resolver",
+    "--dynamic-addl-distro": "distribution", "--dynamic-dest-dir": "dest_dir",
+}
+_FAST_OPTIONS = {"--additional-distribution": "distribution", "--dest-dir": "dest_dir"}
 
+
+def _parse_options(args: List[str], options: Dict[str, str], command: str) -> Tuple[Dict[str, str], List[str]]:
+    """`--opt value` / `--opt=value` pairs up to `--` (or the first positional); returns (options, the rest)."""
+    found: Dict[str, str] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            return found, args[i + 1:]
+        if not arg.startswith("--"):
+            return found, args[i:]
+        name, eq, value = arg.partition("=")
+        if name == "--test":
+            raise ValueError(f"{command} --test (dry run) is not supported on a replica")
+        if name not in options:
+            raise ValueError(f"{command} got unknown option {name!r}; expected one of {sorted(options)}")
+        if not eq:
+            i += 1
+            if i >= len(args):
+                raise ValueError(f"{command} option {name} needs a value")
+            value = args[i]
+        found[options[name]] = value
+        i += 1
+    return found, []
+
+
+def parse_command(args: List[str]) -> ParsedCommand:
+    """Parses `[pyflyte-fast-execute ... --] pyflyte-execute ...` with the options flytekit's commands take."""
     args = list(args)
-    distribution = dest_dir = None
+    fast: Dict[str, str] = {}
     if args and args[0] == _FAST_EXECUTE:
-        ctx = fast_execute_task_cmd.make_context(_FAST_EXECUTE, args[1:], resilient_parsing=False)
-        distribution = ctx.params.get("additional_distribution")
-        dest_dir = ctx.params.get("dest_dir")
-        args = list(ctx.params["task_execute_cmd"])
-        if args and args[0] == "--":
-            args = args[1:]
+        fast, args = _parse_options(args[1:], _FAST_OPTIONS, _FAST_EXECUTE)
     if not args or args[0] != _EXECUTE:
         raise ValueError(f"an actor execution must run {_EXECUTE!r}, got command {args[:1]!r}")
-    params = execute_task_cmd.make_context(_EXECUTE, args[1:]).params
-    if not params.get("resolver"):
-        raise ValueError("pyflyte-execute args carry no --resolver")
-    resolver_args = [a for a in params["resolver_args"] if a != "--"]
+    opts, resolver_args = _parse_options(args[1:], _EXECUTE_OPTIONS, _EXECUTE)
+    for required in ("inputs", "output_prefix", "resolver"):
+        if not opts.get(required):
+            raise ValueError(f"{_EXECUTE} args carry no --{required.replace('_', '-')}")
     return ParsedCommand(
-        inputs=params["inputs"],
-        output_prefix=params["output_prefix"],
-        raw_output_data_prefix=params.get("raw_output_data_prefix"),
-        checkpoint_path=params.get("checkpoint_path"),
-        prev_checkpoint=params.get("prev_checkpoint"),
-        resolver=params["resolver"],
-        resolver_args=resolver_args,
-        distribution=distribution or params.get("dynamic_addl_distro"),
-        dest_dir=dest_dir or params.get("dynamic_dest_dir"),
+        inputs=opts["inputs"],
+        output_prefix=opts["output_prefix"],
+        raw_output_data_prefix=opts.get("raw_output_data_prefix"),
+        checkpoint_path=opts.get("checkpoint_path"),
+        prev_checkpoint=opts.get("prev_checkpoint"),
+        resolver=opts["resolver"],
+        resolver_args=[a for a in resolver_args if a != "--"],
+        distribution=fast.get("distribution") or opts.get("distribution"),
+        dest_dir=fast.get("dest_dir") or opts.get("dest_dir"),
     )
 
 
@@ -121,7 +150,15 @@ class ReplicaRuntime:
             )
 
     def run(self, spec: ExecutionSpec) -> ExecutionOutcome:
-        """Runs one execution to completion. Never raises for anything the task does (KeyboardInterrupt = cancel)."""
+        """Runs one execution to completion and cleans up after it."""
+        outcome, cleanup = self.run_deferred(spec)
+        cleanup()
+        return outcome
+
+    def run_deferred(self, spec: ExecutionSpec) -> Tuple[ExecutionOutcome, Callable[[], None]]:
+        """Runs one execution; returns its outcome and the cleanup to do once the outcome is reported.
+
+        Never raises for anything the task does (KeyboardInterrupt = cancel)."""
         from flytekit.bin.entrypoint import _execute_task, normalize_inputs
         from flytekit.core.context_manager import FlyteContextManager
         from flytekit.core.data_persistence import FileAccessProvider
@@ -170,7 +207,6 @@ class ReplicaRuntime:
                 else:
                     os.environ[k] = v
             tempfile.tempdir = saved_tempdir
-            shutil.rmtree(scratch, ignore_errors=True)
             self.current = None
             self.executions += 1
         if outcome is None:
@@ -178,7 +214,7 @@ class ReplicaRuntime:
             outcome = ExecutionOutcome(spec.execution_id, "failed" if error else "succeeded", error=error)
             outcome.exception = self.last_exception if error else None
         outcome.duration_s = time.perf_counter() - started
-        return outcome
+        return outcome, lambda: shutil.rmtree(scratch, ignore_errors=True)
 
     def _fail(self, spec: ExecutionSpec, cmd: ParsedCommand, error: Dict[str, Any], exc: BaseException) -> ExecutionOutcome:
         write_error_document(cmd.output_prefix, error)

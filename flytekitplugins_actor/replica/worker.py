@@ -146,8 +146,9 @@ class Worker:
                     continue  # cancelled while queued
                 self._running = spec.execution_id
             print(f"[actor-replica {self.name}] execution {spec.execution_id} started", flush=True)
+            cleanup = None
             try:
-                outcome = RUNTIME.run(spec)
+                outcome, cleanup = RUNTIME.run_deferred(spec)
             except KeyboardInterrupt:  # a cancel that landed between the task and the bookkeeping
                 outcome = ExecutionOutcome(spec.execution_id, "cancelled")
             print(f"[actor-replica {self.name}] execution {spec.execution_id} {outcome.state} in {outcome.duration_s:.4f}s", flush=True)
@@ -155,6 +156,8 @@ class Worker:
                 self._running = None
                 self._cancelled.discard(spec.execution_id)
                 self._record(outcome)
+            if cleanup is not None:
+                cleanup()  # after the outcome is visible: cleaning is off the caller's critical path
             if self.stopping:
                 return
 
