@@ -1,0 +1,46 @@
+"""Helpers shared by the SDK tests: waiting on conditions (never sleeping blindly) and watching processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, Optional, TypeVar
+
+T = TypeVar("T")
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+VENV_BIN = os.path.join(REPO, ".venv", "bin")
+
+
+def wait_until(cond: Callable[[], T], timeout: float, interval: float = 0.02, message: Optional[str] = None) -> T:
+    """Polls `cond` until it returns something truthy and returns that; fails the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(message or f"condition {getattr(cond, '__name__', cond)!r} not met within {timeout}s")
+        time.sleep(interval)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while a process exists and is not a zombie (a reparented zombie counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    state = stat.rsplit(")", 1)[1].split()[0]
+    return state not in ("Z", "X")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment for a driver subprocess: the repo importable, the venv's scripts first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, HERE, env.get("PYTHONPATH")) if p)
+    env.pop("FLYTE_ACTOR_IN_PROCESS", None)
+    env.update(extra)
+    return env
