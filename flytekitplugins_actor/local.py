@@ -38,12 +38,12 @@ class LocalPools:
         self.log_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "flyte-actor-logs", str(os.getpid()))
         atexit.register(self.shutdown)
 
-    def pool_for(self, env: ActorEnvironment) -> ReplicaPool:
+    def pool_for(self, env: ActorEnvironment, module_root: Optional[str] = None) -> ReplicaPool:
         key = env.key()
         with self._lock:
             pool = self._pools.get(key)
             if pool is None:
-                replica_env = {**env.replica_env(), "PYTHONPATH": _python_path()}
+                replica_env = {**env.replica_env(), "PYTHONPATH": _python_path(module_root)}
                 cwd = os.getcwd()
 
                 def make_spec(name: str, token: str) -> ReplicaSpec:
@@ -77,10 +77,23 @@ class LocalPools:
             p.shutdown(grace_seconds=1.0)
 
 
-def _python_path() -> str:
+def _python_path(module_root: Optional[str] = None) -> str:
     """The driver's sys.path, so the task's module imports in the replica exactly as in the driver."""
-    paths = [os.path.abspath(p or os.getcwd()) for p in sys.path]
+    paths = [os.path.abspath(p or os.getcwd()) for p in ([module_root] if module_root else []) + sys.path]
     return os.pathsep.join(dict.fromkeys(paths))
+
+
+def _module_root(task) -> Optional[str]:
+    """The sys.path entry the task's module was imported from: `pyflyte run` adds it only while loading the file."""
+    module = sys.modules.get(getattr(task, "instantiated_in", None) or task.task_function.__module__)
+    path = getattr(module, "__file__", None)
+    if not path or module.__name__ == "__main__":
+        return None
+    root = os.path.dirname(os.path.abspath(path))
+    levels = module.__name__.count(".") + (1 if os.path.basename(path) == "__init__.py" else 0)
+    for _ in range(levels):
+        root = os.path.dirname(root)
+    return root
 
 
 _POOLS: Optional[LocalPools] = None
@@ -135,7 +148,7 @@ def identity_env(task) -> Dict[str, str]:
 def run_on_replica(task, native_inputs: Dict[str, Any]) -> Any:
     """Executes an actor task on a warm local replica of its environment and returns its native outputs."""
     ctx = FlyteContextManager.current_context()
-    pool = local_pools().pool_for(task.task_config)
+    pool = local_pools().pool_for(task.task_config, _module_root(task))
     workdir = tempfile.mkdtemp(prefix="actor-run-")  # inputs.pb, outputs.pb, error.pb: removed once read
     try:
         return _run_in(workdir, ctx, pool, task, native_inputs)
@@ -164,9 +177,10 @@ def _run_in(workdir: str, ctx, pool: ReplicaPool, task, native_inputs: Dict[str,
         if not names:
             return None
         return values[names[0]] if len(names) == 1 else tuple(values[n] for n in names)
-    where = f"actor task {task.name!r} on replica {execution.replica} (log: {execution.log_uri})"
+    where = f"actor task {task.name!r}" + (f" on replica {execution.replica} (log: {execution.log_uri})" if execution.replica else "")
     if execution.state is ExecutionState.REPLICA_DIED:
-        raise ReplicaDied(f"{where} failed: {execution.death}; a new replica takes its place")
+        after = "; a new replica takes its place" if execution.replica else ""
+        raise ReplicaDied(f"{where} failed: {execution.death}{after}")
     if execution.state is ExecutionState.CANCELLED:
         raise ExecutionCancelled(f"{where} was cancelled")
     message = (execution.error or {}).get("message", "unknown error")

@@ -21,6 +21,7 @@ from flytekitplugins_actor.replica.execution import ExecutionSpec
 from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient
 
 READY_TIMEOUT_S = 120.0
+MAX_FAILED_STARTS = 3
 
 
 class ExecutionState(enum.Enum):
@@ -52,7 +53,9 @@ class Execution:
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
     want_exception: bool = False
+    before_dispatch: Optional[Callable[["Execution"], None]] = field(default=None, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
+    _callbacks: List[Callable[["Execution"], None]] = field(default_factory=list, repr=False)
 
     @property
     def id(self) -> str:
@@ -60,6 +63,14 @@ class Execution:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         return self._done.wait(timeout)
+
+    def add_done_callback(self, fn: Callable[["Execution"], None]) -> None:
+        """Calls fn(execution) once it is terminal (at once if it already is). Callbacks run under the pool's
+        lock: keep them to a queue put or a counter."""
+        if self._done.is_set():
+            fn(self)
+        else:
+            self._callbacks.append(fn)
 
     def exception(self) -> Optional[BaseException]:
         """The task's own exception object when the replica could send it back (local runs), else None."""
@@ -116,6 +127,14 @@ class _Slot:
     def _execute(self, execution: Execution) -> bool:
         """Runs one execution on the replica; returns False when the replica is gone."""
         spec = execution.spec
+        if execution.before_dispatch is not None:
+            try:  # e.g. the connector's durable 'started' marker: written before the replica may run anything
+                execution.before_dispatch(execution)
+            except Exception as e:
+                error = {"code": "DispatchFailed", "message": f"could not record the dispatch of {spec.execution_id}: {e}",
+                         "origin": "SYSTEM", "recoverable": True}
+                self.pool._finish(self, execution, ExecutionState.FAILED, error=error)
+                return True
         try:
             self.client.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)
         except ProtocolError:  # never accepted: it goes back to the head of the queue for another replica
@@ -162,17 +181,30 @@ class ReplicaPool:
         self.idle_since = time.monotonic()
         self.deaths: List[ReplicaDeath] = []
         self.dispatches = {"warm": 0, "cold": 0}
+        self._failed_starts = 0
 
     # ---- public ----
-    def submit(self, spec: ExecutionSpec, want_exception: bool = False) -> Execution:
-        """Queues an execution and returns at once. Idempotent per execution id: a repeat returns the same one."""
+    def submit(
+        self,
+        spec: ExecutionSpec,
+        want_exception: bool = False,
+        before_dispatch: Optional[Callable[[Execution], None]] = None,
+        on_done: Optional[Callable[[Execution], None]] = None,
+    ) -> Execution:
+        """Queues an execution and returns at once. Idempotent per execution id: a repeat returns the same one.
+
+        `before_dispatch(execution)` runs on the slot thread just before the replica gets the execution;
+        `on_done(execution)` runs once it is terminal (see Execution.add_done_callback).
+        """
         with self._cond:
             if self._closed:
                 raise PoolClosed(f"pool {self.name} ({self.key}) is shut down")
             existing = self._executions.get(spec.execution_id)
             if existing is not None:
                 return existing
-            execution = Execution(spec=spec, want_exception=want_exception)
+            execution = Execution(spec=spec, want_exception=want_exception, before_dispatch=before_dispatch)
+            if on_done is not None:
+                execution._callbacks.append(on_done)
             self._executions[spec.execution_id] = execution
             self._queue.append(execution)
             self._scale_locked()
@@ -269,6 +301,8 @@ class ReplicaPool:
             self._cond.notify_all()
 
     def _on_slot_ready(self, slot: _Slot) -> None:
+        with self._cond:
+            self._failed_starts = 0
         self._changed()
 
     def _next_for(self, slot: _Slot) -> Optional[Execution]:
@@ -300,6 +334,12 @@ class ReplicaPool:
         if not self._queue and not any(s.busy for s in self._slots):
             self.idle_since = time.monotonic()
         execution._done.set()
+        callbacks, execution._callbacks = execution._callbacks, []
+        for fn in callbacks:
+            try:
+                fn(execution)
+            except Exception:
+                pass
         self._cond.notify_all()
 
     def _on_slot_gone(self, slot: _Slot) -> None:
@@ -311,6 +351,17 @@ class ReplicaPool:
             if slot.current is not None and not slot.current.state.terminal:
                 slot.current.death = slot.replica.death
                 self._complete_locked(slot.current, ExecutionState.REPLICA_DIED)
+            if slot.client is None and slot.replica.death is not None:  # died before it ever became ready
+                self._failed_starts += 1
+                if self._failed_starts >= MAX_FAILED_STARTS:  # do not crash-loop: fail what waits, say why
+                    death = ReplicaDeath(slot.replica.name, f"could not start ({MAX_FAILED_STARTS} replicas in a row "
+                                         f"died before becoming ready; last one {slot.replica.death.reason}; "
+                                         f"see {slot.replica.log_uri})", slot.replica.death.exit_code)
+                    while self._queue:
+                        queued = self._queue.popleft()
+                        queued.death = death
+                        self._complete_locked(queued, ExecutionState.REPLICA_DIED)
+                    self._failed_starts = 0
             if not self._closed:
                 self._scale_locked()  # a replacement starts if work is waiting
             self._cond.notify_all()
