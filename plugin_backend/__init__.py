@@ -1,0 +1,16 @@
+"""plugin_backend: the Flyte connector that runs actor tasks on warm replica pools.
+
+`pyflyte serve connector` imports this package (entry point `flytekit.plugins: actor_connector`), which registers
+the "actor" and "actor_map" connectors. Replicas start on first use, never at import.
+"""
+
+from plugin_backend.errors import install_status_mapping
+
+install_status_mapping()
+
+try:
+    from plugin_backend.connector import ActorConnector, ActorMapConnector  # noqa: F401  (registers both)
+except ImportError as e:  # pragma: no cover - the connector extra (prometheus_client, grpcio) is not installed
+    import logging
+
+    logging.getLogger(__name__).debug("actor connector not registered: %s", e)

@@ -1,0 +1,119 @@
+"""The connector's warm pools, one per (namespace, service account, environment key, code version).
+
+Executions from different namespaces or service accounts never share a replica, and a replica only ever imports
+one code version. Pools idle past their environment's `ttl_seconds` are torn down by a reaper thread.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from flytekitplugins_actor.pool import ReplicaPool
+from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaBackend, ReplicaSpec
+from plugin_backend.template import ActorTemplate
+
+BACKEND_ENV = "FLYTE_ACTOR_BACKEND"
+STATE_DIR_ENV = "FLYTE_ACTOR_STATE_DIR"
+REAP_INTERVAL_S = 1.0
+
+
+@dataclass(frozen=True)
+class PoolKey:
+    namespace: str
+    service_account: str
+    env_key: str
+    code_version: str
+
+    @property
+    def code(self) -> str:
+        return hashlib.sha256(self.code_version.encode()).hexdigest()[:12]
+
+    @property
+    def digest(self) -> str:
+        parts = [self.namespace, self.service_account, self.env_key, self.code_version]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def backend_from_env() -> ReplicaBackend:
+    """FLYTE_ACTOR_BACKEND=local (default: replica processes on this host) or kubernetes (replica pods)."""
+    name = os.environ.get(BACKEND_ENV, "local").strip().lower()
+    if name == "local":
+        return LocalProcessBackend()
+    if name in ("kubernetes", "k8s"):
+        from plugin_backend.kubernetes import KubernetesBackend
+
+        return KubernetesBackend.from_env()
+    raise ValueError(f"{BACKEND_ENV}={name!r} is not a replica backend; use 'local' or 'kubernetes'")
+
+
+class PoolManager:
+    """Creates pools on first use, finds them by key, and reaps the idle ones."""
+
+    def __init__(self, backend: Optional[ReplicaBackend] = None, state_dir: Optional[str] = None):
+        self.backend = backend or backend_from_env()
+        self.state_dir = state_dir or os.environ.get(STATE_DIR_ENV) or os.path.join(
+            tempfile.gettempdir(), f"flyte-actor-connector-{os.getpid()}")
+        self.log_dir = os.path.join(self.state_dir, "logs")
+        self._lock = threading.Lock()
+        self._pools: Dict[str, ReplicaPool] = {}
+        self.reaped = 0
+        self._stop = threading.Event()
+        threading.Thread(target=self._reap, name="actor-pool-reaper", daemon=True).start()
+
+    def pool_for(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
+        with self._lock:
+            pool = self._pools.get(key.digest)
+            if pool is None:
+                pool = ReplicaPool(key.digest, self.backend, self._spec_maker(key, template), template.replica_count,
+                                   template.ttl_seconds, name=template.env_name)
+                self._pools[key.digest] = pool
+            return pool
+
+    def _spec_maker(self, key: PoolKey, template: ActorTemplate):
+        cwd = None
+        if template.command.distribution:  # fast-registered code unpacks into a directory of this pool's own
+            cwd = os.path.join(self.state_dir, "pools", key.digest)
+            os.makedirs(cwd, exist_ok=True)
+        labels = {"flyte-actor/env": template.env_name, "flyte-actor/env-key": template.env_key,
+                  "flyte-actor/pool": key.digest, "flyte-actor/code": key.code}
+        env = dict(template.container_env)
+        pod_spec = {"containers": [{"name": "primary", "image": template.image,
+                                    "env": [{"name": k, "value": v} for k, v in sorted(env.items())]}]}
+
+        def make_spec(name: str, token: str) -> ReplicaSpec:
+            return ReplicaSpec(name=name, token=token, env=env, labels=labels, cwd=cwd, image=template.image,
+                               log_dir=self.log_dir, pod_spec=pod_spec, namespace=key.namespace,
+                               service_account=key.service_account)
+
+        return make_spec
+
+    def pools(self) -> List[ReplicaPool]:
+        with self._lock:
+            return list(self._pools.values())
+
+    def _reap(self) -> None:
+        while not self._stop.wait(REAP_INTERVAL_S):
+            self.reap()
+
+    def reap(self) -> int:
+        """Tears down pools idle past their ttl; returns how many."""
+        with self._lock:
+            expired = [k for k, p in self._pools.items() if p.expired()]
+            pools = [self._pools.pop(k) for k in expired]
+        for p in pools:
+            p.shutdown()
+        self.reaped += len(pools)
+        return len(pools)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for p in pools:
+            p.shutdown(grace_seconds=1.0)

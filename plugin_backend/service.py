@@ -1,0 +1,304 @@
+"""The actor connector's logic, independent of gRPC: create, get and delete actor and actor_map executions.
+
+In memory it keeps one record per execution it is serving; storage (see store.py) keeps what a restarted
+connector needs. GetTask for an execution this process does not know is answered from storage:
+outputs.pb -> SUCCEEDED, error.pb -> FAILED or RETRYABLE_FAILED, dispatched but no result -> RETRYABLE_FAILED
+(never run twice), never dispatched -> queued again; maps resume from their items' results.
+"""
+
+from __future__ import annotations
+
+import base64
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from flyteidl.core import literals_pb2
+from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
+from flytekit.models.literals import LiteralMap
+from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
+
+from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
+from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_document
+from plugin_backend import metrics, store
+from plugin_backend.errors import InvalidActorRequest
+from plugin_backend.identity import identity_of
+from plugin_backend.map_plan import MapPlan
+from plugin_backend.map_run import MapRun
+from plugin_backend.meta import MAX_META_BYTES, ActorResourceMeta
+from plugin_backend.pools import PoolKey, PoolManager
+from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ActorTemplate, parse_template
+
+KEEP_TERMINAL_S = 600.0
+"""How long a finished execution is answered from memory; after that, from storage."""
+
+
+@dataclass
+class Status:
+    """What GetTask answers, before it becomes a flytekit Resource."""
+
+    phase: int
+    message: str = ""
+    log_links: List[TaskLog] = field(default_factory=list)
+    outputs: Optional[literals_pb2.LiteralMap] = None
+    custom_info: Optional[dict] = None
+
+
+@dataclass
+class _Entry:
+    meta: ActorResourceMeta
+    key: PoolKey
+    template: ActorTemplate
+    execution: Optional[Execution] = None
+    map_run: Optional[MapRun] = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    final: Optional[Status] = None
+    final_at: float = 0.0
+
+
+def _log_links(replicas: List[Tuple[str, Optional[str]]]) -> List[TaskLog]:
+    links = []
+    for name, uri in replicas:
+        if uri:
+            if "://" not in uri:
+                uri = f"file://{uri}"
+            links.append(TaskLog(uri=uri, name=f"Actor replica {name}", message_format=TaskLog.UNKNOWN))
+    return links
+
+
+class ActorService:
+    """One per connector process (see `service()`)."""
+
+    def __init__(self, manager: Optional[PoolManager] = None):
+        self.manager = manager or PoolManager()
+        self._lock = threading.Lock()
+        self._entries: Dict[str, _Entry] = {}
+        self._last_gc = time.monotonic()
+        metrics.register(self)
+
+    # ---- create ----
+    def create(self, task_template: TaskTemplate, output_prefix: str, inputs: Optional[LiteralMap],
+               task_execution_metadata: Optional[TaskExecutionMetadata], task_type: str) -> ActorResourceMeta:
+        template = parse_template(task_template, task_type)
+        ident = identity_of(task_execution_metadata, template.task_name)
+        key = PoolKey(ident.namespace, ident.service_account, template.env_key, template.code_version)
+        meta = ActorResourceMeta(ident.execution_id, output_prefix, task_type, template.env_name, template.env_key,
+                                 ident.namespace, ident.service_account, key.code)
+        if len(meta.encode()) > MAX_META_BYTES:
+            raise InvalidActorRequest(f"output prefix too long: the resource meta would exceed {MAX_META_BYTES} bytes")
+        plan = MapPlan(inputs, template.map) if template.map is not None else None  # refuse bad inputs now
+        env = {**template.container_env, **ident.env}
+        with self._lock:
+            entry = self._entries.get(meta.execution_id)
+            if entry is None:
+                entry = self._entries[meta.execution_id] = _Entry(meta, key, template)
+                mine = True
+            else:
+                mine = False
+        if not mine:  # a repeated CreateTask: same execution, never run twice
+            entry.ready.wait(10.0)
+            return entry.meta
+        try:
+            record = store.ExecutionRecord(output_prefix)
+            previous = record.read_request()
+            if previous is not None and previous.get("execution_id") == meta.execution_id:
+                # created before this process started (a restart): answer from storage, re-enqueue if never started
+                with self._lock:
+                    del self._entries[meta.execution_id]
+                self._adopt(meta)
+                return meta
+            record.write_request({
+                "execution_id": meta.execution_id, "kind": task_type, "created": time.time(),
+                "namespace": ident.namespace, "service_account": ident.service_account, "env": env,
+                "template": base64.b64encode(task_template.to_flyte_idl().SerializeToString()).decode(),
+            })
+            self._start(entry, env, plan, record)
+        except BaseException:
+            with self._lock:
+                self._entries.pop(meta.execution_id, None)
+            raise
+        finally:
+            entry.ready.set()
+        return meta
+
+    def _pool(self, entry: _Entry) -> ReplicaPool:
+        return self.manager.pool_for(entry.key, entry.template)
+
+    def _start(self, entry: _Entry, env: Dict[str, str], plan: Optional[MapPlan], record: store.ExecutionRecord) -> None:
+        if plan is not None:
+            entry.map_run = MapRun(entry.meta.execution_id, entry.template, plan, record, env, lambda: self._pool(entry)).start()
+            return
+        spec = ExecutionSpec(entry.meta.execution_id, entry.template.args, env)
+
+        def mark_started(execution: Execution) -> None:
+            record.mark(store.STARTED, f"{execution.replica or ''}\n{time.time()}")
+
+        for _ in range(3):
+            try:
+                entry.execution = self._pool(entry).submit(spec, before_dispatch=mark_started, on_done=metrics.observe_done)
+                return
+            except PoolClosed:  # reaped between lookup and submit: the next lookup makes a new pool
+                continue
+        raise RuntimeError(f"pool for {entry.template.env_name} kept closing")
+
+    # ---- get ----
+    def get(self, meta: ActorResourceMeta) -> Status:
+        self._gc()
+        entry = self._entries.get(meta.execution_id)
+        if entry is None:
+            status = self._adopt(meta)
+            if status is not None:
+                return status
+            entry = self._entries[meta.execution_id]
+        entry.ready.wait(10.0)
+        if entry.final is not None:
+            return entry.final
+        status = self._map_status(entry) if entry.map_run is not None else self._status(entry)
+        if status.phase in (TaskExecution.SUCCEEDED, TaskExecution.FAILED, TaskExecution.RETRYABLE_FAILED, TaskExecution.ABORTED):
+            entry.final, entry.final_at = status, time.monotonic()
+            if entry.execution is not None:
+                self._pool(entry).forget(entry.execution.id)
+        return status
+
+    def _status(self, entry: _Entry) -> Status:
+        e = entry.execution
+        links = _log_links([(e.replica, e.log_uri)]) if e.replica else []
+        state = e.state
+        if state is ExecutionState.QUEUED:
+            stats = self._pool(entry).stats()
+            if stats["starting"] and not stats["busy"] and not stats["idle"]:
+                return Status(TaskExecution.INITIALIZING, f"starting {stats['starting']} replica(s) of actor environment {entry.template.env_name}")
+            return Status(TaskExecution.QUEUED, f"queued for actor environment {entry.template.env_name}: "
+                                                f"{stats['queued']} queued, {stats['busy']} of {stats['replicas']} replicas busy")
+        if state is ExecutionState.RUNNING:
+            return Status(TaskExecution.RUNNING, f"running on replica {e.replica} ({'warm' if e.warm else 'cold'})", links)
+        if state is ExecutionState.SUCCEEDED:
+            return Status(TaskExecution.SUCCEEDED, f"succeeded on replica {e.replica}", links)
+        if state is ExecutionState.FAILED:
+            return self._failure(e.error or {}, f"on replica {e.replica}", links)
+        if state is ExecutionState.CANCELLED:
+            return Status(TaskExecution.ABORTED, "aborted", links)
+        # REPLICA_DIED
+        return Status(TaskExecution.RETRYABLE_FAILED,
+                      f"replica died: {e.death or 'replica ' + str(e.replica) + ' vanished'} while running execution {e.id}; "
+                      f"a replacement replica serves the retry", links)
+
+    @staticmethod
+    def _failure(error: dict, where: str, links: List[TaskLog]) -> Status:
+        phase = TaskExecution.RETRYABLE_FAILED if error.get("recoverable") else TaskExecution.FAILED
+        code = error.get("code") or "Error"
+        return Status(phase, f"[{code}] {where}: {error.get('message', 'unknown error')}", links)
+
+    def _map_status(self, entry: _Entry) -> Status:
+        run = entry.map_run
+        links = _log_links(list(run.replicas.items()))
+        info = run.progress()
+        if run.phase == "running":
+            return Status(TaskExecution.RUNNING, f"{info['succeeded'] + info['failed']} of {run.n} items done", links, custom_info=info)
+        if run.phase == "succeeded":
+            return Status(TaskExecution.SUCCEEDED, run.message, links, outputs=run.outputs, custom_info=info)
+        if run.phase == "aborted":
+            return Status(TaskExecution.ABORTED, run.message, links, custom_info=info)
+        phase = TaskExecution.RETRYABLE_FAILED if run.recoverable else TaskExecution.FAILED
+        return Status(phase, run.message, links, custom_info=info)
+
+    # ---- restart path ----
+    def _adopt(self, meta: ActorResourceMeta) -> Optional[Status]:
+        """Answers for an execution this process did not create, from storage; re-enqueues or resumes if it must."""
+        record = store.ExecutionRecord(meta.output_prefix)
+        if record.has_error():
+            return self._failure(read_error_document(meta.output_prefix) or {}, "recorded in error.pb", [])
+        if record.has_outputs():
+            return Status(TaskExecution.SUCCEEDED, "succeeded (answered from storage)")
+        if record.marker(store.ABORTED) is not None:
+            return Status(TaskExecution.ABORTED, "aborted")
+        request = record.read_request()
+        if request is None or request.get("execution_id") != meta.execution_id:
+            return Status(TaskExecution.RETRYABLE_FAILED, f"no record of execution {meta.execution_id} under {meta.output_prefix}; "
+                                                          "the connector lost it before queueing it")
+        if meta.kind != ACTOR_MAP_TASK_TYPE:
+            started = record.marker(store.STARTED)
+            if started is not None:
+                replica = started.split("\n", 1)[0] or "?"
+                return Status(TaskExecution.RETRYABLE_FAILED,
+                              f"execution {meta.execution_id} was dispatched to replica {replica} but left no result: the connector "
+                              "restarted (or the replica died) while it ran; it is not run twice")
+        tt = TaskTemplate.from_flyte_idl(_template_pb(request["template"]))
+        template = parse_template(tt, meta.kind)
+        key = PoolKey(request["namespace"], request["service_account"], template.env_key, template.code_version)
+        plan = None
+        if template.map is not None:
+            data = store.read_bytes(template.command.inputs)
+            plan = MapPlan(literals_pb2.LiteralMap.FromString(data or b""), template.map)
+        with self._lock:
+            if meta.execution_id in self._entries:
+                return None
+            entry = self._entries[meta.execution_id] = _Entry(meta, key, template)
+        try:
+            self._start(entry, request["env"], plan, record)
+        finally:
+            entry.ready.set()
+        return None
+
+    # ---- delete ----
+    def delete(self, meta: ActorResourceMeta) -> None:
+        """Aborts a running execution or drops a queued one. Repeated or late deletes succeed quietly."""
+        entry = self._entries.get(meta.execution_id)
+        record = store.ExecutionRecord(meta.output_prefix)
+        if entry is not None:
+            entry.ready.wait(10.0)
+        if entry is None or entry.final is None:
+            try:
+                if not record.has_outputs() and not record.has_error():
+                    record.mark(store.ABORTED, str(time.time()))
+            except OSError:
+                pass
+        if entry is None:
+            return
+        if entry.map_run is not None:
+            entry.map_run.abort()
+            entry.map_run.finished.wait(10.0)
+        elif entry.execution is not None and not entry.execution.state.terminal:
+            self._pool(entry).cancel(entry.execution.id, grace_seconds=3.0)
+
+    # ---- housekeeping ----
+    def _gc(self) -> None:
+        now = time.monotonic()
+        if now - self._last_gc < 5.0:
+            return
+        self._last_gc = now
+        with self._lock:
+            old = [k for k, e in self._entries.items() if e.final is not None and now - e.final_at > KEEP_TERMINAL_S]
+            for k in old:
+                del self._entries[k]
+
+    def knows(self, execution_id: str) -> bool:
+        """True when this process serves the execution from memory (GetTask needs no storage read)."""
+        entry = self._entries.get(execution_id)
+        return entry is not None and entry.ready.is_set()
+
+    def entries(self) -> int:
+        return len(self._entries)
+
+    def shutdown(self) -> None:
+        self.manager.shutdown()
+
+
+def _template_pb(b64: str):
+    from flyteidl.core import tasks_pb2
+
+    return tasks_pb2.TaskTemplate.FromString(base64.b64decode(b64))
+
+
+_SERVICE: Optional[ActorService] = None
+_SERVICE_LOCK = threading.Lock()
+
+
+def service() -> ActorService:
+    """The process-wide service, created on first use (not at import, so importing the plugin starts nothing)."""
+    global _SERVICE
+    with _SERVICE_LOCK:
+        if _SERVICE is None:
+            _SERVICE = ActorService()
+        return _SERVICE

@@ -1,0 +1,142 @@
+"""What the connector keeps in blob storage under an execution's output prefix, so a restart loses nothing.
+
+    <prefix>/_actor/request.json   written by create: the template, identity and pool key (enough to re-run)
+    <prefix>/_actor/started        written just before a replica is handed the execution (single executions)
+    <prefix>/_actor/aborted        written by delete
+    <prefix>/outputs.pb|error.pb   the result, as pyflyte-execute writes it
+    <prefix>/items/<i>/...         a map item's inputs.pb and result (its own output prefix)
+
+Local paths (and file://) take a direct file system path; anything else goes through flytekit's fsspec file access.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterable, Optional, Set
+
+RECORD_DIR = "_actor"
+REQUEST = "request.json"
+STARTED = "started"
+ABORTED = "aborted"
+ITEMS = "items"
+
+
+def join(prefix: str, *parts: str) -> str:
+    return "/".join([prefix.rstrip("/"), *parts])
+
+
+def local_path(path: str) -> Optional[str]:
+    """The file system path of a local URI, or None for remote storage."""
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if "://" in path else path
+
+
+def is_local(path: str) -> bool:
+    return local_path(path) is not None
+
+
+def _fs(path: str):
+    from flytekit.core.context_manager import FlyteContextManager
+
+    return FlyteContextManager.current_context().file_access.get_filesystem_for_path(path)
+
+
+def read_bytes(path: str) -> Optional[bytes]:
+    local = local_path(path)
+    try:
+        if local is not None:
+            with open(local, "rb") as f:
+                return f.read()
+        return _fs(path).cat_file(path)
+    except FileNotFoundError:
+        return None
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    local = local_path(path)
+    if local is not None:
+        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        tmp = f"{local}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, local)  # readers never see half a file
+        return
+    _fs(path).pipe_file(path, data)
+
+
+def exists(path: str) -> bool:
+    local = local_path(path)
+    if local is not None:
+        return os.path.exists(local)
+    return _fs(path).exists(path)
+
+
+class ExecutionRecord:
+    """The durable record of one execution under its output prefix."""
+
+    def __init__(self, output_prefix: str):
+        self.prefix = output_prefix
+
+    def path(self, *parts: str) -> str:
+        return join(self.prefix, *parts)
+
+    # ---- request ----
+    def write_request(self, request: Dict[str, Any]) -> None:
+        write_bytes(self.path(RECORD_DIR, REQUEST), json.dumps(request, separators=(",", ":")).encode())
+
+    def read_request(self) -> Optional[Dict[str, Any]]:
+        data = read_bytes(self.path(RECORD_DIR, REQUEST))
+        return None if data is None else json.loads(data)
+
+    # ---- markers ----
+    def mark(self, marker: str, detail: str = "") -> None:
+        write_bytes(self.path(RECORD_DIR, marker), detail.encode())
+
+    def marker(self, marker: str) -> Optional[str]:
+        data = read_bytes(self.path(RECORD_DIR, marker))
+        return None if data is None else data.decode(errors="replace")
+
+    # ---- results ----
+    def has_outputs(self) -> bool:
+        return exists(self.path("outputs.pb"))
+
+    def has_error(self) -> bool:
+        return exists(self.path("error.pb"))
+
+    def item_prefix(self, i: int) -> str:
+        return self.path(ITEMS, str(i))
+
+    def finished_items(self, n: int) -> Dict[int, str]:
+        """{item index: "outputs" | "error"} for every item with a result in storage."""
+        done: Dict[int, str] = {}
+        root = self.path(ITEMS)
+        local = local_path(root)
+        if local is not None:
+            try:
+                names: Iterable[str] = os.listdir(local)
+            except FileNotFoundError:
+                return done
+            for name in names:
+                if not name.isdigit() or int(name) >= n:
+                    continue
+                d = os.path.join(local, name)
+                if os.path.exists(os.path.join(d, "error.pb")):
+                    done[int(name)] = "error"
+                elif os.path.exists(os.path.join(d, "outputs.pb")):
+                    done[int(name)] = "outputs"
+            return done
+        fs = _fs(root)
+        try:
+            files: Set[str] = set(fs.find(root))
+        except FileNotFoundError:
+            return done
+        base = root.split("://", 1)[-1].rstrip("/")
+        for f in files:
+            rel = f.split("://", 1)[-1][len(base) + 1:].split("/")
+            if len(rel) == 2 and rel[0].isdigit() and int(rel[0]) < n and rel[1] in ("outputs.pb", "error.pb"):
+                kind = "error" if rel[1] == "error.pb" else "outputs"
+                if done.get(int(rel[0])) != "error":
+                    done[int(rel[0])] = kind
+        return done
