@@ -34,6 +34,13 @@ from flytekitplugins_actor.replica.protocol import (
 )
 
 _KEEP_OUTCOMES = 1000
+CANCEL_SIGNAL = signal.SIGUSR2
+"""Raised into the main thread (via _thread.interrupt_main) to cancel the running execution. Not SIGINT:
+importing flytekit installs a SIGINT handler that calls exit(1), which would turn a cancel into a failure."""
+
+
+def _raise_cancel(signum, frame):
+    raise KeyboardInterrupt(f"execution cancelled (signal {signum})")
 
 
 class ReplicaTerminated(BaseException):
@@ -126,7 +133,7 @@ class Worker:
                 self._record(ExecutionOutcome(execution_id, "cancelled", error={"code": "ABORTED", "message": "cancelled before it started", "origin": "USER", "recoverable": False}))
             elif self._running == execution_id and execution_id not in self._cancelled:
                 self._cancelled.add(execution_id)
-                _thread.interrupt_main()
+                _thread.interrupt_main(CANCEL_SIGNAL)
             return self._state_of(execution_id)
 
     def _record(self, outcome: ExecutionOutcome) -> None:
@@ -167,7 +174,7 @@ class Worker:
             running = self._running
         self._queue.put(None)
         if running is not None:
-            _thread.interrupt_main()
+            _thread.interrupt_main(CANCEL_SIGNAL)
 
 
 def _pickle_exception(exc: BaseException) -> Optional[str]:
@@ -239,6 +246,7 @@ def main(argv: Optional[list] = None) -> None:
         worker._queue.put(None)
 
     signal.signal(signal.SIGTERM, _terminate)
+    signal.signal(CANCEL_SIGNAL, _raise_cancel)
     host, port = server.server_address[:2]
     if args.ready_fd is not None:
         with os.fdopen(args.ready_fd, "w") as f:

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(HERE))
 VENV_BIN = os.path.join(REPO, ".venv", "bin")
 
 
-def wait_until(cond: Callable[[], T], timeout: float, interval: float = 0.02, message: Optional[str] = None) -> T:
+def wait_until(cond: Callable[[], T], timeout: float, interval: float = 0.02, message=None) -> T:
     """Polls `cond` until it returns something truthy and returns that; fails the test after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -21,6 +21,8 @@ def wait_until(cond: Callable[[], T], timeout: float, interval: float = 0.02, me
         if value:
             return value
         if time.monotonic() >= deadline:
+            if callable(message):
+                message = message()
             raise AssertionError(message or f"condition {getattr(cond, '__name__', cond)!r} not met within {timeout}s")
         time.sleep(interval)
 

@@ -1,0 +1,296 @@
+"""The replica worker, driven over its control protocol: a real worker process, real pyflyte-execute args."""
+
+import os
+import secrets
+import socket
+import sys
+import uuid
+
+import pytest
+from flyteidl.core import errors_pb2, literals_pb2
+from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.type_engine import TypeEngine
+from flytekit.core.utils import load_proto_from_file, write_proto_to_file
+from flytekit.models.literals import LiteralMap
+
+import sdk_worker_tasks as tasks
+from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
+from flytekitplugins_actor.replica.protocol import AuthenticationError, ReplicaClient, recv_message, send_message
+from sdk_helpers import pid_alive, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
+
+
+class Worker:
+    """A real replica worker process and a client for it."""
+
+    def __init__(self, tmp, token=None):
+        self.tmp = tmp
+        self.token = token or secrets.token_hex(16)
+        self.tmpdir = os.path.join(tmp, "replica-tmp")
+        os.makedirs(self.tmpdir)
+        spec = ReplicaSpec(
+            name=f"wt-{uuid.uuid4().hex[:6]}", token=self.token, log_dir=os.path.join(tmp, "logs"), cwd=os.getcwd(),
+            env={"PYTHONPATH": os.pathsep.join(os.path.abspath(p or ".") for p in sys.path), "TMPDIR": self.tmpdir},
+        )
+        self.replica = LocalProcessBackend().start(spec)
+        assert self.replica.wait_ready(60) is ReplicaState.READY, open(self.replica.log_uri).read()
+        self.client = ReplicaClient(self.replica.address, self.token, timeout=10)
+
+    def request(self, op, **fields):
+        return self.client.request(op, **fields)
+
+    def args(self, task, execution_id=None, **inputs):
+        """pyflyte-execute args for `task` with `inputs`, as a pod's container would get them."""
+        execution_id = execution_id or uuid.uuid4().hex
+        d = os.path.join(self.tmp, "executions", execution_id)
+        os.makedirs(d, exist_ok=True)
+        ctx = FlyteContextManager.current_context()
+        lm = TypeEngine.dict_to_literal_map(ctx, inputs, task.python_interface.inputs)
+        write_proto_to_file(lm.to_flyte_idl(), os.path.join(d, "inputs.pb"))
+        out = os.path.join(d, "out")
+        args = ["pyflyte-execute", "--inputs", os.path.join(d, "inputs.pb"), "--output-prefix", out,
+                "--raw-output-data-prefix", os.path.join(d, "raw"), "--resolver", RESOLVER, "--",
+                "task-module", task.task_function.__module__, "task-name", task.task_function.__name__]
+        return execution_id, args, out
+
+    def run(self, task, env=None, **inputs):
+        """Submits one execution, waits for it, returns (reply, output prefix)."""
+        execution_id, args, out = self.args(task, **inputs)
+        reply = self.request("submit", execution_id=execution_id, args=args, env=env or {})
+        assert reply["state"] in ("accepted", "running", "succeeded", "failed")
+        return self.request("wait", execution_id=execution_id, timeout=60), out
+
+    def close(self):
+        self.client.close()
+        self.replica.terminate(2)
+        self.replica.wait_dead(10)
+
+
+def output(out):
+    lm = LiteralMap.from_flyte_idl(load_proto_from_file(literals_pb2.LiteralMap, os.path.join(out, "outputs.pb")))
+    return lm.literals["o0"].scalar.primitive.value
+
+
+def error_doc(out):
+    doc = errors_pb2.ErrorDocument()
+    with open(os.path.join(out, "error.pb"), "rb") as f:
+        doc.ParseFromString(f.read())
+    return doc.error
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    w = Worker(str(tmp_path_factory.mktemp("worker")))
+    yield w
+    w.close()
+
+
+# ---- authentication ----
+def test_bad_token_is_refused(worker):
+    bad = ReplicaClient(worker.replica.address, "not-the-token")
+    try:
+        with pytest.raises(AuthenticationError):
+            bad.request("health")
+        with pytest.raises(AuthenticationError):
+            execution_id, args, _ = worker.args(tasks.pid)
+            bad.request("submit", execution_id=execution_id, args=args)
+    finally:
+        bad.close()
+    host, port = worker.replica.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        send_message(s, {"op": "health"})  # no token at all
+        reply = recv_message(s)
+        assert reply["ok"] is False and reply["code"] == "UNAUTHENTICATED"
+        send_message(s, {"op": "status", "token": worker.token[:-1] + "x", "execution_id": "e"})
+        assert recv_message(s)["code"] == "UNAUTHENTICATED"
+    # and it kept serving the right token
+    assert worker.request("health")["protocol"] == 1
+
+
+def test_worker_refuses_to_start_without_a_token(tmp_path):
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "FLYTE_ACTOR_TOKEN"}
+    p = subprocess.run([sys.executable, "-m", "flytekitplugins_actor.replica.worker", "--port", "0"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode != 0
+    assert "FLYTE_ACTOR_TOKEN" in p.stderr
+
+
+def test_unknown_op_and_malformed_submit_are_refused(worker):
+    with pytest.raises(ConnectionError, match="unknown op"):
+        worker.request("explode")
+    with pytest.raises(ConnectionError, match="pyflyte-execute"):
+        worker.request("submit", execution_id="bad-args", args=["rm", "-rf", "/"])
+    assert worker.request("status", execution_id="bad-args")["state"] == "unknown"
+
+
+# ---- health ----
+def test_health_reports_the_replica(worker):
+    h = worker.request("health")
+    assert h["ok"] is True
+    assert h["replica"] == worker.replica.spec.name
+    assert h["pid"] == worker.replica.pid
+    assert h["protocol"] == 1
+    assert h["state"] == "idle"
+    assert h["running"] is None
+    assert isinstance(h["executions"], int)
+    before = h["executions"]
+    worker.run(tasks.pid)
+    assert worker.request("health")["executions"] == before + 1
+
+
+# ---- submit / status / wait ----
+def test_submit_status_wait(worker, tmp_path):
+    execution_id, args, out = worker.args(tasks.count_run, path=str(tmp_path / "runs"))
+    assert worker.request("status", execution_id=execution_id)["state"] == "unknown"
+    assert worker.request("submit", execution_id=execution_id, args=args)["state"] == "accepted"
+    reply = worker.request("wait", execution_id=execution_id, timeout=60)
+    assert reply["state"] == "succeeded" and reply["error"] is None and reply["duration_s"] > 0
+    status = worker.request("status", execution_id=execution_id)
+    assert status["state"] == "succeeded"
+    assert output(out) == 1
+    assert worker.request("wait", execution_id="never-submitted", timeout=1)["state"] == "unknown"
+
+
+def test_submit_is_idempotent_per_execution_id(worker, tmp_path):
+    counter = tmp_path / "runs"
+    release, started = tmp_path / "release", tmp_path / "started"
+    # while it is running
+    blocker_id, blocker_args, _ = worker.args(tasks.wait_for_file, path=str(release), started=str(started))
+    assert worker.request("submit", execution_id=blocker_id, args=blocker_args)["state"] == "accepted"
+    wait_until(started.exists, 30)
+    again = worker.request("submit", execution_id=blocker_id, args=blocker_args)
+    assert again["state"] == "running"
+    # a different execution is refused while busy: one at a time
+    other_id, other_args, _ = worker.args(tasks.count_run, path=str(counter))
+    with pytest.raises(ConnectionError, match="busy"):
+        worker.request("submit", execution_id=other_id, args=other_args)
+    release.touch()
+    assert worker.request("wait", execution_id=blocker_id, timeout=60)["state"] == "succeeded"
+    # after it finished: the repeat returns the outcome and does not run the task again
+    execution_id, args, out = worker.args(tasks.count_run, path=str(counter))
+    worker.request("submit", execution_id=execution_id, args=args)
+    assert worker.request("wait", execution_id=execution_id, timeout=60)["state"] == "succeeded"
+    for _ in range(3):
+        assert worker.request("submit", execution_id=execution_id, args=args)["state"] == "succeeded"
+    assert worker.request("health")["state"] == "idle"
+    assert counter.read_text().count("run") == 1
+    assert output(out) == 1
+
+
+# ---- cancel ----
+def test_cancel_a_running_execution_and_the_replica_survives(worker, tmp_path):
+    release, started = tmp_path / "release", tmp_path / "started"
+    execution_id, args, out = worker.args(tasks.wait_for_file, path=str(release), started=str(started))
+    worker.request("submit", execution_id=execution_id, args=args)
+    wait_until(started.exists, 30)
+    assert worker.request("status", execution_id=execution_id)["state"] == "running"
+    worker.request("cancel", execution_id=execution_id)
+    reply = worker.request("wait", execution_id=execution_id, timeout=30)
+    assert reply["state"] == "cancelled", reply
+    assert not os.path.exists(os.path.join(out, "outputs.pb"))
+    assert pid_alive(worker.replica.pid)
+    h = worker.request("health")
+    assert h["state"] == "idle" and h["pid"] == worker.replica.pid
+    reply, out = worker.run(tasks.count_run, path=str(tmp_path / "runs"))
+    assert reply["state"] == "succeeded" and output(out) == 1
+
+
+def test_cancel_of_an_unknown_or_finished_execution_is_harmless(worker, tmp_path):
+    assert worker.request("cancel", execution_id="nope")["state"] == "unknown"
+    reply, out = worker.run(tasks.pid)
+    assert worker.request("cancel", execution_id=reply["execution_id"])["state"] == "succeeded"
+    assert worker.run(tasks.pid)[0]["state"] == "succeeded"
+
+
+# ---- failures: error.pb with the right kind, the replica survives ----
+def test_sys_exit_fails_the_execution_with_user_origin_and_the_replica_survives(worker):
+    reply, out = worker.run(tasks.exit_three)
+    assert reply["state"] == "failed"
+    err = error_doc(out)
+    assert err.origin == 1  # ExecutionError.USER
+    assert err.kind == errors_pb2.ContainerError.NON_RECOVERABLE
+    assert "sys.exit(3)" in err.message
+    assert reply["error"]["origin"] == "USER"
+    assert pid_alive(worker.replica.pid)
+    reply, out = worker.run(tasks.pid)
+    assert reply["state"] == "succeeded" and output(out) == worker.replica.pid
+
+
+def test_user_exception_is_user_non_recoverable(worker):
+    reply, out = worker.run(tasks.user_error)
+    assert reply["state"] == "failed"
+    err = error_doc(out)
+    assert err.origin == 1
+    assert err.kind == errors_pb2.ContainerError.NON_RECOVERABLE
+    assert "user said no" in err.message and "ValueError" in err.message
+    assert reply["error"] == {"code": err.code, "message": err.message, "origin": "USER", "recoverable": False}
+    assert worker.run(tasks.pid)[0]["state"] == "succeeded"
+
+
+def test_flyte_recoverable_exception_is_recoverable(worker):
+    reply, out = worker.run(tasks.recoverable_error)
+    assert reply["state"] == "failed"
+    err = error_doc(out)
+    assert err.origin == 1
+    assert err.kind == errors_pb2.ContainerError.RECOVERABLE
+    assert "try again later" in err.message
+    assert reply["error"]["recoverable"] is True
+
+
+def test_exception_object_is_sent_back_on_request(worker):
+    import base64
+
+    import cloudpickle
+
+    execution_id, args, _ = worker.args(tasks.user_error)
+    worker.request("submit", execution_id=execution_id, args=args)
+    reply = worker.request("wait", execution_id=execution_id, timeout=60, include_exception=True)
+    exc = cloudpickle.loads(base64.b64decode(reply["exception"]))
+    assert type(exc) is ValueError and str(exc) == "user said no"
+    assert "exception" not in worker.request("status", execution_id=execution_id)
+
+
+# ---- per-execution identity and cleanup ----
+def test_identity_env_is_set_during_the_execution_and_restored_after(worker):
+    reply, out = worker.run(tasks.identity, env={"FLYTE_INTERNAL_EXECUTION_ID": "exec-a"})
+    assert reply["state"] == "succeeded" and output(out) == "exec-a"
+    reply, out = worker.run(tasks.identity, env={"FLYTE_INTERNAL_EXECUTION_ID": "exec-b"})
+    assert output(out) == "exec-b"
+    reply, out = worker.run(tasks.identity)
+    assert output(out) == "<unset>"
+
+
+def test_per_execution_temp_dirs_are_removed(worker):
+    worker.run(tasks.pid)  # warm: whatever the first execution creates once per process
+    wait_until(lambda: not [d for d in os.listdir(worker.tmpdir) if d.startswith("actor-exec-")], 10)
+    before = sorted(os.listdir(worker.tmpdir))
+    paths = []
+    for _ in range(3):
+        reply, out = worker.run(tasks.make_scratch)
+        assert reply["state"] == "succeeded"
+        paths.append(output(out))
+    worker.run(tasks.user_error)
+    for p in paths:
+        assert p.startswith(worker.tmpdir)  # it really was the replica's temp area
+    # cleanup runs right after the outcome is reported (off the caller's critical path): wait for it
+    wait_until(lambda: sorted(os.listdir(worker.tmpdir)) == before, 10,
+               message=lambda: f"temp dirs leaked: {sorted(set(os.listdir(worker.tmpdir)) ^ set(before))}")
+    assert not any(os.path.exists(p) for p in paths)
+
+
+# ---- the worker stops on SIGTERM ----
+def test_sigterm_stops_an_idle_worker(tmp_path):
+    w = Worker(str(tmp_path))
+    try:
+        pid = w.replica.pid
+        w.replica.terminate(30)
+        death = w.replica.wait_dead(30)
+        assert death is not None and not pid_alive(pid)
+        assert death.exit_code == 0, death
+    finally:
+        w.client.close()
