@@ -1,0 +1,159 @@
+"""Actor tasks for the local-run tests; imported by name in the driver (pytest, pyflyte run) and in replicas."""
+
+import ctypes
+import os
+import signal
+import time
+import typing
+
+from flytekit import PodTemplate, workflow
+from kubernetes.client import V1Container, V1EnvVar, V1PodSpec
+
+from flytekitplugins_actor import ActorEnvironment
+
+
+class Boom(Exception):
+    """A user exception type the driver must get back as itself."""
+
+
+basic = ActorEnvironment(name="sdk-local", ttl_seconds=300)
+
+_counter = 0
+
+
+@basic.task
+def whoami() -> int:
+    return os.getpid()
+
+
+@basic.task
+def parent_pid() -> int:
+    return os.getppid()
+
+
+@basic.task
+def bump() -> int:
+    """Process state: a module global that survives between executions on a warm replica."""
+    global _counter
+    _counter += 1
+    return _counter
+
+
+@basic.task
+def read_env(name: str) -> str:
+    return os.environ.get(name, "<unset>")
+
+
+@basic.task
+def raise_boom(message: str) -> int:
+    raise Boom(message)
+    return 0
+
+
+@basic.task
+def raise_key_error() -> int:
+    return {}["missing-key"]
+
+
+@workflow
+def wf_a() -> int:
+    return whoami()
+
+
+@workflow
+def wf_b() -> int:
+    bump()
+    return whoami()
+
+
+@workflow
+def wf_pids() -> typing.Tuple[int, int]:
+    """For `pyflyte run`: the replica's pid and its parent's (the driver's)."""
+    return whoami(), parent_pid()
+
+
+@workflow
+def wf_boom() -> int:
+    return raise_boom(message="from a workflow")
+
+
+# ---- env vars from `environment` and the pod template's primary container ----
+pod_template = PodTemplate(
+    primary_container_name="primary",
+    pod_spec=V1PodSpec(containers=[V1Container(
+        name="primary",
+        env=[V1EnvVar(name="SDK_POD_VAR", value="compile_time"), V1EnvVar(name="SDK_OVERLAP", value="from-pod")],
+    )]),
+)
+with_env = ActorEnvironment(
+    name="sdk-local-env", ttl_seconds=300, pod_template=pod_template,
+    environment={"SDK_ENV_VAR": "from-environment", "SDK_OVERLAP": "from-environment"},
+)
+
+
+@with_env.task
+def env_of(name: str) -> str:
+    return os.environ.get(name, "<unset>")
+
+
+@with_env.task
+def get_and_set() -> str:
+    os.environ["SDK_RUN_VAR"] = "run_time"
+    return os.getenv("SDK_POD_VAR")
+
+
+@with_env.task
+def check_set() -> str:
+    return os.getenv("SDK_RUN_VAR", "<unset>")
+
+
+@workflow
+def wf_pod_template() -> typing.Tuple[str, str]:
+    """The seeds' pod_template example: ("compile_time", "run_time")."""
+    a = get_and_set()
+    b = check_set()
+    a >> b
+    return a, b
+
+
+# ---- replicas that die mid-task ----
+deaths = ActorEnvironment(name="sdk-deaths", ttl_seconds=300)
+
+
+@deaths.task
+def death_pid() -> int:
+    return os.getpid()
+
+
+@deaths.task
+def die(how: str) -> int:
+    if how == "exit":
+        os._exit(7)
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segfault":
+        ctypes.string_at(0)
+    raise ValueError(how)
+    return 0
+
+
+# ---- idle teardown ----
+ttl0 = ActorEnvironment(name="sdk-ttl-zero", ttl_seconds=0)
+ttl1 = ActorEnvironment(name="sdk-ttl-one", ttl_seconds=1)
+
+
+@ttl0.task
+def ttl0_pid() -> int:
+    return os.getpid()
+
+
+@ttl1.task
+def ttl1_pid() -> int:
+    return os.getpid()
+
+
+@ttl1.task
+def ttl1_busy(seconds: float) -> int:
+    """Runs longer than the pool's ttl: a busy replica is not idle, so it must not be torn down."""
+    time.sleep(seconds)
+    return os.getpid()

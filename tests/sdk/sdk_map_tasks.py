@@ -1,0 +1,68 @@
+"""Actor tasks for the map tests (and the driver-kill script)."""
+
+import os
+import time
+import typing
+
+from flytekit import workflow
+
+from flytekitplugins_actor import ActorEnvironment
+from flytekitplugins_actor import map as actor_map
+
+barrier_env = ActorEnvironment(name="sdk-map-pair", replica_count=2, ttl_seconds=300)
+
+
+@barrier_env.task
+def barrier_pid(barrier: str, me: str, other: str) -> int:
+    """Arrives at a file barrier and waits for `other` to arrive too: completes only if both items run at once."""
+    open(os.path.join(barrier, me), "w").close()
+    deadline = time.monotonic() + 30
+    while not os.path.exists(os.path.join(barrier, other)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{me} waited 30s for {other}: the items did not run concurrently")
+        time.sleep(0.01)
+    return os.getpid()
+
+
+@barrier_env.task
+def square_after(x: int, delay: float) -> int:
+    time.sleep(delay)
+    return x * x
+
+
+@barrier_env.task
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise ValueError(f"item {x} is bad")
+    return x * 10
+
+
+@barrier_env.task
+def add(x: int, y: int) -> int:
+    return x + y
+
+
+@barrier_env.task
+def quot_rem(a: int, b: int) -> typing.Tuple[int, int]:
+    return a // b, a % b
+
+
+@barrier_env.task
+def overlap_probe(probe_dir: str, me: str, hold: float) -> bool:
+    """Marks itself running and watches for `hold` seconds for another item running at the same time."""
+    mine = os.path.join(probe_dir, f"running-{me}")
+    open(mine, "w").close()
+    seen = False
+    deadline = time.monotonic() + hold
+    while time.monotonic() < deadline and not seen:
+        seen = any(f.startswith("running-") and f != f"running-{me}" for f in os.listdir(probe_dir))
+        time.sleep(0.01)
+    os.remove(mine)
+    return seen
+
+
+@workflow
+def wf_map_add(xs: typing.List[int], y: int) -> typing.List[int]:
+    import functools
+
+    return actor_map(functools.partial(add, y=y))(x=xs)

@@ -1,0 +1,179 @@
+"""Local runs: actor tasks execute on real local replica processes, warm and reused, never in the driver."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import sdk_local_tasks as t
+import flytekitplugins_actor
+from flytekitplugins_actor.local import local_pools
+from sdk_helpers import HERE, REPO, VENV_BIN, pid_alive, subprocess_env, wait_until
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def pool_of(env):
+    return local_pools().pools().get(env.key())
+
+
+# ---- where tasks run ----
+def test_actor_task_runs_in_a_replica_process_not_the_driver():
+    replica_pid = t.whoami()
+    assert replica_pid != os.getpid()
+    assert pid_alive(replica_pid)
+    assert t.parent_pid() == os.getpid()  # a child of this driver
+    assert replica_pid in [r.pid for r in pool_of(t.basic).replicas]
+
+
+def test_in_process_mode_runs_in_the_driver(monkeypatch):
+    monkeypatch.setenv("FLYTE_ACTOR_IN_PROCESS", "1")
+    assert t.whoami() == os.getpid()
+
+
+def test_process_state_persists_between_tasks_on_a_replica():
+    pid = t.whoami()
+    first = t.bump()
+    second = t.bump()
+    assert second == first + 1
+    assert t.whoami() == pid
+    assert t._counter == 0  # the driver's module global never moved: the state lives in the replica
+
+
+def test_pool_is_reused_across_workflows_in_one_driver():
+    a = t.wf_a()
+    b = t.wf_b()
+    c = t.wf_a()
+    assert a == b == c != os.getpid()
+    pool = pool_of(t.basic)
+    assert [r.pid for r in pool.replicas] == [a]
+    assert pool.stats()["warm"] >= 2
+
+
+# ---- environment variables ----
+def test_environment_and_pod_template_env_are_set_in_the_replica_not_the_driver():
+    assert t.env_of(name="SDK_ENV_VAR") == "from-environment"
+    assert t.env_of(name="SDK_POD_VAR") == "compile_time"
+    assert t.env_of(name="SDK_OVERLAP") == "from-environment"  # `environment` is applied over the pod template
+    for name in ("SDK_ENV_VAR", "SDK_POD_VAR", "SDK_OVERLAP", "SDK_RUN_VAR"):
+        assert name not in os.environ
+    # a replica of another environment does not get them either
+    assert t.read_env(name="SDK_ENV_VAR") == "<unset>"
+
+
+def test_env_set_by_one_task_is_seen_by_the_next_on_the_replica():
+    assert t.wf_pod_template() == ("compile_time", "run_time")
+    assert "SDK_RUN_VAR" not in os.environ
+
+
+# ---- errors ----
+def test_user_exception_is_reraised_with_its_original_type():
+    with pytest.raises(t.Boom, match="kaboom"):
+        t.raise_boom(message="kaboom")
+    with pytest.raises(KeyError, match="missing-key"):
+        t.raise_key_error()
+    # the replica survived both
+    assert pid_alive(t.whoami())
+
+
+def test_user_exception_in_a_workflow_keeps_its_type():
+    with pytest.raises(t.Boom, match="from a workflow"):
+        t.wf_boom()
+
+
+# ---- replica death ----
+@pytest.mark.parametrize(
+    "how,expected",
+    [("exit", r"exited with code 7"), ("sigkill", r"SIGKILL"), ("segfault", r"SIGSEGV")],
+)
+def test_replica_death_mid_task_raises_replica_died_and_a_new_replica_takes_over(how, expected):
+    before = t.death_pid()
+    with pytest.raises(flytekitplugins_actor.ReplicaDied) as info:
+        t.die(how=how)
+    msg = str(info.value)
+    assert re.search(r"replica sdk-deaths-\d+", msg), msg
+    assert re.search(expected, msg), msg
+    assert "die" in msg  # names the task
+    wait_until(lambda: not pid_alive(before), 10)
+    after = t.death_pid()
+    assert after != before and pid_alive(after)
+    assert t.death_pid() == after  # and it is warm again
+    assert isinstance(info.value, flytekitplugins_actor.ActorError)
+
+
+# ---- idle teardown ----
+@pytest.mark.parametrize("task", [t.ttl0_pid, t.ttl1_pid], ids=["ttl0", "ttl1"])
+def test_idle_replicas_are_torn_down_after_ttl(task):
+    pid = task()
+    assert pid != os.getpid()
+    wait_until(lambda: not pid_alive(pid), 15, message=f"replica {pid} still alive past its ttl")
+    wait_until(lambda: pool_of(task.task_config) is None, 5)
+    again = task()  # a new pool and replica start on demand
+    assert again != pid and pid_alive(again)
+
+
+def test_a_busy_replica_is_not_torn_down_by_its_ttl():
+    pid = t.ttl1_busy(seconds=2.5)  # runs longer than ttl_seconds=1
+    assert pid != os.getpid()
+
+
+# ---- scripts and pyflyte run, in their own driver processes ----
+@pytest.mark.timeout(90)
+def test_task_defined_in_main_runs_by_cloudpickle(tmp_path):
+    p = subprocess.run([sys.executable, os.path.join(HERE, "sdk_main_script.py")], capture_output=True, text=True,
+                       env=subprocess_env(), cwd=str(tmp_path), timeout=80)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    m = re.fullmatch(r"HELLO FROM __MAIN__! actor pid=(\d+)", out["result"])
+    assert m, out
+    assert int(m.group(1)) != out["driver_pid"]
+
+
+@pytest.mark.timeout(90)
+def test_pyflyte_run_executes_on_a_child_replica(tmp_path):
+    p = subprocess.Popen([os.path.join(VENV_BIN, "pyflyte"), "run", os.path.join(HERE, "sdk_local_tasks.py"), "wf_pids"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+    out, err = p.communicate(timeout=80)
+    assert p.returncode == 0, err[-3000:]
+    nums = [int(n) for n in re.findall(r"\b\d+\b", out)]
+    assert len(nums) >= 2, out
+    replica_pid, replica_parent = nums[-2], nums[-1]
+    assert replica_parent == p.pid  # the replica is a child of the pyflyte driver
+    assert replica_pid != p.pid
+
+
+@pytest.mark.timeout(90)
+def test_pyflyte_run_pod_template_example(tmp_path):
+    p = subprocess.run([os.path.join(VENV_BIN, "pyflyte"), "run", os.path.join(HERE, "sdk_local_tasks.py"), "wf_pod_template"],
+                       capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=80)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "compile_time" in p.stdout and "run_time" in p.stdout, p.stdout
+
+
+@pytest.mark.timeout(90)
+def test_replicas_exit_when_the_driver_is_killed(tmp_path):
+    barrier = tmp_path / "barrier"
+    barrier.mkdir()
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "sdk_driver_script.py"), str(barrier)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=str(tmp_path))
+    try:
+        line = p.stdout.readline()
+        assert line, p.stderr.read()[-3000:] if p.poll() is not None else "driver printed nothing"
+        info = json.loads(line)
+        pids = info["replica_pids"]
+        assert len(set(pids)) == 2 and info["driver_pid"] not in pids
+        assert all(pid_alive(x) for x in pids)
+        p.kill()  # SIGKILL: no atexit, no cleanup in the driver
+        p.wait(10)
+        wait_until(lambda: not any(pid_alive(x) for x in pids), 15,
+                   message=lambda: f"replicas outlived their driver: {[x for x in pids if pid_alive(x)]}")
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.stdin.close()
+        p.stdout.close()
+        p.stderr.close()
