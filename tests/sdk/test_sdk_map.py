@@ -1,0 +1,74 @@
+"""flytekitplugins_actor.map run locally: fanned out across the environment's replicas, results in input order."""
+
+import functools
+import os
+
+import flytekit
+import pytest
+
+import sdk_map_tasks as m
+from flytekitplugins_actor import MapFailed
+from flytekitplugins_actor import map as actor_map
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def test_map_is_actually_parallel_across_two_replicas(tmp_path):
+    # each item waits at a file barrier for the other: both complete only if they run at the same time
+    pids = actor_map(m.barrier_pid)(barrier=[str(tmp_path)] * 2, me=["a", "b"], other=["b", "a"])
+    assert len(pids) == 2 and len(set(pids)) == 2, pids
+    assert os.getpid() not in pids
+
+
+def test_results_come_back_in_input_order(tmp_path):
+    xs = [1, 2, 3, 4, 5, 6]
+    delays = [0.4, 0.0, 0.3, 0.0, 0.2, 0.0]  # early items finish last
+    assert actor_map(m.square_after)(x=xs, delay=delays) == [x * x for x in xs]
+
+
+def test_concurrency_one_runs_items_one_at_a_time(tmp_path):
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    seen = actor_map(m.overlap_probe, concurrency=1)(probe_dir=[str(probe)] * 2, me=["a", "b"], hold=[0.75, 0.75])
+    assert seen == [False, False]
+    # the same probe without the limit does see the overlap (the probe can tell)
+    probe2 = tmp_path / "probe2"
+    probe2.mkdir()
+    seen = actor_map(m.overlap_probe)(probe_dir=[str(probe2)] * 2, me=["a", "b"], hold=[10.0, 10.0])
+    assert seen == [True, True]
+
+
+def test_min_success_ratio_tolerates_failures_with_none():
+    out = actor_map(functools.partial(m.fail_on, bad=2), min_success_ratio=0.5)(x=[1, 2, 3, 4])
+    assert out == [10, None, 30, 40]
+
+
+def test_below_min_success_ratio_raises_map_failed():
+    with pytest.raises(MapFailed) as info:
+        actor_map(functools.partial(m.fail_on, bad=2), min_success_ratio=1.0)(x=[1, 2, 3])
+    msg = str(info.value)
+    assert "2 of 3" in msg and "item 1" in msg and "item 2 is bad" in msg
+    assert isinstance(info.value.__cause__, ValueError)
+
+
+def test_partially_bound_inputs_go_to_every_item():
+    assert actor_map(functools.partial(m.add, y=100))(x=[1, 2, 3]) == [101, 102, 103]
+    assert m.wf_map_add(xs=[5, 6], y=1) == [6, 7]
+
+
+def test_multiple_outputs_come_back_as_lists():
+    assert actor_map(m.quot_rem)(a=[7, 9, 10], b=[2, 4, 5]) == ([3, 2, 2], [1, 1, 0])
+
+
+def test_empty_map():
+    assert actor_map(m.add)(x=[], y=[]) == []
+
+
+def test_mismatched_list_lengths_are_an_error():
+    with pytest.raises(ValueError, match="different lengths"):
+        actor_map(m.add)(x=[1, 2, 3], y=[1, 2])
+
+
+def test_flytekit_map_task_over_an_actor_task_still_works_locally():
+    assert flytekit.map_task(m.add)(x=[1, 2, 3], y=[10, 20, 30]) == [11, 22, 33]
+    assert flytekit.map_task(functools.partial(m.add, y=5))(x=[1, 2]) == [6, 7]
