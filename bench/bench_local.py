@@ -1,0 +1,316 @@
+#!/usr/bin/env python
+"""Local benchmarks of actor tasks, all measured in ONE run (see bench/README.md).
+
+    .venv/bin/python bench/bench_local.py            # full table, also written to bench/results/local.md
+    .venv/bin/python bench/bench_local.py --demo     # the quick cold-vs-warm timing scripts/demo.sh prints
+
+Measurements (same trivial task `bench_tasks.noop`, x -> x + 1, everywhere):
+  (a) warm   -- calling the actor task from the driver: the SDK's local run path, driver -> warm replica -> driver
+  (b) worker -- the replica's execution path alone: submit + wait of prepared pyflyte-execute args over the
+                control protocol (round trip), and the time the replica itself reports for the execution
+  (c) floor  -- flytekit's own `_execute_task` called repeatedly in one warm process (a fresh subprocess)
+  (d) fresh  -- a fresh `pyflyte-execute` process per task (bytecode compiled, like the replicas)
+  (e) map    -- items/s of `flytekitplugins_actor.map` over 1 and 2 replicas (trivial and 20 ms tasks)
+The machine is small and noisy: look at medians and ratios, never at one absolute time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import compileall
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+if HERE not in sys.path:
+    sys.path.insert(0, HERE)
+
+RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
+IDENTITY = {
+    "FLYTE_INTERNAL_EXECUTION_PROJECT": "bench",
+    "FLYTE_INTERNAL_EXECUTION_DOMAIN": "development",
+    "FLYTE_INTERNAL_EXECUTION_ID": "bench",
+    "FLYTE_INTERNAL_TASK_PROJECT": "bench",
+    "FLYTE_INTERNAL_TASK_DOMAIN": "development",
+    "FLYTE_INTERNAL_TASK_NAME": "bench_tasks.noop",
+    "FLYTE_INTERNAL_TASK_VERSION": "bench",
+}
+GOAL_WARM_OVER_FLOOR = 2.0
+GOAL_FRESH_OVER_WARM = 300.0
+
+
+# ---------------------------------------------------------------- helpers
+def compile_bytecode() -> None:
+    """The venv is compiled by scripts/bootstrap.sh; compile this repo's code too, so both sides load bytecode."""
+    for d in ("flytekitplugins_actor", "plugin_backend", "bench", "examples"):
+        path = os.path.join(ROOT, d)
+        if os.path.isdir(path):
+            compileall.compile_dir(path, quiet=1)
+
+
+def write_inputs(directory: str, x: int = 1) -> str:
+    from flytekit.core.utils import write_proto_to_file
+    from flytekit.models.literals import Literal, LiteralMap, Primitive, Scalar
+
+    path = os.path.join(directory, "inputs.pb")
+    write_proto_to_file(LiteralMap({"x": Literal(scalar=Scalar(primitive=Primitive(integer=x)))}).to_flyte_idl(), path)
+    return path
+
+
+def read_output(output_prefix: str) -> int:
+    from flyteidl.core import literals_pb2
+
+    from flytekit.core.utils import load_proto_from_file
+
+    lm = load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb"))
+    return lm.literals["o0"].scalar.primitive.integer
+
+
+def execute_args(inputs: str, output_prefix: str, raw: str, task: str = "noop") -> List[str]:
+    return ["pyflyte-execute", "--inputs", inputs, "--output-prefix", output_prefix, "--raw-output-data-prefix", raw,
+            "--resolver", RESOLVER, "--", "task-module", "bench_tasks", "task-name", task]
+
+
+def summary(times: List[float]) -> Dict[str, float]:
+    s = sorted(times)
+    q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
+    return {"median": statistics.median(s), "p10": q[0], "p90": q[-1], "n": len(s)}
+
+
+def fmt_s(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds * 1e6:.0f} µs"
+
+
+def sub_env() -> Dict[str, str]:
+    env = {**os.environ, **IDENTITY, "PYTHONPATH": os.pathsep.join([HERE, ROOT])}
+    return env
+
+
+# ---------------------------------------------------------------- (a) warm, through the SDK's local run path
+def bench_warm(n: int, warmup: int = 20) -> Dict[str, object]:
+    from bench_tasks import noop
+
+    t = time.perf_counter()
+    assert noop(x=1) == 2
+    cold = time.perf_counter() - t
+    for _ in range(warmup):
+        noop(x=1)
+    times = []
+    for i in range(n):
+        t = time.perf_counter()
+        out = noop(x=i)
+        times.append(time.perf_counter() - t)
+        assert out == i + 1
+    return {"cold": cold, **summary(times)}
+
+
+# ---------------------------------------------------------------- (b) the worker's path: a replica over its protocol
+def bench_worker(n: int, tmp: str, warmup: int = 20) -> Dict[str, Dict[str, float]]:
+    from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
+    from flytekitplugins_actor.replica.protocol import ReplicaClient
+
+    token = secrets.token_hex(16)
+    spec = ReplicaSpec(name="bench-worker", token=token, env={"PYTHONPATH": os.pathsep.join([HERE, ROOT])},
+                       cwd=HERE, log_dir=os.path.join(tmp, "logs"))
+    replica = LocalProcessBackend().start(spec)
+    try:
+        assert replica.wait_ready(120) is ReplicaState.READY, replica.death
+        client = ReplicaClient(replica.address, token)
+        inputs, raw = write_inputs(tmp), os.path.join(tmp, "raw")
+        round_trips, in_replica = [], []
+        for i in range(warmup + n):
+            out = os.path.join(tmp, f"worker-{i}")
+            eid = uuid.uuid4().hex
+            t = time.perf_counter()
+            client.request("submit", execution_id=eid, args=execute_args(inputs, out, raw), env=IDENTITY)
+            reply = client.request("wait", execution_id=eid)
+            dt = time.perf_counter() - t
+            assert reply["state"] == "succeeded", reply
+            if i >= warmup:
+                round_trips.append(dt)
+                in_replica.append(reply["duration_s"])
+        assert read_output(out) == 2
+        client.close()
+    finally:
+        replica.terminate(1.0)
+    return {"round_trip": summary(round_trips), "in_replica": summary(in_replica)}
+
+
+# ---------------------------------------------------------------- (c) the in-process flytekit floor
+def floor_worker(n: int, warmup: int, tmp: str) -> None:
+    """Runs in a fresh subprocess: _execute_task n times in this one warm process."""
+    os.environ.update(IDENTITY)
+    from flytekit.bin.entrypoint import _execute_task
+
+    inputs, raw = write_inputs(tmp), os.path.join(tmp, "raw")
+    times = []
+    for i in range(warmup + n):
+        out = os.path.join(tmp, f"floor-{i}")
+        t = time.perf_counter()
+        _execute_task(inputs=inputs, output_prefix=out, test=False, raw_output_data_prefix=raw,
+                      resolver=RESOLVER, resolver_args=["task-module", "bench_tasks", "task-name", "noop"])
+        times.append(time.perf_counter() - t)
+    assert read_output(out) == 2
+    print("RESULT " + json.dumps(times[warmup:]), flush=True)
+
+
+def bench_floor(n: int, tmp: str, warmup: int = 20) -> Dict[str, float]:
+    d = tempfile.mkdtemp(dir=tmp, prefix="floor-")
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--floor-worker", str(n), str(warmup), d],
+                          env=sub_env(), cwd=HERE, capture_output=True, text=True, timeout=600)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"floor subprocess failed:\n{proc.stdout}\n{proc.stderr}")
+    return summary(json.loads(lines[-1][len("RESULT "):]))
+
+
+# ---------------------------------------------------------------- (d) a fresh pyflyte-execute process per task
+def bench_fresh(n: int, tmp: str) -> Dict[str, float]:
+    exe = os.path.join(os.path.dirname(sys.executable), "pyflyte-execute")
+    inputs, raw = write_inputs(tmp), os.path.join(tmp, "raw")
+    times = []
+    for i in range(n):
+        out = os.path.join(tmp, f"fresh-{i}")
+        t = time.perf_counter()
+        proc = subprocess.run([exe, *execute_args(inputs, out, raw)[1:]], env=sub_env(), cwd=HERE,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+        times.append(time.perf_counter() - t)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pyflyte-execute failed: {proc.stderr.decode()[-2000:]}")
+        assert read_output(out) == 2
+    return summary(times)
+
+
+# ---------------------------------------------------------------- (e) map throughput
+def bench_map(items: int, reps: int) -> Dict[str, Dict[str, float]]:
+    import flytekitplugins_actor as fa
+    from bench_tasks import noop, noop2, sleepy, sleepy2
+
+    results = {}
+    for label, task, n in [("trivial, 1 replica", noop, items), ("trivial, 2 replicas", noop2, items),
+                           ("20 ms task, 1 replica", sleepy, items // 4), ("20 ms task, 2 replicas", sleepy2, items // 4)]:
+        mapped = fa.map(task)
+        values = list(range(n))
+        assert mapped(x=values) == [v + 1 for v in values]  # warm-up: starts the replicas
+        rates = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            out = mapped(x=values)
+            rates.append(n / (time.perf_counter() - t))
+            assert out == [v + 1 for v in values]
+        results[label] = {**summary(rates), "items": n}
+    return results
+
+
+# ---------------------------------------------------------------- report
+def table(r: Dict[str, object]) -> str:
+    rows = [("measurement", "median", "p10 .. p90", "n")]
+
+    def add(name: str, s: Dict[str, float]) -> None:
+        rows.append((name, fmt_s(s["median"]), f"{fmt_s(s['p10'])} .. {fmt_s(s['p90'])}", str(s["n"])))
+
+    add("(a) warm local replica, per task (SDK local run path)", r["warm"])
+    rows.append(("    cold first call (replica start + first import)", fmt_s(r["warm"]["cold"]), "", "1"))
+    add("(b) worker path: submit+wait round trip on a replica", r["worker"]["round_trip"])
+    add("(b) worker path: time inside the replica", r["worker"]["in_replica"])
+    add("(c) in-process flytekit floor (_execute_task)", r["floor"])
+    add("(d) fresh pyflyte-execute process per task", r["fresh"])
+    for label, s in r["map"].items():
+        rows.append((f"(e) map throughput, {label} ({s['items']} items)", f"{s['median']:.0f} items/s",
+                     f"{s['p10']:.0f} .. {s['p90']:.0f}", str(s["n"])))
+    warm, floor, fresh = r["warm"]["median"], r["floor"]["median"], r["fresh"]["median"]
+    worker = r["worker"]["round_trip"]["median"]
+    inrep = r["worker"]["in_replica"]["median"]
+    m = r["map"]
+    ratios = [
+        ("warm / floor", warm / floor, f"goal <= {GOAL_WARM_OVER_FLOOR:g}x", warm / floor <= GOAL_WARM_OVER_FLOOR),
+        ("worker round trip / floor", worker / floor, "", None),
+        ("in-replica / floor", inrep / floor, "", None),
+        ("fresh / warm", fresh / warm, f"goal >= {GOAL_FRESH_OVER_WARM:g}x", fresh / warm >= GOAL_FRESH_OVER_WARM),
+        ("fresh / worker round trip", fresh / worker, "", None),
+        ("map 2 / 1 replicas, trivial", m["trivial, 2 replicas"]["median"] / m["trivial, 1 replica"]["median"], "", None),
+        ("map 2 / 1 replicas, 20 ms task", m["20 ms task, 2 replicas"]["median"] / m["20 ms task, 1 replica"]["median"], "", None),
+    ]
+    lines = ["| measurement | median | p10 .. p90 | n |", "|---|---:|---:|---:|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows[1:]]
+    lines += ["", "| ratio | value | goal | met |", "|---|---:|---|---|"]
+    lines += [f"| {name} | {v:.1f}x | {goal} | {'' if ok is None else ('yes' if ok else 'NO')} |" for name, v, goal, ok in ratios]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import platform
+
+    import flytekit
+
+    return (f"{platform.python_implementation()} {platform.python_version()}, flytekit {flytekit.__version__}, "
+            f"{os.cpu_count()} CPUs, {platform.machine()}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+
+
+def demo(n: int, fresh_n: int) -> None:
+    """The short cold-vs-warm timing that scripts/demo.sh prints."""
+    compile_bytecode()
+    with tempfile.TemporaryDirectory(prefix="actor-demo-") as tmp:
+        warm = bench_warm(n, warmup=5)
+        fresh = bench_fresh(fresh_n, tmp)
+    print(f"  same trivial actor task, {n + 6} calls in one driver process:")
+    print(f"    first call (cold: starts the replica process) : {fmt_s(warm['cold'])}")
+    print(f"    warm call, median of {n:<4}                      : {fmt_s(warm['median'])}")
+    print(f"    fresh pyflyte-execute process, median of {fresh_n:<3}  : {fmt_s(fresh['median'])}")
+    print(f"    => a warm call is {warm['cold'] / warm['median']:.0f}x cheaper than the cold one and "
+          f"{fresh['median'] / warm['median']:.0f}x cheaper than a fresh process")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=300, help="iterations for (a), (b), (c)")
+    p.add_argument("--fresh", type=int, default=10, help="fresh pyflyte-execute processes for (d)")
+    p.add_argument("--map-items", type=int, default=200)
+    p.add_argument("--map-reps", type=int, default=5)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "local.md"))
+    p.add_argument("--demo", action="store_true", help="only the quick cold-vs-warm timing")
+    p.add_argument("--floor-worker", nargs=3, metavar=("N", "WARMUP", "DIR"), help=argparse.SUPPRESS)
+    a = p.parse_args()
+    if a.floor_worker:
+        floor_worker(int(a.floor_worker[0]), int(a.floor_worker[1]), a.floor_worker[2])
+        return
+    if a.demo:
+        demo(min(a.n, 50), min(a.fresh, 3))
+        return
+    compile_bytecode()
+    results: Dict[str, object] = {}
+    with tempfile.TemporaryDirectory(prefix="actor-bench-") as tmp:
+        print("(c) in-process floor ...", flush=True)
+        results["floor"] = bench_floor(a.n, tmp)
+        print("(a) warm local replica ...", flush=True)
+        results["warm"] = bench_warm(a.n)
+        print("(b) worker path ...", flush=True)
+        results["worker"] = bench_worker(a.n, tmp)
+        print("(d) fresh pyflyte-execute ...", flush=True)
+        results["fresh"] = bench_fresh(a.fresh, tmp)
+        print("(e) map throughput ...", flush=True)
+        results["map"] = bench_map(a.map_items, a.map_reps)
+    text = f"Local actor benchmarks ({machine()})\n\n{table(results)}\n"
+    print()
+    print(text)
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write(text)
+    print(f"(written to {os.path.relpath(a.out)})")
+
+
+if __name__ == "__main__":
+    main()

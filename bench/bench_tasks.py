@@ -1,0 +1,30 @@
+"""Trivial actor tasks the local benchmarks (bench_local.py) and the demo's cold-vs-warm timing run."""
+
+import time
+
+from flytekitplugins_actor import ActorEnvironment
+
+one = ActorEnvironment(name="bench-one", replica_count=1, ttl_seconds=600)
+two = ActorEnvironment(name="bench-two", replica_count=2, ttl_seconds=600)
+
+
+@one.task
+def noop(x: int) -> int:
+    return x + 1
+
+
+@two.task
+def noop2(x: int) -> int:
+    return x + 1
+
+
+@one.task
+def sleepy(x: int) -> int:
+    time.sleep(0.02)
+    return x + 1
+
+
+@two.task
+def sleepy2(x: int) -> int:
+    time.sleep(0.02)
+    return x + 1
