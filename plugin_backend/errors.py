@@ -33,7 +33,13 @@ def install_status_mapping() -> None:
     if getattr(original, "_actor_status_mapping", False):
         return
 
+    from flytekit.exceptions.system import FlyteConnectorNotFound
+
     def _handle_exception(e, context, task_type, operation):
+        if isinstance(e, FlyteConnectorNotFound) and task_type in ("actor", "actor_map"):
+            # The registry is keyed by (type, version): a template of another version never reaches our create.
+            version = str(e).rsplit("_v", 1)[-1].rstrip(".") if "_v" in str(e) else "?"
+            e = InvalidTaskTemplate(f"task type {task_type!r} version {version} is unknown; this connector serves version 0")
         if isinstance(e, InvalidActorRequest):
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             context.set_details(f"cannot {operation} {task_type} task: {e}")

@@ -63,6 +63,7 @@ class MapPlan:
         out = ProtoMap()
         for name in output_names:
             coll = out.literals[name].collection
+            coll.SetInParent()  # an empty list is still a collection literal
             for r in results:
                 if r is None or name not in r.literals:
                     coll.literals.append(none_literal())

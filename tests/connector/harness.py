@@ -126,6 +126,7 @@ def serialize(task) -> tasks_pb2.TaskTemplate:
 
 def literal_map(task, **values) -> literals_pb2.LiteralMap:
     ctx = FlyteContextManager.current_context()
+    values = {**getattr(task, "_bound_values", {}), **values}  # a map's partial-bound inputs are node inputs too
     return TypeEngine.dict_to_literal_map(ctx, values, task.python_interface.inputs).to_flyte_idl()
 
 
