@@ -54,6 +54,7 @@ class ConnectorServer:
 
     def __init__(self, workdir: str, env: Optional[Dict[str, str]] = None):
         self.workdir = workdir
+        os.makedirs(workdir, exist_ok=True)
         self.state_dir = os.path.join(workdir, "state")
         self.extra_env = env or {}
         self.proc: Optional[subprocess.Popen] = None
