@@ -84,3 +84,15 @@ def square(x: int, counter: str, gate: str) -> int:
 @env2.task
 def where(x: int) -> str:
     return f"{x}:{os.environ.get('FLYTE_ACTOR_REPLICA', '')}"
+
+
+@env.task
+def inc1(x: int) -> int:
+    """Trivial work on the one-replica environment (benchmarks)."""
+    return x + 1
+
+
+@env2.task
+def inc2(x: int) -> int:
+    """Trivial work on the two-replica environment (benchmarks)."""
+    return x + 1

@@ -1,0 +1,152 @@
+"""Benchmarks the actor connector through a real `pyflyte serve connector` over gRPC, as propeller drives it.
+
+1. warm create -> SUCCEEDED latency (p50/p90) with tight GetTask polling, one warm replica;
+2. map throughput, 1,000 trivial items, over 1 and 2 replicas;
+3. connector RSS with 10,000 executions queued behind one blocked replica.
+
+    .venv/bin/python bench/bench_connector.py [--runs 300] [--items 1000] [--queued 10000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "connector"))
+
+import actor_tasks as t  # noqa: E402
+from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map, wait_for  # noqa: E402
+
+from flytekitplugins_actor.actor_map import map as actor_map  # noqa: E402
+
+
+def _until_done(propeller: Propeller, meta: bytes, task_type: str = "actor", interval: float = 0.0):
+    """Polls GetTask until terminal; interval=0 is back-to-back polling (it competes for the 2 cores)."""
+    while True:
+        r = propeller.get(meta, task_type)
+        if r.phase in TERMINAL:
+            return r
+        if interval:
+            time.sleep(interval)
+
+
+def _pct(values, p):
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def bench_latency(propeller: Propeller, base: str, runs: int) -> dict:
+    attempts = [Attempt(base, t.inc1, literal_map(t.inc1, x=i)) for i in range(runs + 20)]
+    create_s, total_s = [], []
+    for i, a in enumerate(attempts):
+        req = a.request()
+        t0 = time.perf_counter()
+        meta = propeller.server.stub.CreateTask(req, timeout=10).resource_meta
+        t1 = time.perf_counter()
+        r = _until_done(propeller, meta, interval=POLL_S)
+        t2 = time.perf_counter()
+        assert r.phase == PHASE.SUCCEEDED, r.message
+        if i >= 20:  # the first ones warm the replica and the connector
+            create_s.append(t1 - t0)
+            total_s.append(t2 - t0)
+    return {"create_p50_ms": _pct(create_s, 50) * 1e3, "p50_ms": _pct(total_s, 50) * 1e3, "p90_ms": _pct(total_s, 90) * 1e3}
+
+
+def bench_map(propeller: Propeller, base: str, task, items: int) -> float:
+    m = actor_map(task)
+    warm = Attempt(base, m, literal_map(m, x=list(range(50))))
+    assert _until_done(propeller, propeller.create(warm), "actor_map").phase == PHASE.SUCCEEDED
+    a = Attempt(base, m, literal_map(m, x=list(range(items))))
+    t0 = time.perf_counter()
+    r = _until_done(propeller, propeller.create(a), "actor_map", interval=0.05)
+    elapsed = time.perf_counter() - t0
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    return items / elapsed
+
+
+def warm_two_replicas(propeller: Propeller, base: str) -> None:
+    import functools
+
+    gate, counter = os.path.join(base, "gate2"), os.path.join(base, "count2")
+    m = actor_map(functools.partial(t.square, counter=counter, gate=gate))
+    a = Attempt(base, m, literal_map(m, x=[100, 101]))
+    meta = propeller.create(a)
+    wait_for(lambda: os.path.exists(counter) and len(open(counter).read().splitlines()) == 2, 60, "two replicas")
+    open(gate, "w").close()
+    assert _until_done(propeller, meta, "actor_map").phase == PHASE.SUCCEEDED
+
+
+def bench_queued_rss(server: ConnectorServer, propeller: Propeller, base: str, queued: int) -> dict:
+    gate = os.path.join(base, "gate-rss")
+    blocker = Attempt(base, t.wait_for_file, literal_map(t.wait_for_file, path=gate, counter="", label="blocker"))
+    meta = propeller.create(blocker)
+    propeller.wait(meta, phases={PHASE.RUNNING})
+    before = _rss_mb(server.proc.pid)
+    template = blocker.template
+    t0 = time.perf_counter()
+    for i in range(queued):
+        a = Attempt(base, t.inc1, literal_map(t.inc1, x=i), template=None if i == 0 else template_for_inc)
+        propeller.create(a)
+    elapsed = time.perf_counter() - t0
+    after = _rss_mb(server.proc.pid)
+    open(gate, "w").close()
+    return {"rss_before_mb": before, "rss_after_mb": after, "per_execution_kb": (after - before) * 1024 / queued,
+            "creates_per_s": queued / elapsed}
+
+
+template_for_inc = None
+POLL_S = float(os.environ.get("BENCH_POLL_S", "0.0005"))
+
+
+def main() -> None:
+    global template_for_inc
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=300)
+    parser.add_argument("--items", type=int, default=1000)
+    parser.add_argument("--queued", type=int, default=10000)
+    args = parser.parse_args()
+    from harness import serialize
+
+    template_for_inc = serialize(t.inc1)
+    work = tempfile.mkdtemp(prefix="bench-connector-")
+    server = ConnectorServer(os.path.join(work, "connector")).start()
+    propeller = Propeller(server)
+    base = os.path.join(work, "runs")
+    try:
+        lat = bench_latency(propeller, base, args.runs)
+        one = bench_map(propeller, base, t.inc1, args.items)
+        warm_two_replicas(propeller, base)
+        two = bench_map(propeller, base, t.inc2, args.items)
+        rss = bench_queued_rss(server, propeller, base, args.queued)
+    finally:
+        server.stop()
+    rows = [
+        ("warm create->SUCCEEDED p50 (gRPC, tight GetTask)", f"{lat['p50_ms']:.2f} ms", "goal <= 5 ms"),
+        ("warm create->SUCCEEDED p90", f"{lat['p90_ms']:.2f} ms", ""),
+        ("CreateTask p50", f"{lat['create_p50_ms']:.2f} ms", ""),
+        (f"map {args.items} items, 1 replica", f"{one:.0f} items/s", ""),
+        (f"map {args.items} items, 2 replicas", f"{two:.0f} items/s", f"goal >= 500; x{two / one:.2f} vs 1 replica"),
+        (f"connector RSS, {args.queued} queued", f"{rss['rss_after_mb']:.0f} MB", f"{rss['rss_before_mb']:.0f} MB before; "
+         f"{rss['per_execution_kb']:.1f} KB/execution; {rss['creates_per_s']:.0f} creates/s"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print(f"{'measure'.ljust(w)} | value | note")
+    for name, value, note in rows:
+        print(f"{name.ljust(w)} | {value} | {note}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""The kubernetes replica backend against a mocked CoreV1Api (pytest-mock): manifests, readiness, loss, deletion."""
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from flytekitplugins_actor.replica.backend import ReplicaSpec, ReplicaState
+from flytekitplugins_actor.replica.protocol import TOKEN_ENV
+from plugin_backend.kubernetes import LABEL_INSTANCE, WORKER_PORT, KubernetesBackend
+
+pytestmark = pytest.mark.timeout(30)
+
+
+def _pod(phase="Pending", ip=None, ready=False, terminated=None, waiting=None):
+    state = client.V1ContainerState(terminated=terminated, waiting=waiting,
+                                    running=client.V1ContainerStateRunning() if phase == "Running" and not terminated else None)
+    return client.V1Pod(
+        metadata=client.V1ObjectMeta(name="p", uid="uid-1"),
+        status=client.V1PodStatus(
+            phase=phase, pod_ip=ip,
+            conditions=[client.V1PodCondition(type="Ready", status="True" if ready else "False")],
+            container_statuses=[client.V1ContainerStatus(name="primary", ready=ready, restart_count=0, image="img",
+                                                         image_id="", state=state)]))
+
+
+@pytest.fixture
+def api(mocker):
+    api = mocker.Mock(name="CoreV1Api")
+    api.create_namespaced_pod.return_value = client.V1Pod(metadata=client.V1ObjectMeta(name="p", uid="uid-1"))
+    api.read_namespaced_pod.return_value = _pod()
+    return api
+
+
+@pytest.fixture
+def backend(api):
+    return KubernetesBackend(api=api, namespace="actors", poll_interval=0.01, instance="inst1")
+
+
+def _spec(**kw):
+    base = dict(name="env-a-1", token="sekret", env={"A": "1"}, labels={"flyte-actor/env": "env-a"}, image="ghcr.io/x/img:1",
+                pod_spec={"containers": [{"name": "primary", "image": "old", "resources": {"limits": {"memory": "1Gi"}},
+                                          "args": ["pyflyte-execute"]}]},
+                namespace="team-a", service_account="sa-a")
+    base.update(kw)
+    return ReplicaSpec(**base)
+
+
+def test_start_creates_a_token_secret_and_a_worker_pod(backend, api):
+    replica = backend.start(_spec())
+    replica.wait_ready(0.5)
+    ns, secret = api.create_namespaced_secret.call_args.args
+    assert ns == "team-a" and secret.string_data == {"token": "sekret"}
+    ns, pod = api.create_namespaced_pod.call_args.args
+    assert ns == "team-a"
+    c = pod["spec"]["containers"][0]
+    assert c["command"] == ["python", "-m", "flytekitplugins_actor.replica.worker", "--port", str(WORKER_PORT)]
+    assert "args" not in c and c["image"] == "ghcr.io/x/img:1" and c["resources"] == {"limits": {"memory": "1Gi"}}
+    token = next(e for e in c["env"] if e["name"] == TOKEN_ENV)
+    assert token["valueFrom"]["secretKeyRef"]["name"] == secret.metadata.name and "value" not in token
+    assert {"name": "A", "value": "1"} in c["env"]
+    assert pod["spec"]["serviceAccountName"] == "sa-a" and pod["spec"]["restartPolicy"] == "Never"
+    labels = pod["metadata"]["labels"]
+    assert labels["flyte-actor/env"] == "env-a" and labels[LABEL_INSTANCE] == "inst1"
+    patched = api.patch_namespaced_secret.call_args.args[2]
+    assert patched["metadata"]["ownerReferences"][0]["uid"] == "uid-1"  # the Secret is deleted with its pod
+    replica.terminate(0)
+
+
+def test_ready_pod_gives_the_replica_its_address(backend, api):
+    api.read_namespaced_pod.return_value = _pod("Running", ip="10.1.2.3", ready=True)
+    replica = backend.start(_spec())
+    assert replica.wait_ready(5) is ReplicaState.READY
+    assert replica.address == f"10.1.2.3:{WORKER_PORT}"
+    assert replica.log_uri.startswith("k8s://team-a/env-a-1-")
+    replica.terminate(0)
+
+
+def test_oom_killed_container_is_a_named_death(backend, api):
+    api.read_namespaced_pod.return_value = _pod("Running", ip="10.1.2.3", ready=True)
+    replica = backend.start(_spec())
+    assert replica.wait_ready(5) is ReplicaState.READY
+    api.read_namespaced_pod.return_value = _pod("Failed", terminated=client.V1ContainerStateTerminated(exit_code=137, reason="OOMKilled"))
+    death = replica.wait_dead(5)
+    assert death is not None and "OOMKilled" in death.reason and death.exit_code == 137
+    assert "replica env-a-1" in str(death)
+    api.delete_namespaced_pod.assert_called()
+
+
+def test_image_pull_failure_is_a_death_before_ready(backend, api):
+    api.read_namespaced_pod.return_value = _pod(waiting=client.V1ContainerStateWaiting(reason="ImagePullBackOff", message="not found"))
+    replica = backend.start(_spec())
+    assert replica.wait_ready(5) is ReplicaState.DEAD
+    assert "ImagePullBackOff" in replica.death.reason
+
+
+def test_terminate_deletes_the_pod_and_the_replica_dies(backend, api):
+    api.read_namespaced_pod.return_value = _pod("Running", ip="10.1.2.3", ready=True)
+    replica = backend.start(_spec())
+    assert replica.wait_ready(5) is ReplicaState.READY
+
+    def gone(*a, **k):
+        api.read_namespaced_pod.side_effect = ApiException(status=404, reason="Not Found")
+
+    api.delete_namespaced_pod.side_effect = gone
+    replica.terminate(3)
+    death = replica.wait_dead(5)
+    assert death is not None and "terminated" in death.reason
+    name, ns = api.delete_namespaced_pod.call_args.args
+    assert ns == "team-a" and api.delete_namespaced_pod.call_args.kwargs["grace_period_seconds"] == 3
+
+
+def test_deleted_pod_is_a_death(backend, api):
+    api.read_namespaced_pod.side_effect = ApiException(status=404, reason="Not Found")
+    replica = backend.start(_spec())
+    assert replica.wait_dead(5).reason == "pod was deleted"
+
+
+def test_forbidden_create_is_a_death_with_the_api_reason(backend, api):
+    api.create_namespaced_pod.side_effect = ApiException(status=403, reason="Forbidden")
+    replica = backend.start(_spec())
+    death = replica.wait_dead(5)
+    assert "could not be created" in death.reason and "403" in death.reason
+    api.delete_namespaced_secret.assert_called()
+
+
+def test_orphans_of_a_previous_connector_are_deleted(backend, api, mocker):
+    orphan = client.V1Pod(metadata=client.V1ObjectMeta(name="old-1", namespace="team-a"))
+    api.list_pod_for_all_namespaces.return_value = client.V1PodList(items=[orphan])
+    assert backend.delete_orphans() == 1
+    selector = api.list_pod_for_all_namespaces.call_args.kwargs["label_selector"]
+    assert f"{LABEL_INSTANCE}!=inst1" in selector
+    api.delete_namespaced_pod.assert_called_with("old-1", "team-a", grace_period_seconds=0)
