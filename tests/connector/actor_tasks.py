@@ -96,3 +96,11 @@ def inc1(x: int) -> int:
 def inc2(x: int) -> int:
     """Trivial work on the two-replica environment (benchmarks)."""
     return x + 1
+
+
+env_ttl = ActorEnvironment(name="conn-ttl", replica_count=1, ttl_seconds=1)
+
+
+@env_ttl.task
+def pid_short_ttl() -> int:
+    return os.getpid()

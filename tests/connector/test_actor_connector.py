@@ -194,3 +194,22 @@ def test_metrics_expose_pools_queues_dispatches_and_deaths(server, propeller, ba
                  'flyte_actor_dispatches_total{', 'kind="warm"', 'kind="cold"', "flyte_actor_replica_deaths_total{",
                  "flyte_actor_dispatch_latency_seconds_bucket{"):
         assert name in text, name
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().split()[2] != "Z"
+
+
+def test_pool_idle_past_ttl_is_torn_down(propeller, base):
+    a = Attempt(base, t.pid_short_ttl, literal_map(t.pid_short_ttl))
+    assert propeller.wait(propeller.create(a)).phase == PHASE.SUCCEEDED
+    replica_pid = output_value(a.outputs(), "o0", int)
+    wait_for(lambda: not _alive(replica_pid), 15, "the idle pool's replica to be torn down after ttl_seconds=1")
+    b = Attempt(base, t.pid_short_ttl, literal_map(t.pid_short_ttl))
+    assert propeller.wait(propeller.create(b)).phase == PHASE.SUCCEEDED  # a new pool serves the next one
+    assert output_value(b.outputs(), "o0", int) != replica_pid

@@ -1,0 +1,113 @@
+"""Unit tests of the connector's pure parts: template validation, resource meta, identity, map split/gather."""
+
+import functools
+
+import pytest
+from flyteidl.core import literals_pb2
+from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
+
+import actor_tasks as t
+from flytekitplugins_actor.actor_map import map as actor_map
+from harness import Attempt, literal_map, serialize
+from plugin_backend.errors import InvalidActorRequest, InvalidResourceMeta, InvalidTaskTemplate
+from plugin_backend.identity import identity_of
+from plugin_backend.map_plan import MapPlan, item_args
+from plugin_backend.meta import ActorResourceMeta
+from plugin_backend.template import parse_template
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _template(task, base, **inputs):
+    a = Attempt(base, task, literal_map(task, **inputs))
+    return a, TaskTemplate.from_flyte_idl(a.template)
+
+
+def test_union_sdk_shape_is_accepted(tmp_path):
+    a, tt = _template(t.add, str(tmp_path), a=1, b=2)
+    tt.custom["spec"] = {"container_image": "img", "replica_count": 2.0, "ttl_seconds": 30.0, "parallelism": 1.0, "backlog_length": 5.0}
+    parsed = parse_template(tt, "actor")
+    assert parsed.replica_count == 2 and parsed.ttl_seconds == 30 and parsed.image == "img"
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ({"replica_count": 0}, "replica_count=0"),
+    ({"replica_count": True}, "replica_count=True"),
+    ({"ttl_seconds": -1}, "ttl_seconds=-1"),
+    ({"parallelism": 0}, "parallelism=0"),
+])
+def test_malformed_spec_is_refused(tmp_path, spec, expected):
+    a, tt = _template(t.add, str(tmp_path), a=1, b=2)
+    tt.custom["spec"].update(spec)
+    with pytest.raises(InvalidTaskTemplate, match=expected):
+        parse_template(tt, "actor")
+
+
+def test_map_template_needs_a_map_spec(tmp_path):
+    m = actor_map(functools.partial(t.square, counter="", gate=""), concurrency=3, min_success_ratio=0.5)
+    a, tt = _template(m, str(tmp_path), x=[1, 2])
+    parsed = parse_template(tt, "actor_map")
+    assert parsed.map.mapped_inputs == ("x",) and set(parsed.map.bound_inputs) == {"counter", "gate"}
+    assert parsed.map.concurrency == 3 and parsed.map.min_successes(4) == 2
+    del tt.custom["spec"]["map"]
+    with pytest.raises(InvalidTaskTemplate, match="spec.map is missing"):
+        parse_template(tt, "actor_map")
+
+
+def test_resource_meta_is_small_and_self_describing(tmp_path):
+    meta = ActorResourceMeta("e" * 80, "s3://bucket/" + "p" * 400, "actor_map", "env-name", "k" * 15, "ns-" * 20, "sa" * 30, "c" * 12)
+    data = meta.encode()
+    assert len(data) < 1024
+    assert ActorResourceMeta.decode(data) == meta
+    with pytest.raises(InvalidResourceMeta):
+        ActorResourceMeta.decode(b"not json")
+
+
+def test_execution_id_is_stable_per_attempt_and_distinct_across_retries(tmp_path):
+    a = Attempt(str(tmp_path), t.add, literal_map(t.add, a=1, b=2), exec_name="abc", retry=0)
+    b = Attempt(str(tmp_path), t.add, literal_map(t.add, a=1, b=2), exec_name="abc", retry=1)
+    ida = identity_of(TaskExecutionMetadata.from_flyte_idl(a.metadata), "t")
+    assert ida.execution_id == identity_of(TaskExecutionMetadata.from_flyte_idl(a.metadata), "t").execution_id
+    idb = identity_of(TaskExecutionMetadata.from_flyte_idl(b.metadata), "t")
+    assert ida.execution_id != idb.execution_id
+    assert ida.env["FLYTE_INTERNAL_EXECUTION_ID"] == "abc" and idb.env["FLYTE_ATTEMPT_NUMBER"] == "1"
+    assert ida.namespace == "flytesnacks-development"
+    local = identity_of(None, "t")
+    assert local.execution_id.startswith("local-") and local.execution_id != identity_of(None, "t").execution_id
+
+
+def test_map_plan_splits_and_gathers_in_order(tmp_path):
+    m = actor_map(functools.partial(t.square, counter="c", gate=""))
+    a, tt = _template(m, str(tmp_path), x=[5, 6, 7])
+    plan = MapPlan(a.inputs, parse_template(tt, "actor_map").map)
+    assert plan.size == 3
+    item = plan.item_inputs(1)
+    assert item.literals["x"].scalar.primitive.integer == 6 and item.literals["counter"].scalar.primitive.string_value == "c"
+    outs = [literals_pb2.LiteralMap(literals={"o0": literals_pb2.Literal(scalar=literals_pb2.Scalar(
+        primitive=literals_pb2.Primitive(integer=v)))}) for v in (25, 49)]
+    gathered = MapPlan.gather(["o0"], [outs[0], None, outs[1]])
+    lits = gathered.literals["o0"].collection.literals
+    assert [lits[0].scalar.primitive.integer, lits[2].scalar.primitive.integer] == [25, 49]
+    assert lits[1].scalar.HasField("none_type")
+
+
+def test_mapped_lists_of_different_lengths_are_refused(tmp_path):
+    from plugin_backend.template import MapSpec
+
+    inputs = literals_pb2.LiteralMap()
+    for name, n in (("a", 2), ("b", 3)):
+        inputs.literals[name].collection.literals.extend([literals_pb2.Literal()] * n)
+    with pytest.raises(InvalidActorRequest, match="different lengths"):
+        MapPlan(inputs, MapSpec(("a", "b"), (), "s"))
+
+
+def test_item_args_rewrite_inputs_outputs_and_checkpoints_only():
+    args = ["pyflyte-fast-execute", "--additional-distribution", "s3://d.tgz", "--dest-dir", ".", "--",
+            "pyflyte-execute", "--inputs", "s3://x/inputs.pb", "--output-prefix", "s3://x", "--raw-output-data-prefix", "s3://raw",
+            "--checkpoint-path", "s3://ck", "--prev-checkpoint", '""', "--resolver", "r", "--", "task-module", "m", "task-name", "t"]
+    out = item_args(args, "s3://x/items/4/inputs.pb", "s3://x/items/4", 4)
+    assert out[out.index("--inputs") + 1] == "s3://x/items/4/inputs.pb"
+    assert out[out.index("--output-prefix") + 1] == "s3://x/items/4"
+    assert out[out.index("--checkpoint-path") + 1] == "s3://ck/4"
+    assert out[out.index("--prev-checkpoint") + 1] == '""'
+    assert out[out.index("--raw-output-data-prefix") + 1] == "s3://raw" and out[-4:] == args[-4:] and out[:6] == args[:6]
