@@ -100,119 +100,188 @@ def sub_env() -> Dict[str, str]:
 
 
 # ---------------------------------------------------------------- (a) warm, through the SDK's local run path
-def bench_warm(n: int, warmup: int = 20) -> Dict[str, object]:
-    from bench_tasks import noop
+class Warm:
+    """Calls the actor task from this driver; the first call starts the replica (cold)."""
 
-    t = time.perf_counter()
-    assert noop(x=1) == 2
-    cold = time.perf_counter() - t
-    for _ in range(warmup):
-        noop(x=1)
-    times = []
-    for i in range(n):
+    def __init__(self, warmup: int = 20):
+        from bench_tasks import noop
+
+        self.task = noop
         t = time.perf_counter()
-        out = noop(x=i)
-        times.append(time.perf_counter() - t)
-        assert out == i + 1
-    return {"cold": cold, **summary(times)}
+        assert noop(x=1) == 2
+        self.cold = time.perf_counter() - t
+        for _ in range(warmup):
+            noop(x=1)
+
+    def run(self, n: int) -> List[float]:
+        times = []
+        for i in range(n):
+            t = time.perf_counter()
+            out = self.task(x=i)
+            times.append(time.perf_counter() - t)
+            assert out == i + 1
+        return times
 
 
 # ---------------------------------------------------------------- (b) the worker's path: a replica over its protocol
-def bench_worker(n: int, tmp: str, warmup: int = 20) -> Dict[str, Dict[str, float]]:
-    from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
-    from flytekitplugins_actor.replica.protocol import ReplicaClient
+class Worker:
+    """A replica started by the local backend, driven directly with submit + wait of prepared pyflyte-execute args."""
 
-    token = secrets.token_hex(16)
-    spec = ReplicaSpec(name="bench-worker", token=token, env={"PYTHONPATH": os.pathsep.join([HERE, ROOT])},
-                       cwd=HERE, log_dir=os.path.join(tmp, "logs"))
-    replica = LocalProcessBackend().start(spec)
-    try:
-        assert replica.wait_ready(120) is ReplicaState.READY, replica.death
-        client = ReplicaClient(replica.address, token)
-        inputs, raw = write_inputs(tmp), os.path.join(tmp, "raw")
-        round_trips, in_replica = [], []
-        for i in range(warmup + n):
-            out = os.path.join(tmp, f"worker-{i}")
+    def __init__(self, tmp: str, warmup: int = 20):
+        from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
+        from flytekitplugins_actor.replica.protocol import ReplicaClient
+
+        token = secrets.token_hex(16)
+        spec = ReplicaSpec(name="bench-worker", token=token, env={"PYTHONPATH": os.pathsep.join([HERE, ROOT])},
+                           cwd=HERE, log_dir=os.path.join(tmp, "logs"))
+        self.replica = LocalProcessBackend().start(spec)
+        assert self.replica.wait_ready(120) is ReplicaState.READY, self.replica.death
+        self.client = ReplicaClient(self.replica.address, token)
+        self.tmp, self.inputs, self.raw = tmp, write_inputs(tmp), os.path.join(tmp, "raw")
+        self.count = 0
+        self.in_replica: List[float] = []
+        self.run(warmup)
+        self.in_replica.clear()
+
+    def run(self, n: int) -> List[float]:
+        times = []
+        for _ in range(n):
+            self.count += 1
+            out = os.path.join(self.tmp, f"worker-{self.count}")
             eid = uuid.uuid4().hex
             t = time.perf_counter()
-            client.request("submit", execution_id=eid, args=execute_args(inputs, out, raw), env=IDENTITY)
-            reply = client.request("wait", execution_id=eid)
-            dt = time.perf_counter() - t
+            self.client.request("submit", execution_id=eid, args=execute_args(self.inputs, out, self.raw), env=IDENTITY)
+            reply = self.client.request("wait", execution_id=eid)
+            times.append(time.perf_counter() - t)
             assert reply["state"] == "succeeded", reply
-            if i >= warmup:
-                round_trips.append(dt)
-                in_replica.append(reply["duration_s"])
+            self.in_replica.append(reply["duration_s"])
         assert read_output(out) == 2
-        client.close()
-    finally:
-        replica.terminate(1.0)
-    return {"round_trip": summary(round_trips), "in_replica": summary(in_replica)}
+        return times
+
+    def close(self) -> None:
+        self.client.close()
+        self.replica.terminate(1.0)
 
 
 # ---------------------------------------------------------------- (c) the in-process flytekit floor
-def floor_worker(n: int, warmup: int, tmp: str) -> None:
-    """Runs in a fresh subprocess: _execute_task n times in this one warm process."""
+def floor_worker(warmup: int, tmp: str) -> None:
+    """Runs in a fresh subprocess: `_execute_task` in this one warm process, N at a time as asked on stdin."""
     os.environ.update(IDENTITY)
     from flytekit.bin.entrypoint import _execute_task
 
     inputs, raw = write_inputs(tmp), os.path.join(tmp, "raw")
-    times = []
-    for i in range(warmup + n):
-        out = os.path.join(tmp, f"floor-{i}")
-        t = time.perf_counter()
-        _execute_task(inputs=inputs, output_prefix=out, test=False, raw_output_data_prefix=raw,
-                      resolver=RESOLVER, resolver_args=["task-module", "bench_tasks", "task-name", "noop"])
-        times.append(time.perf_counter() - t)
-    assert read_output(out) == 2
-    print("RESULT " + json.dumps(times[warmup:]), flush=True)
+    count = 0
+
+    def run(n: int) -> List[float]:
+        nonlocal count
+        times = []
+        for _ in range(n):
+            count += 1
+            out = os.path.join(tmp, f"floor-{count}")
+            t = time.perf_counter()
+            _execute_task(inputs=inputs, output_prefix=out, test=False, raw_output_data_prefix=raw,
+                          resolver=RESOLVER, resolver_args=["task-module", "bench_tasks", "task-name", "noop"])
+            times.append(time.perf_counter() - t)
+        assert read_output(out) == 2
+        return times
+
+    run(warmup)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        print("RESULT " + json.dumps(run(int(line))), flush=True)
 
 
-def bench_floor(n: int, tmp: str, warmup: int = 20) -> Dict[str, float]:
-    d = tempfile.mkdtemp(dir=tmp, prefix="floor-")
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--floor-worker", str(n), str(warmup), d],
-                          env=sub_env(), cwd=HERE, capture_output=True, text=True, timeout=600)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"floor subprocess failed:\n{proc.stdout}\n{proc.stderr}")
-    return summary(json.loads(lines[-1][len("RESULT "):]))
+class Floor:
+    def __init__(self, tmp: str, warmup: int = 20):
+        d = tempfile.mkdtemp(dir=tmp, prefix="floor-")
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--floor-worker", str(warmup), d],
+                                     env=sub_env(), cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._read("READY")
+
+    def _read(self, prefix: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(prefix):
+                return line[len(prefix):].strip()
+        raise RuntimeError(f"floor subprocess exited with {self.proc.wait()}")
+
+    def run(self, n: int) -> List[float]:
+        self.proc.stdin.write(f"{n}\n")
+        self.proc.stdin.flush()
+        return json.loads(self._read("RESULT "))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def bench_interleaved(n: int, fresh_n: int, rounds: int, tmp: str) -> Dict[str, object]:
+    """(a), (b), (c) and (d) in alternating rounds, so the machine's noise hits all of them alike."""
+    floor, warm, worker, fresh = Floor(tmp), Warm(), Worker(tmp), Fresh(tmp)
+    samples: Dict[str, List[float]] = {"floor": [], "warm": [], "worker": [], "fresh": []}
+    try:
+        for r in range(rounds):
+            per_round = n // rounds + (1 if r < n % rounds else 0)
+            samples["floor"] += floor.run(per_round)
+            samples["warm"] += warm.run(per_round)
+            samples["worker"] += worker.run(per_round)
+            samples["fresh"] += fresh.run(fresh_n // rounds + (1 if r < fresh_n % rounds else 0))
+    finally:
+        floor.close()
+        worker.close()
+    return {
+        "floor": summary(samples["floor"]),
+        "warm": {"cold": warm.cold, **summary(samples["warm"])},
+        "worker": {"round_trip": summary(samples["worker"]), "in_replica": summary(worker.in_replica)},
+        "fresh": summary(samples["fresh"]),
+    }
 
 
 # ---------------------------------------------------------------- (d) a fresh pyflyte-execute process per task
+class Fresh:
+    def __init__(self, tmp: str):
+        self.exe = os.path.join(os.path.dirname(sys.executable), "pyflyte-execute")
+        self.tmp, self.inputs, self.raw = tmp, write_inputs(tmp), os.path.join(tmp, "raw")
+        self.count = 0
+
+    def run(self, n: int) -> List[float]:
+        times = []
+        for _ in range(n):
+            self.count += 1
+            out = os.path.join(self.tmp, f"fresh-{self.count}")
+            t = time.perf_counter()
+            proc = subprocess.run([self.exe, *execute_args(self.inputs, out, self.raw)[1:]], env=sub_env(), cwd=HERE,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+            times.append(time.perf_counter() - t)
+            if proc.returncode != 0:
+                raise RuntimeError(f"pyflyte-execute failed: {proc.stderr.decode()[-2000:]}")
+            assert read_output(out) == 2
+        return times
+
+
 def bench_fresh(n: int, tmp: str) -> Dict[str, float]:
-    exe = os.path.join(os.path.dirname(sys.executable), "pyflyte-execute")
-    inputs, raw = write_inputs(tmp), os.path.join(tmp, "raw")
-    times = []
-    for i in range(n):
-        out = os.path.join(tmp, f"fresh-{i}")
-        t = time.perf_counter()
-        proc = subprocess.run([exe, *execute_args(inputs, out, raw)[1:]], env=sub_env(), cwd=HERE,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
-        times.append(time.perf_counter() - t)
-        if proc.returncode != 0:
-            raise RuntimeError(f"pyflyte-execute failed: {proc.stderr.decode()[-2000:]}")
-        assert read_output(out) == 2
-    return summary(times)
+    return summary(Fresh(tmp).run(n))
 
 
 # ---------------------------------------------------------------- (e) map throughput
 def bench_map(items: int, reps: int) -> Dict[str, Dict[str, float]]:
+    """Items/s of one map call; the four variants alternate, rep after rep."""
     import flytekitplugins_actor as fa
     from bench_tasks import noop, noop2, sleepy, sleepy2
 
-    results = {}
-    for label, task, n in [("trivial, 1 replica", noop, items), ("trivial, 2 replicas", noop2, items),
-                           ("20 ms task, 1 replica", sleepy, items // 4), ("20 ms task, 2 replicas", sleepy2, items // 4)]:
-        mapped = fa.map(task)
-        values = list(range(n))
-        assert mapped(x=values) == [v + 1 for v in values]  # warm-up: starts the replicas
-        rates = []
-        for _ in range(reps):
+    variants = [("trivial, 1 replica", noop, items), ("trivial, 2 replicas", noop2, items),
+                ("20 ms task, 1 replica", sleepy, items // 4), ("20 ms task, 2 replicas", sleepy2, items // 4)]
+    mapped = {label: fa.map(task) for label, task, _ in variants}
+    for label, _, n in variants:  # warm-up: starts the replicas
+        assert mapped[label](x=list(range(n))) == [v + 1 for v in range(n)]
+    rates: Dict[str, List[float]] = {label: [] for label, _, _ in variants}
+    for _ in range(reps):
+        for label, _, n in variants:
+            values = list(range(n))
             t = time.perf_counter()
-            out = mapped(x=values)
-            rates.append(n / (time.perf_counter() - t))
+            out = mapped[label](x=values)
+            rates[label].append(n / (time.perf_counter() - t))
             assert out == [v + 1 for v in values]
-        results[label] = {**summary(rates), "items": n}
-    return results
+    return {label: {**summary(rates[label]), "items": n} for label, _, n in variants}
 
 
 # ---------------------------------------------------------------- report
@@ -264,7 +333,8 @@ def demo(n: int, fresh_n: int) -> None:
     """The short cold-vs-warm timing that scripts/demo.sh prints."""
     compile_bytecode()
     with tempfile.TemporaryDirectory(prefix="actor-demo-") as tmp:
-        warm = bench_warm(n, warmup=5)
+        w = Warm(warmup=5)
+        warm = {"cold": w.cold, **summary(w.run(n))}
         fresh = bench_fresh(fresh_n, tmp)
     print(f"  same trivial actor task, {n + 6} calls in one driver process:")
     print(f"    first call (cold: starts the replica process) : {fmt_s(warm['cold'])}")
@@ -279,13 +349,14 @@ def main() -> None:
     p.add_argument("--n", type=int, default=300, help="iterations for (a), (b), (c)")
     p.add_argument("--fresh", type=int, default=10, help="fresh pyflyte-execute processes for (d)")
     p.add_argument("--map-items", type=int, default=200)
-    p.add_argument("--map-reps", type=int, default=5)
+    p.add_argument("--map-reps", type=int, default=7)
     p.add_argument("--out", default=os.path.join(HERE, "results", "local.md"))
     p.add_argument("--demo", action="store_true", help="only the quick cold-vs-warm timing")
-    p.add_argument("--floor-worker", nargs=3, metavar=("N", "WARMUP", "DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--rounds", type=int, default=10, help="(a), (b), (c) alternate in this many rounds")
+    p.add_argument("--floor-worker", nargs=2, metavar=("WARMUP", "DIR"), help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.floor_worker:
-        floor_worker(int(a.floor_worker[0]), int(a.floor_worker[1]), a.floor_worker[2])
+        floor_worker(int(a.floor_worker[0]), a.floor_worker[1])
         return
     if a.demo:
         demo(min(a.n, 50), min(a.fresh, 3))
@@ -293,14 +364,9 @@ def main() -> None:
     compile_bytecode()
     results: Dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="actor-bench-") as tmp:
-        print("(c) in-process floor ...", flush=True)
-        results["floor"] = bench_floor(a.n, tmp)
-        print("(a) warm local replica ...", flush=True)
-        results["warm"] = bench_warm(a.n)
-        print("(b) worker path ...", flush=True)
-        results["worker"] = bench_worker(a.n, tmp)
-        print("(d) fresh pyflyte-execute ...", flush=True)
-        results["fresh"] = bench_fresh(a.fresh, tmp)
+        print(f"(a) warm, (b) worker path, (c) in-process floor: {a.n} each, and (d) {a.fresh} fresh processes, "
+              f"interleaved in {a.rounds} rounds ...", flush=True)
+        results.update(bench_interleaved(a.n, a.fresh, a.rounds, tmp))
         print("(e) map throughput ...", flush=True)
         results["map"] = bench_map(a.map_items, a.map_reps)
     text = f"Local actor benchmarks ({machine()})\n\n{table(results)}\n"
