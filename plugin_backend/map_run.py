@@ -152,7 +152,7 @@ class MapRun:
             m.ParseFromString(data or b"")
             results.append(m)
         outputs = MapPlan.gather(self.template.output_names, results)
-        store.write_bytes(self.record.path("outputs.pb"), outputs.SerializeToString())
+        store.write_bytes(self.record.path("outputs.pb"), outputs.SerializeToString(), atomic=True)  # it means SUCCEEDED
         self.outputs = outputs
         failed = len(self.errors)
         self._finish("succeeded", f"{self.n - failed} of {self.n} items succeeded" + (f", {failed} failed (none)" if failed else ""))

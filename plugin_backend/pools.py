@@ -6,6 +6,7 @@ one code version. Pools idle past their environment's `ttl_seconds` are torn dow
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -31,11 +32,11 @@ class PoolKey:
     env_key: str
     code_version: str
 
-    @property
+    @functools.cached_property
     def code(self) -> str:
         return hashlib.sha256(self.code_version.encode()).hexdigest()[:12]
 
-    @property
+    @functools.cached_property
     def digest(self) -> str:
         parts = [self.namespace, self.service_account, self.env_key, self.code_version]
         return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

@@ -54,14 +54,21 @@ def read_bytes(path: str) -> Optional[bytes]:
         return None
 
 
-def write_bytes(path: str, data: bytes) -> None:
+def write_bytes(path: str, data: bytes, atomic: bool = False) -> None:
+    """Writes a whole object. Blob stores are atomic per object; locally, atomic=True writes a temp file and
+    renames it (for files another process may read while they are written)."""
     local = local_path(path)
     if local is not None:
-        os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
-        tmp = f"{local}.tmp{os.getpid()}"
-        with open(tmp, "wb") as f:
+        parent = os.path.dirname(local) or "."
+        try:
+            f = open(f"{local}.tmp{os.getpid()}" if atomic else local, "wb")
+        except FileNotFoundError:
+            os.makedirs(parent, exist_ok=True)
+            f = open(f"{local}.tmp{os.getpid()}" if atomic else local, "wb")
+        with f:
             f.write(data)
-        os.replace(tmp, local)  # readers never see half a file
+        if atomic:
+            os.replace(f.name, local)
         return
     _fs(path).pipe_file(path, data)
 
@@ -87,8 +94,13 @@ class ExecutionRecord:
         write_bytes(self.path(RECORD_DIR, REQUEST), json.dumps(request, separators=(",", ":")).encode())
 
     def read_request(self) -> Optional[Dict[str, Any]]:
+        """The request record, or None if there is none (or only a torn one: the connector died writing it,
+        before it answered CreateTask)."""
         data = read_bytes(self.path(RECORD_DIR, REQUEST))
-        return None if data is None else json.loads(data)
+        try:
+            return None if data is None else json.loads(data)
+        except ValueError:
+            return None
 
     # ---- markers ----
     def mark(self, marker: str, detail: str = "") -> None:
