@@ -145,7 +145,14 @@ class Worker:
     # ---- execution (main thread) ----
     def serve_forever(self) -> None:
         while True:
-            spec = self._queue.get()
+            try:
+                # Not a bare get(): the kernel may deliver SIGTERM to another thread, which does not wake the
+                # main thread's lock wait, and Python runs signal handlers only on the main thread.
+                spec = self._queue.get(timeout=0.5)
+            except queue.Empty:
+                if self.stopping:
+                    return
+                continue
             if spec is None:
                 return
             with self._lock:
@@ -240,21 +247,22 @@ def main(argv: Optional[list] = None) -> None:
     threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
 
     def _terminate(signum, frame):
+        # Raise, never take a lock here: the handler runs between any two bytecodes of the main thread,
+        # possibly while it holds the queue's lock inside get(). Idle, this ends serve_forever; running,
+        # the execution fails (ReplicaTerminated) and serve_forever returns after recording it.
         worker.stopping = True
-        if worker._running is not None:
-            raise ReplicaTerminated(f"replica {args.name} received signal {signum}")
-        worker._queue.put(None)
+        raise ReplicaTerminated(f"replica {args.name} received signal {signum}")
 
-    signal.signal(signal.SIGTERM, _terminate)
     signal.signal(CANCEL_SIGNAL, _raise_cancel)
     host, port = server.server_address[:2]
-    if args.ready_fd is not None:
-        with os.fdopen(args.ready_fd, "w") as f:
-            f.write(json.dumps({"host": host, "port": port, "pid": os.getpid()}) + "\n")
-    print(f"[actor-replica {args.name}] listening on {host}:{port} (pid {os.getpid()})", flush=True)
-    try:
+    try:  # from here on a SIGTERM (even one right after the ready line) is a clean stop, exit code 0
+        signal.signal(signal.SIGTERM, _terminate)
+        if args.ready_fd is not None:
+            with os.fdopen(args.ready_fd, "w") as f:
+                f.write(json.dumps({"host": host, "port": port, "pid": os.getpid()}) + "\n")
+        print(f"[actor-replica {args.name}] listening on {host}:{port} (pid {os.getpid()})", flush=True)
         worker.serve_forever()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ReplicaTerminated):
         pass
     finally:
         server.shutdown()

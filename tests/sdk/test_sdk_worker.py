@@ -294,3 +294,22 @@ def test_sigterm_stops_an_idle_worker(tmp_path):
         assert death.exit_code == 0, death
     finally:
         w.client.close()
+
+
+def test_sigterm_during_an_execution_fails_it_as_recoverable_and_stops_the_worker(tmp_path):
+    w = Worker(str(tmp_path))
+    try:
+        release, started = tmp_path / "release", tmp_path / "started"
+        execution_id, args, out = w.args(tasks.wait_for_file, path=str(release), started=str(started))
+        w.request("submit", execution_id=execution_id, args=args)
+        wait_until(started.exists, 30)
+        w.replica.terminate(30)
+        death = w.replica.wait_dead(30)
+        assert death is not None and death.exit_code == 0, death
+        err = error_doc(out)  # a retry elsewhere is right: the task did nothing wrong
+        assert err.kind == errors_pb2.ContainerError.RECOVERABLE
+        assert err.origin == 2  # ExecutionError.SYSTEM
+        assert "received signal 15" in err.message
+        assert not os.path.exists(os.path.join(out, "outputs.pb"))
+    finally:
+        w.client.close()
