@@ -157,3 +157,26 @@ def ttl1_busy(seconds: float) -> int:
     """Runs longer than the pool's ttl: a busy replica is not idle, so it must not be torn down."""
     time.sleep(seconds)
     return os.getpid()
+
+
+# ---- lazy start, warm preference, one execution at a time per replica ----
+lazy = ActorEnvironment(name="sdk-lazy", replica_count=3, ttl_seconds=300)
+
+
+@lazy.task
+def lazy_pid() -> int:
+    return os.getpid()
+
+
+@basic.task
+def overlap_probe(probe_dir: str, me: str, hold: float) -> int:
+    """Marks itself running, watches `hold` seconds for another execution running at the same time; returns pid, or -1 if it saw one."""
+    mine = os.path.join(probe_dir, f"running-{me}")
+    open(mine, "w").close()
+    seen = False
+    deadline = time.monotonic() + hold
+    while time.monotonic() < deadline and not seen:
+        seen = any(f.startswith("running-") and f != f"running-{me}" for f in os.listdir(probe_dir))
+        time.sleep(0.01)
+    os.remove(mine)
+    return -1 if seen else os.getpid()

@@ -54,6 +54,27 @@ def test_pool_is_reused_across_workflows_in_one_driver():
     assert pool.stats()["warm"] >= 2
 
 
+def test_replicas_start_lazily_and_an_idle_warm_replica_is_preferred():
+    pids = [t.lazy_pid() for _ in range(4)]
+    assert len(set(pids)) == 1  # sequential calls reuse the warm replica instead of starting another
+    pool = pool_of(t.lazy)
+    assert [r.pid for r in pool.replicas] == pids[:1]  # replica_count=3, but only one was needed
+    assert pool.stats()["cold"] == 1 and pool.stats()["warm"] == 3
+
+
+def test_a_replica_runs_one_execution_at_a_time(tmp_path):
+    import concurrent.futures
+    import contextvars
+
+    # two driver threads call tasks of a replica_count=1 environment at once: the second waits its turn
+    with concurrent.futures.ThreadPoolExecutor(2) as ex:
+        futures = [ex.submit(contextvars.copy_context().run, t.overlap_probe, probe_dir=str(tmp_path), me=me, hold=0.75)
+                   for me in ("a", "b")]
+        results = [f.result(timeout=60) for f in futures]
+    assert -1 not in results, "two executions overlapped on one replica"
+    assert results[0] == results[1] == t.whoami()
+
+
 # ---- environment variables ----
 def test_environment_and_pod_template_env_are_set_in_the_replica_not_the_driver():
     assert t.env_of(name="SDK_ENV_VAR") == "from-environment"
@@ -130,7 +151,10 @@ def test_task_defined_in_main_runs_by_cloudpickle(tmp_path):
     out = json.loads(p.stdout.strip().splitlines()[-1])
     m = re.fullmatch(r"HELLO FROM __MAIN__! actor pid=(\d+)", out["result"])
     assert m, out
-    assert int(m.group(1)) != out["driver_pid"]
+    replica_pid = int(m.group(1))
+    assert replica_pid != out["driver_pid"]
+    # the driver exited normally: its replica is torn down with it
+    wait_until(lambda: not pid_alive(replica_pid), 15, message=f"replica {replica_pid} outlived its driver")
 
 
 @pytest.mark.timeout(90)
