@@ -70,3 +70,8 @@ def make_scratch() -> str:
 @env.task
 def pid() -> int:
     return os.getpid()
+
+
+@env.task
+def env_var(name: str) -> str:
+    return os.environ.get(name, "<unset>")

@@ -42,18 +42,18 @@ class Worker:
     def request(self, op, **fields):
         return self.client.request(op, **fields)
 
-    def args(self, task, execution_id=None, **inputs):
+    def args(self, task, execution_id=None, module=None, name=None, prefix=(), **inputs):
         """pyflyte-execute args for `task` with `inputs`, as a pod's container would get them."""
         execution_id = execution_id or uuid.uuid4().hex
         d = os.path.join(self.tmp, "executions", execution_id)
         os.makedirs(d, exist_ok=True)
         ctx = FlyteContextManager.current_context()
-        lm = TypeEngine.dict_to_literal_map(ctx, inputs, task.python_interface.inputs)
+        lm = TypeEngine.dict_to_literal_map(ctx, inputs, task.python_interface.inputs if task else {})
         write_proto_to_file(lm.to_flyte_idl(), os.path.join(d, "inputs.pb"))
         out = os.path.join(d, "out")
-        args = ["pyflyte-execute", "--inputs", os.path.join(d, "inputs.pb"), "--output-prefix", out,
+        args = [*prefix, "pyflyte-execute", "--inputs", os.path.join(d, "inputs.pb"), "--output-prefix", out,
                 "--raw-output-data-prefix", os.path.join(d, "raw"), "--resolver", RESOLVER, "--",
-                "task-module", task.task_function.__module__, "task-name", task.task_function.__name__]
+                "task-module", module or task.task_function.__module__, "task-name", name or task.task_function.__name__]
         return execution_id, args, out
 
     def run(self, task, env=None, **inputs):
@@ -265,6 +265,13 @@ def test_identity_env_is_set_during_the_execution_and_restored_after(worker):
     assert output(out) == "<unset>"
 
 
+def test_the_pool_token_is_hidden_from_task_code(worker):
+    reply, out = worker.run(tasks.env_var, name="FLYTE_ACTOR_TOKEN")
+    assert output(out) == "<unset>"
+    reply, out = worker.run(tasks.env_var, name="FLYTE_ACTOR_REPLICA")
+    assert output(out) == worker.replica.spec.name
+
+
 def test_per_execution_temp_dirs_are_removed(worker):
     worker.run(tasks.pid)  # warm: whatever the first execution creates once per process
     wait_until(lambda: not [d for d in os.listdir(worker.tmpdir) if d.startswith("actor-exec-")], 10)
@@ -313,3 +320,59 @@ def test_sigterm_during_an_execution_fails_it_as_recoverable_and_stops_the_worke
         assert not os.path.exists(os.path.join(out, "outputs.pb"))
     finally:
         w.client.close()
+
+
+# ---- fast-registered code: the replica activates one distribution and never runs another ----
+FAST_MODULE = """
+import os
+from flytekitplugins_actor import ActorEnvironment
+
+env = ActorEnvironment(name="fast")
+VERSION = {version!r}
+
+
+@env.task
+def where() -> str:
+    return VERSION + ":" + os.path.dirname(os.path.abspath(__file__))
+"""
+
+
+def _distribution(tmp_path, version):
+    import tarfile
+
+    src = tmp_path / f"src-{version}"
+    src.mkdir()
+    (src / "sdk_fastmod.py").write_text(FAST_MODULE.format(version=version))
+    tgz = tmp_path / f"fast-{version}.tar.gz"
+    with tarfile.open(tgz, "w:gz") as tar:
+        tar.add(src / "sdk_fastmod.py", arcname="sdk_fastmod.py")
+    return str(tgz)
+
+
+def test_fast_registered_code_is_activated_once_and_other_versions_are_refused(tmp_path):
+    w = Worker(str(tmp_path))
+    try:
+        v1, v2 = _distribution(tmp_path, "v1"), _distribution(tmp_path, "v2")
+        dest = tmp_path / "dest"
+        dest.mkdir()
+
+        def run(dist):
+            prefix = ["pyflyte-fast-execute", "--additional-distribution", dist, "--dest-dir", str(dest), "--"]
+            execution_id, args, out = w.args(None, module="sdk_fastmod", name="where", prefix=prefix)
+            w.request("submit", execution_id=execution_id, args=args)
+            return w.request("wait", execution_id=execution_id, timeout=60), out
+
+        reply, out = run(v1)
+        assert reply["state"] == "succeeded", reply
+        assert output(out) == f"v1:{dest}"
+        assert w.request("health")["code_version"] == v1
+        reply, out = run(v1)  # the same code again: warm
+        assert reply["state"] == "succeeded" and output(out) == f"v1:{dest}"
+        reply, out = run(v2)  # other code: refused, never run with v1's modules
+        assert reply["state"] == "failed"
+        err = error_doc(out)
+        assert err.code == "CodeVersionMismatch" and err.origin == 2 and err.kind == errors_pb2.ContainerError.RECOVERABLE
+        assert v1 in err.message and v2 in err.message
+        assert w.request("health")["code_version"] == v1
+    finally:
+        w.close()
