@@ -73,5 +73,5 @@ def pid() -> int:
 
 
 @env.task
-def env_var(name: str) -> str:
-    return os.environ.get(name, "<unset>")
+def env_var(var: str) -> str:
+    return os.environ.get(var, "<unset>")

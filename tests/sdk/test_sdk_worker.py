@@ -266,9 +266,10 @@ def test_identity_env_is_set_during_the_execution_and_restored_after(worker):
 
 
 def test_the_pool_token_is_hidden_from_task_code(worker):
-    reply, out = worker.run(tasks.env_var, name="FLYTE_ACTOR_TOKEN")
+    reply, out = worker.run(tasks.env_var, var="FLYTE_ACTOR_TOKEN")
+    assert reply["state"] == "succeeded", reply
     assert output(out) == "<unset>"
-    reply, out = worker.run(tasks.env_var, name="FLYTE_ACTOR_REPLICA")
+    reply, out = worker.run(tasks.env_var, var="FLYTE_ACTOR_REPLICA")
     assert output(out) == worker.replica.spec.name
 
 
