@@ -180,3 +180,35 @@ def overlap_probe(probe_dir: str, me: str, hold: float) -> int:
         time.sleep(0.01)
     os.remove(mine)
     return -1 if seen else os.getpid()
+
+
+# ---- files and structured data across the driver/replica boundary ----
+import dataclasses  # noqa: E402
+
+from flytekit.types.file import FlyteFile  # noqa: E402
+
+
+@dataclasses.dataclass
+class Stats:
+    n: int
+    words: typing.List[str]
+
+
+@basic.task
+def count_words(f: FlyteFile) -> Stats:
+    with open(f.download()) as fh:
+        words = fh.read().split()
+    return Stats(n=len(words), words=words)
+
+
+@basic.task
+def write_report(stats: Stats) -> FlyteFile:
+    path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"report-{os.getpid()}-{stats.n}.txt")
+    with open(path, "w") as fh:
+        fh.write(f"{stats.n} words from pid {os.getpid()}: {' '.join(stats.words)}")
+    return FlyteFile(path)
+
+
+@workflow
+def wf_files(f: FlyteFile) -> FlyteFile:
+    return write_report(stats=count_words(f=f))

@@ -66,3 +66,10 @@ def wf_map_add(xs: typing.List[int], y: int) -> typing.List[int]:
     import functools
 
     return actor_map(functools.partial(add, y=y))(x=xs)
+
+
+@barrier_env.task
+def die_on(x: int, bad: int) -> int:
+    if x == bad:
+        os._exit(9)
+    return x * 10

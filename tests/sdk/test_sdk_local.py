@@ -106,6 +106,19 @@ def test_user_exception_in_a_workflow_keeps_its_type():
         t.wf_boom()
 
 
+# ---- data across the boundary ----
+def test_files_and_dataclasses_travel_between_driver_and_replica(tmp_path):
+    src = tmp_path / "in.txt"
+    src.write_text("warm replicas are fast")
+    stats = t.count_words(f=t.FlyteFile(str(src)))
+    assert stats == t.Stats(n=4, words=["warm", "replicas", "are", "fast"])
+    report = t.wf_files(f=t.FlyteFile(str(src)))
+    with open(report.download()) as fh:
+        text = fh.read()
+    m = re.fullmatch(r"4 words from pid (\d+): warm replicas are fast", text)
+    assert m and int(m.group(1)) != os.getpid(), text
+
+
 # ---- replica death ----
 @pytest.mark.parametrize(
     "how,expected",
@@ -124,6 +137,14 @@ def test_replica_death_mid_task_raises_replica_died_and_a_new_replica_takes_over
     assert after != before and pid_alive(after)
     assert t.death_pid() == after  # and it is warm again
     assert isinstance(info.value, flytekitplugins_actor.ActorError)
+
+
+def test_a_replica_killed_while_idle_is_replaced_on_the_next_task():
+    before = t.death_pid()
+    os.kill(before, signal.SIGKILL)
+    wait_until(lambda: not pid_alive(before), 10)
+    after = t.death_pid()  # not a failure: nothing was running on it
+    assert after != before and pid_alive(after)
 
 
 # ---- idle teardown ----

@@ -72,3 +72,15 @@ def test_mismatched_list_lengths_are_an_error():
 def test_flytekit_map_task_over_an_actor_task_still_works_locally():
     assert flytekit.map_task(m.add)(x=[1, 2, 3], y=[10, 20, 30]) == [11, 22, 33]
     assert flytekit.map_task(functools.partial(m.add, y=5))(x=[1, 2]) == [6, 7]
+
+
+def test_an_item_whose_replica_dies_fails_alone():
+    from flytekitplugins_actor import ReplicaDied
+
+    out = actor_map(functools.partial(m.die_on, bad=1), min_success_ratio=0.5)(x=[0, 1, 2, 3])
+    assert out == [0, None, 20, 30]
+    with pytest.raises(MapFailed) as info:
+        actor_map(functools.partial(m.die_on, bad=2))(x=[1, 2, 3])
+    assert isinstance(info.value.__cause__, ReplicaDied)
+    assert "exited with code 9" in str(info.value)
+    assert actor_map(m.add)(x=[1, 2], y=[1, 1]) == [2, 3]  # the pool recovered
