@@ -158,11 +158,12 @@ class MapRun:
         self._finish("succeeded", f"{self.n - failed} of {self.n} items succeeded" + (f", {failed} failed (none)" if failed else ""))
 
     def _finish(self, phase: str, message: str, recoverable: bool = False) -> None:
-        self.phase, self.message, self.recoverable = phase, message, recoverable
-        if phase == "failed":
-            code = "MapItemsFailed"
-            write_error_document(self.record.prefix, {"code": code, "message": message, "origin": "USER" if not recoverable else "SYSTEM",
+        if phase == "failed":  # storage first: a restarted connector must answer what GetTask answered
+            origin = "SYSTEM" if recoverable else "USER"
+            write_error_document(self.record.prefix, {"code": "MapItemsFailed", "message": message, "origin": origin,
                                                       "recoverable": recoverable})
+        self.message, self.recoverable = message, recoverable
+        self.phase = phase
 
     def _cancel_inflight(self) -> None:
         if not self.inflight:

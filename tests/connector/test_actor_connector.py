@@ -126,14 +126,21 @@ def test_replica_exit_is_retryable_and_replaced(propeller, base):
     assert output_value(b.outputs(), "o0", int) == 42
 
 
+def _replica_pid(resource):
+    """The pid of the replica GetTask says runs the execution, from the 'listening ... (pid N)' line of its log."""
+    log = resource.log_links[0].uri[len("file://"):]
+    first = open(log).read().split("listening on")[-1]
+    return int(first.split("(pid ")[1].split(")")[0])
+
+
 def test_replica_sigkill_is_retryable_and_replaced(propeller, base):
-    p = Attempt(base, t.pid, literal_map(t.pid))
-    assert propeller.wait(propeller.create(p)).phase == PHASE.SUCCEEDED
-    replica_pid = output_value(p.outputs(), "o0", int)
     gate, counter = os.path.join(base, "gate"), os.path.join(base, "count")
     a = Attempt(base, t.wait_for_file, literal_map(t.wait_for_file, path=gate, counter=counter, label="k"))
     meta = propeller.create(a)
-    propeller.wait(meta, phases={PHASE.RUNNING})
+    running = propeller.wait(meta, phases={PHASE.RUNNING})
+    wait_for(lambda: os.path.exists(counter), 30, "the task to start on its replica")
+    replica_pid = _replica_pid(running)
+    assert open(counter).read().split()[1] == str(replica_pid)
     os.kill(replica_pid, signal.SIGKILL)
     r = propeller.wait(meta)
     assert r.phase == PHASE.RETRYABLE_FAILED

@@ -38,6 +38,7 @@ def test_single_executions_survive_a_connector_sigkill(restartable, tmp_path):
     assert propeller.wait(m_failed).phase == PHASE.FAILED
     m_running = propeller.create(running)
     propeller.wait(m_running, phases={PHASE.RUNNING})
+    wait_for(lambda: _lines(counter), 30, "the task to start on its replica")
     m_queued, m_deleted = propeller.create(queued), propeller.create(deleted)
     assert propeller.get(m_queued).phase == PHASE.QUEUED
 
