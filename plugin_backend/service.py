@@ -261,6 +261,9 @@ class ActorService:
             entry.map_run.finished.wait(10.0)
         elif entry.execution is not None and not entry.execution.state.terminal:
             self._pool(entry).cancel(entry.execution.id, grace_seconds=3.0)
+            if entry.execution.state not in (ExecutionState.SUCCEEDED, ExecutionState.FAILED):
+                # cancelled, or its replica had to be restarted to stop it: either way, what propeller asked for
+                entry.final, entry.final_at = Status(TaskExecution.ABORTED, "aborted by DeleteTask"), time.monotonic()
 
     # ---- housekeeping ----
     def _gc(self) -> None:

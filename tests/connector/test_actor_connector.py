@@ -102,6 +102,7 @@ def test_delete_drops_queued_and_aborts_running(propeller, base):
     queued = Attempt(base, t.wait_for_file, literal_map(t.wait_for_file, path=gate, counter=counter, label="queued"))
     m_running = propeller.create(running)
     propeller.wait(m_running, phases={PHASE.RUNNING})
+    wait_for(lambda: _lines(counter), 30, "the task to start on its replica")
     m_queued = propeller.create(queued)
     assert propeller.get(m_queued).phase == PHASE.QUEUED
     propeller.delete(m_queued)
