@@ -77,6 +77,11 @@ class PoolManager:
                 self._pools[key.digest] = pool
             return pool
 
+    def find(self, key: PoolKey) -> Optional[ReplicaPool]:
+        """The live pool for a key, without creating one."""
+        with self._lock:
+            return self._pools.get(key.digest)
+
     def _spec_maker(self, key: PoolKey, template: ActorTemplate):
         cwd = None
         if template.command.distribution:  # fast-registered code unpacks into a directory of this pool's own

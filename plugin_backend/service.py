@@ -157,8 +157,9 @@ class ActorService:
         status = self._map_status(entry) if entry.map_run is not None else self._status(entry)
         if status.phase in (TaskExecution.SUCCEEDED, TaskExecution.FAILED, TaskExecution.RETRYABLE_FAILED, TaskExecution.ABORTED):
             entry.final, entry.final_at = status, time.monotonic()
-            if entry.execution is not None:
-                self._pool(entry).forget(entry.execution.id)
+            pool = self.manager.find(entry.key)
+            if entry.execution is not None and pool is not None:
+                pool.forget(entry.execution.id)
         return status
 
     def _status(self, entry: _Entry) -> Status:
