@@ -8,6 +8,7 @@ in storage (a connector restart) are not dispatched again.
 from __future__ import annotations
 
 import collections
+import os
 import queue
 import threading
 import time
@@ -20,6 +21,11 @@ from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_do
 from plugin_backend import metrics, store
 from plugin_backend.map_plan import MapPlan, item_args
 from plugin_backend.template import ActorTemplate
+
+
+WINDOW_PER_REPLICA = int(os.environ.get("FLYTE_ACTOR_MAP_WINDOW_PER_REPLICA", "2"))
+"""Unbounded maps keep this many items per replica in the pool: enough that a replica never waits for the
+coordinator, few enough that other executions of the environment interleave FIFO."""
 
 
 class MapRun:
@@ -70,7 +76,7 @@ class MapRun:
             pending = collections.deque(i for i in range(self.n) if i not in self.results)
             while not self._decided():
                 pool = self._pool_of()
-                window = self.template.map.concurrency or 2 * pool.size
+                window = self.template.map.concurrency or WINDOW_PER_REPLICA * pool.size
                 while pending and len(self.inflight) < window:
                     self._dispatch(pool, pending.popleft())
                 execution = self._done_q.get()
