@@ -10,6 +10,7 @@ Measurements (same trivial task `bench_tasks.noop`, x -> x + 1, everywhere):
                 control protocol (round trip), and the time the replica itself reports for the execution
   (c) floor  -- flytekit's own `_execute_task` called repeatedly in one warm process (a fresh subprocess)
   (d) fresh  -- a fresh `pyflyte-execute` process per task (bytecode compiled, like the replicas)
+  and, for scale, a plain (non-actor) flytekit @task called locally in-process: flytekit's own local-call cost
   (e) map    -- items/s of `flytekitplugins_actor.map` over 1 and 2 replicas (trivial and 20 ms tasks)
 The machine is small and noisy: look at medians and ratios, never at one absolute time.
 """
@@ -82,7 +83,7 @@ def execute_args(inputs: str, output_prefix: str, raw: str, task: str = "noop") 
 
 def summary(times: List[float]) -> Dict[str, float]:
     s = sorted(times)
-    q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
+    q = statistics.quantiles(s, n=10, method="inclusive") if len(s) >= 2 else [s[0]] * 9
     return {"median": statistics.median(s), "p10": q[0], "p90": q[-1], "n": len(s)}
 
 
@@ -121,6 +122,18 @@ class Warm:
             times.append(time.perf_counter() - t)
             assert out == i + 1
         return times
+
+
+class Plain(Warm):
+    """A plain flytekit @task (not an actor) called locally in this process: flytekit's own local-call cost."""
+
+    def __init__(self, warmup: int = 20):
+        from bench_tasks import plain
+
+        self.task = plain
+        self.cold = 0.0
+        for _ in range(warmup):
+            plain(x=1)
 
 
 # ---------------------------------------------------------------- (b) the worker's path: a replica over its protocol
@@ -216,14 +229,15 @@ class Floor:
 
 def bench_interleaved(n: int, fresh_n: int, rounds: int, tmp: str) -> Dict[str, object]:
     """(a), (b), (c) and (d) in alternating rounds, so the machine's noise hits all of them alike."""
-    floor, warm, worker, fresh = Floor(tmp), Warm(), Worker(tmp), Fresh(tmp)
-    samples: Dict[str, List[float]] = {"floor": [], "warm": [], "worker": [], "fresh": []}
+    floor, warm, worker, fresh, plain = Floor(tmp), Warm(), Worker(tmp), Fresh(tmp), Plain()
+    samples: Dict[str, List[float]] = {"floor": [], "warm": [], "worker": [], "fresh": [], "plain": []}
     try:
         for r in range(rounds):
             per_round = n // rounds + (1 if r < n % rounds else 0)
             samples["floor"] += floor.run(per_round)
             samples["warm"] += warm.run(per_round)
             samples["worker"] += worker.run(per_round)
+            samples["plain"] += plain.run(per_round)
             samples["fresh"] += fresh.run(fresh_n // rounds + (1 if r < fresh_n % rounds else 0))
     finally:
         floor.close()
@@ -233,6 +247,7 @@ def bench_interleaved(n: int, fresh_n: int, rounds: int, tmp: str) -> Dict[str, 
         "warm": {"cold": warm.cold, **summary(samples["warm"])},
         "worker": {"round_trip": summary(samples["worker"]), "in_replica": summary(worker.in_replica)},
         "fresh": summary(samples["fresh"]),
+        "plain": summary(samples["plain"]),
     }
 
 
@@ -297,6 +312,7 @@ def table(r: Dict[str, object]) -> str:
     add("(b) worker path: time inside the replica", r["worker"]["in_replica"])
     add("(c) in-process flytekit floor (_execute_task)", r["floor"])
     add("(d) fresh pyflyte-execute process per task", r["fresh"])
+    add("    for scale: a plain flytekit @task called locally in-process", r["plain"])
     for label, s in r["map"].items():
         rows.append((f"(e) map throughput, {label} ({s['items']} items)", f"{s['median']:.0f} items/s",
                      f"{s['p10']:.0f} .. {s['p90']:.0f}", str(s["n"])))
@@ -306,6 +322,7 @@ def table(r: Dict[str, object]) -> str:
     m = r["map"]
     ratios = [
         ("warm / floor", warm / floor, f"goal <= {GOAL_WARM_OVER_FLOOR:g}x", warm / floor <= GOAL_WARM_OVER_FLOOR),
+        ("warm / (plain local call + floor): flytekit's own cost on both sides", warm / (r["plain"]["median"] + floor), "", None),
         ("worker round trip / floor", worker / floor, "", None),
         ("in-replica / floor", inrep / floor, "", None),
         ("fresh / warm", fresh / warm, f"goal >= {GOAL_FRESH_OVER_WARM:g}x", fresh / warm >= GOAL_FRESH_OVER_WARM),

@@ -28,3 +28,12 @@ def sleepy(x: int) -> int:
 def sleepy2(x: int) -> int:
     time.sleep(0.02)
     return x + 1
+
+
+from flytekit import task  # noqa: E402
+
+
+@task
+def plain(x: int) -> int:
+    """Not an actor task: flytekit's own cost of a local call, in-process, for comparison."""
+    return x + 1
