@@ -65,6 +65,32 @@ def bench_latency(propeller: Propeller, base: str, runs: int) -> dict:
     return {"create_p50_ms": _pct(create_s, 50) * 1e3, "p50_ms": _pct(total_s, 50) * 1e3, "p90_ms": _pct(total_s, 90) * 1e3}
 
 
+def bench_in_process(base: str, runs: int) -> float:
+    """The same warm path without gRPC: ActorService.create + polling the execution (the connector's floor)."""
+    from flytekit.models.literals import LiteralMap
+    from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
+
+    from plugin_backend.pools import PoolManager
+    from plugin_backend.service import ActorService
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "tests", "connector"), ROOT])
+    svc = ActorService(PoolManager(state_dir=os.path.join(base, "inproc-state")))
+    total = []
+    try:
+        for i in range(runs + 20):
+            req = Attempt(base, t.inc1, literal_map(t.inc1, x=i)).request()
+            t0 = time.perf_counter()
+            meta = svc.create(TaskTemplate.from_flyte_idl(req.template), req.output_prefix, LiteralMap.from_flyte_idl(req.inputs),
+                              TaskExecutionMetadata.from_flyte_idl(req.task_execution_metadata), "actor")
+            while svc.get(meta).phase not in TERMINAL:
+                time.sleep(POLL_S)
+            if i >= 20:
+                total.append(time.perf_counter() - t0)
+    finally:
+        svc.shutdown()
+    return _pct(total, 50) * 1e3
+
+
 def bench_map(propeller: Propeller, base: str, task, items: int) -> float:
     m = actor_map(task)
     warm = Attempt(base, m, literal_map(m, x=list(range(50))))
@@ -127,6 +153,7 @@ def main() -> None:
     base = os.path.join(work, "runs")
     try:
         lat = bench_latency(propeller, base, args.runs)
+        floor = bench_in_process(base, min(args.runs, 200))
         one = bench_map(propeller, base, t.inc1, args.items)
         warm_two_replicas(propeller, base)
         two = bench_map(propeller, base, t.inc2, args.items)
@@ -137,11 +164,13 @@ def main() -> None:
         ("warm create->SUCCEEDED p50 (gRPC, tight GetTask)", f"{lat['p50_ms']:.2f} ms", "goal <= 5 ms"),
         ("warm create->SUCCEEDED p90", f"{lat['p90_ms']:.2f} ms", ""),
         ("CreateTask p50", f"{lat['create_p50_ms']:.2f} ms", ""),
+        ("warm create->SUCCEEDED p50, in process (no gRPC)", f"{floor:.2f} ms", "the connector's floor"),
         (f"map {args.items} items, 1 replica", f"{one:.0f} items/s", ""),
         (f"map {args.items} items, 2 replicas", f"{two:.0f} items/s", f"goal >= 500; x{two / one:.2f} vs 1 replica"),
         (f"connector RSS, {args.queued} queued", f"{rss['rss_after_mb']:.0f} MB", f"{rss['rss_before_mb']:.0f} MB before; "
          f"{rss['per_execution_kb']:.1f} KB/execution; {rss['creates_per_s']:.0f} creates/s"),
     ]
+    rows.append(("load average (1 min) at the end", open("/proc/loadavg").read().split()[0], f"{os.cpu_count()} cores"))
     w = max(len(r[0]) for r in rows)
     print(f"{'measure'.ljust(w)} | value | note")
     for name, value, note in rows:
