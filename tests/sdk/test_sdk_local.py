@@ -11,6 +11,7 @@ import pytest
 
 import sdk_local_tasks as t
 import flytekitplugins_actor
+from flytekitplugins_actor import map as actor_map_of
 from flytekitplugins_actor.local import local_pools
 from sdk_helpers import HERE, REPO, VENV_BIN, pid_alive, subprocess_env, wait_until
 
@@ -63,14 +64,9 @@ def test_replicas_start_lazily_and_an_idle_warm_replica_is_preferred():
 
 
 def test_a_replica_runs_one_execution_at_a_time(tmp_path):
-    import concurrent.futures
-    import contextvars
-
-    # two driver threads call tasks of a replica_count=1 environment at once: the second waits its turn
-    with concurrent.futures.ThreadPoolExecutor(2) as ex:
-        futures = [ex.submit(contextvars.copy_context().run, t.overlap_probe, probe_dir=str(tmp_path), me=me, hold=0.75)
-                   for me in ("a", "b")]
-        results = [f.result(timeout=60) for f in futures]
+    # a map allowed 2 items at once over a replica_count=1 environment: the pool queues the second
+    probe = actor_map_of(t.overlap_probe, concurrency=2)
+    results = probe(probe_dir=[str(tmp_path)] * 2, me=["a", "b"], hold=[0.75, 0.75])
     assert -1 not in results, "two executions overlapped on one replica"
     assert results[0] == results[1] == t.whoami()
 
