@@ -9,6 +9,7 @@ primary container's termination (OOMKilled, Error, exit code), pod failure, evic
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import threading
 import time
@@ -186,7 +187,10 @@ class KubernetesBackend(ReplicaBackend):
         backend = cls(namespace=os.environ.get("FLYTE_ACTOR_K8S_NAMESPACE", "default"),
                       poll_interval=float(os.environ.get("FLYTE_ACTOR_K8S_POLL_S", "1.0")),
                       log_template=os.environ.get("FLYTE_ACTOR_K8S_LOG_TEMPLATE", "k8s://{namespace}/{pod}/{container}"))
-        backend.delete_orphans()
+        try:
+            backend.delete_orphans()
+        except Exception as e:  # e.g. no cluster-wide list permission: serve anyway, say what is left running
+            logging.getLogger(__name__).warning("could not delete replica pods of previous connector instances: %s", _api_reason(e))
         return backend
 
     def start(self, spec: ReplicaSpec) -> Replica:
