@@ -52,7 +52,7 @@ class _Entry:
     template: ActorTemplate
     execution: Optional[Execution] = None
     map_run: Optional[MapRun] = None
-    ready: threading.Event = field(default_factory=threading.Event)
+    ready: bool = False  # set once create (or adoption) has queued it; waiters use ActorService._ready
     final: Optional[Status] = None
     final_at: float = 0.0
 
@@ -74,6 +74,7 @@ class ActorService:
         self.manager = manager or PoolManager()
         self._lock = threading.Lock()
         self._entries: Dict[str, _Entry] = {}
+        self._ready = threading.Condition(self._lock)  # one for all entries: an Event each costs ~0.5 KB
         self._last_gc = time.monotonic()
         metrics.register(self)
 
@@ -97,7 +98,7 @@ class ActorService:
             else:
                 mine = False
         if not mine:  # a repeated CreateTask: same execution, never run twice
-            entry.ready.wait(10.0)
+            self._wait_ready(entry)
             return entry.meta
         try:
             record = store.ExecutionRecord(output_prefix)
@@ -119,8 +120,18 @@ class ActorService:
                 self._entries.pop(meta.execution_id, None)
             raise
         finally:
-            entry.ready.set()
+            self._set_ready(entry)
         return meta
+
+    def _set_ready(self, entry: _Entry) -> None:
+        with self._ready:
+            entry.ready = True
+            self._ready.notify_all()
+
+    def _wait_ready(self, entry: _Entry, timeout: float = 10.0) -> None:
+        if not entry.ready:
+            with self._ready:
+                self._ready.wait_for(lambda: entry.ready, timeout)
 
     def _pool(self, entry: _Entry) -> ReplicaPool:
         return self.manager.pool_for(entry.key, entry.template)
@@ -151,7 +162,7 @@ class ActorService:
             if status is not None:
                 return status
             entry = self._entries[meta.execution_id]
-        entry.ready.wait(10.0)
+        self._wait_ready(entry)
         if entry.final is not None:
             return entry.final
         status = self._map_status(entry) if entry.map_run is not None else self._status(entry)
@@ -239,7 +250,7 @@ class ActorService:
         try:
             self._start(entry, request["env"], plan, record)
         finally:
-            entry.ready.set()
+            self._set_ready(entry)
         return None
 
     # ---- delete ----
@@ -248,7 +259,7 @@ class ActorService:
         entry = self._entries.get(meta.execution_id)
         record = store.ExecutionRecord(meta.output_prefix)
         if entry is not None:
-            entry.ready.wait(10.0)
+            self._wait_ready(entry)
         if entry is None or entry.final is None:
             try:
                 if not record.has_outputs() and not record.has_error():
@@ -280,7 +291,7 @@ class ActorService:
     def knows(self, execution_id: str) -> bool:
         """True when this process serves the execution from memory (GetTask needs no storage read)."""
         entry = self._entries.get(execution_id)
-        return entry is not None and entry.ready.is_set()
+        return entry is not None and entry.ready
 
     def entries(self) -> int:
         return len(self._entries)
