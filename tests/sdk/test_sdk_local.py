@@ -171,7 +171,7 @@ MAIN_BUG = (
 
 @pytest.mark.parametrize("cwd", [
     "elsewhere",
-    pytest.param("script-dir", marks=pytest.mark.xfail(strict=True, reason=MAIN_BUG)),
+    "script-dir",
 ])
 @pytest.mark.timeout(90)
 def test_task_defined_in_main_runs_by_cloudpickle(tmp_path, cwd):

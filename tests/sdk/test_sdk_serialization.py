@@ -316,11 +316,6 @@ def pod_image_task() -> None:
     pass
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spec.container_image is the environment's container_image (or the default image) even when the pod "
-    "template's primary container names its own image, which is the image the serialized pod actually runs "
-    "(the seeds' pod_template example sets the image only there): the ExecutionEnv then reports another image "
-    "than the replicas run."))
 def test_spec_image_is_the_image_the_primary_container_runs():
     t = serialize(pod_image_task).template
     primary = [c for c in t.k8s_pod.pod_spec["containers"] if c["name"] == "primary"][0]

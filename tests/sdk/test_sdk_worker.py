@@ -69,6 +69,14 @@ class Worker:
         self.replica.wait_dead(10)
 
 
+def raw_request(worker, **message):
+    """One request on a fresh connection, every field sent as given."""
+    host, port = worker.replica.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        send_message(s, {"token": worker.token, **message})
+        return recv_message(s)
+
+
 def output(out):
     lm = LiteralMap.from_flyte_idl(load_proto_from_file(literals_pb2.LiteralMap, os.path.join(out, "outputs.pb")))
     return lm.literals["o0"].scalar.primitive.value
@@ -128,6 +136,19 @@ def test_unknown_op_and_malformed_submit_are_refused(worker):
     assert worker.request("status", execution_id="bad-args")["state"] == "unknown"
 
 
+def test_malformed_frames_close_the_connection_and_the_worker_survives(worker):
+    import struct
+
+    host, port = worker.replica.address.rsplit(":", 1)
+    for payload in (struct.pack("!I", 65 * 1024 * 1024) + b"x",  # over the 64 MiB limit
+                    struct.pack("!I", 3) + b"[1]",  # JSON, but not an object
+                    struct.pack("!I", 5) + b"nope!"):  # not JSON
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(payload)
+            assert s.recv(1) == b""  # closed without a reply
+    assert worker.request("health")["state"] == "idle"
+
+
 # ---- health ----
 def test_health_reports_the_replica(worker):
     h = worker.request("health")
@@ -153,7 +174,7 @@ def test_submit_status_wait(worker, tmp_path):
     status = worker.request("status", execution_id=execution_id)
     assert status["state"] == "succeeded"
     assert output(out) == 1
-    assert worker.request("wait", execution_id="never-submitted", timeout=1)["state"] == "unknown"
+    assert raw_request(worker, op="wait", execution_id="never-submitted", timeout=1)["state"] == "unknown"
 
 
 def test_submit_is_idempotent_per_execution_id(worker, tmp_path):
@@ -189,6 +210,8 @@ def test_cancel_a_running_execution_and_the_replica_survives(worker, tmp_path):
     worker.request("submit", execution_id=execution_id, args=args)
     wait_until(started.exists, 30)
     assert worker.request("status", execution_id=execution_id)["state"] == "running"
+    # the protocol's own wait timeout (a message field; ReplicaClient.request's `timeout` is its socket timeout)
+    assert raw_request(worker, op="wait", execution_id=execution_id, timeout=0.2)["state"] == "running"
     worker.request("cancel", execution_id=execution_id)
     reply = worker.request("wait", execution_id=execution_id, timeout=30)
     assert reply["state"] == "cancelled", reply
