@@ -109,7 +109,11 @@ class ActorEnvironment:
         from flytekit.configuration import ImageConfig
         from flytekit.core.python_auto_container import get_registerable_container_image
 
-        return get_registerable_container_image(self.container_image, image_config or ImageConfig.auto_default_image())
+        image = self.container_image
+        if image is None:  # an image set only on the pod template's primary container is the one pods run
+            primary = primary_container(self.pod_template)
+            image = (primary or {}).get("image")
+        return get_registerable_container_image(image, image_config or ImageConfig.auto_default_image())
 
     def key(self, image_config=None) -> str:
         """A stable hash over everything that shapes a replica: two tasks of one environment share it."""

@@ -110,17 +110,21 @@ def local_pools() -> LocalPools:
 
 def _loader(task, workdir: str):
     """(resolver location, loader args): by module name when importable, else a cloudpickle of the task."""
-    from flytekit.tools.translator import get_serializable  # noqa: F401  (keeps flytekit's loaders registered)
-
-    module = getattr(task, "instantiated_in", None) or task.task_function.__module__
-    if module != "__main__" and task.task_resolver.location.startswith("flytekit."):
+    cached = task.__dict__.get("_actor_loader")
+    if cached is not None:
+        return cached
+    # a script run as __main__ is tracked under its file's module name, which the replica would re-import
+    # (re-running the script's top level): such tasks travel by value instead
+    if task.task_function.__module__ != "__main__" and task.task_resolver.location.startswith("flytekit."):
         settings = SerializationSettings(image_config=ImageConfig.auto_default_image())
         try:
-            return task.task_resolver.location, task.task_resolver.loader_args(settings, task)
+            loader = task.__dict__["_actor_loader"] = (task.task_resolver.location, task.task_resolver.loader_args(settings, task))
+            return loader
         except Exception:
             pass
     import cloudpickle
 
+    # pickled per call: a task from __main__ or a notebook carries the globals it sees now
     path = os.path.join(workdir, "task.pkl")
     with open(path, "wb") as f:
         cloudpickle.dump(task, f)
@@ -146,37 +150,42 @@ def identity_env(task) -> Dict[str, str]:
 
 
 def run_on_replica(task, native_inputs: Dict[str, Any]) -> Any:
-    """Executes an actor task on a warm local replica of its environment and returns its native outputs."""
+    """Executes an actor task on a warm local replica and returns its native outputs (as the function would)."""
+    ctx = FlyteContextManager.current_context()
+    inputs = TypeEngine.dict_to_literal_map(ctx, native_inputs, task.python_interface.inputs)
+    outputs = run_literals_on_replica(task, inputs)
+    names = list(task.python_interface.outputs)
+    if not names:
+        return None
+    values = TypeEngine.literal_map_to_kwargs(ctx, outputs, task.python_interface.outputs)
+    return values[names[0]] if len(names) == 1 else tuple(values[n] for n in names)
+
+
+def run_literals_on_replica(task, inputs: LiteralMap) -> LiteralMap:
+    """Executes an actor task on a warm local replica of its environment: inputs.pb in, outputs.pb out."""
     ctx = FlyteContextManager.current_context()
     pool = local_pools().pool_for(task.task_config, _module_root(task))
     workdir = tempfile.mkdtemp(prefix="actor-run-")  # inputs.pb, outputs.pb, error.pb: removed once read
     try:
-        return _run_in(workdir, ctx, pool, task, native_inputs)
+        return _run_in(workdir, ctx, pool, task, inputs)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _run_in(workdir: str, ctx, pool: ReplicaPool, task, native_inputs: Dict[str, Any]) -> Any:
+def _run_in(workdir: str, ctx, pool: ReplicaPool, task, inputs: LiteralMap) -> LiteralMap:
     inputs_path = os.path.join(workdir, "inputs.pb")
     output_prefix = os.path.join(workdir, "outputs")
-    raw_prefix = ctx.file_access.raw_output_prefix
-    literals = TypeEngine.dict_to_literal_map(ctx, native_inputs, task.python_interface.inputs)
-    write_proto_to_file(literals.to_flyte_idl(), inputs_path)
+    write_proto_to_file(inputs.to_flyte_idl(), inputs_path)
     resolver, loader_args = _loader(task, workdir)
     args = ["pyflyte-execute", "--inputs", inputs_path, "--output-prefix", output_prefix,
-            "--raw-output-data-prefix", raw_prefix, "--resolver", resolver, "--", *loader_args]
+            "--raw-output-data-prefix", ctx.file_access.raw_output_prefix, "--resolver", resolver, "--", *loader_args]
     execution = pool.submit(ExecutionSpec(f"local-{uuid.uuid4().hex}", args, identity_env(task)), want_exception=True)
     execution.wait()
     pool.forget(execution.id)
     if execution.state is ExecutionState.SUCCEEDED:
         from flyteidl.core import literals_pb2
 
-        outputs = LiteralMap.from_flyte_idl(load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb")))
-        names = list(task.python_interface.outputs)
-        values = TypeEngine.literal_map_to_kwargs(ctx, outputs, task.python_interface.outputs)
-        if not names:
-            return None
-        return values[names[0]] if len(names) == 1 else tuple(values[n] for n in names)
+        return LiteralMap.from_flyte_idl(load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb")))
     where = f"actor task {task.name!r}" + (f" on replica {execution.replica} (log: {execution.log_uri})" if execution.replica else "")
     if execution.state is ExecutionState.REPLICA_DIED:
         after = "; a new replica takes its place" if execution.replica else ""

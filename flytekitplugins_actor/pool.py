@@ -235,7 +235,7 @@ class ReplicaPool:
         if slot is not None:
             try:
                 with contextlib.closing(ReplicaClient(slot.replica.address, self.token, timeout=2.0)) as c:
-                    c.request("cancel", timeout=2.0, execution_id=execution_id)
+                    c.request("cancel", io_timeout=2.0, execution_id=execution_id)
             except (ProtocolError, OSError):
                 pass
             if not execution.wait(grace_seconds):

@@ -6,9 +6,10 @@ import os
 from typing import Any, Dict, Optional
 
 from flytekit.configuration import SerializationSettings
-from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.context_manager import FlyteContext, FlyteContextManager
 from flytekit.core.python_function_task import PythonFunctionTask
 from flytekit.extend import TaskPlugins
+from flytekit.models.literals import LiteralMap
 
 from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.replica.execution import RUNTIME
@@ -48,9 +49,15 @@ class ActorTask(PythonFunctionTask[ActorEnvironment]):
     def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
         return execution_env(self.task_config, settings)
 
+    def dispatch_execute(self, ctx: FlyteContext, input_literal_map: LiteralMap) -> LiteralMap:
+        if _runs_here(ctx):
+            return super().dispatch_execute(ctx, input_literal_map)
+        from flytekitplugins_actor.local import run_literals_on_replica
+
+        return run_literals_on_replica(self, input_literal_map)  # literals straight to inputs.pb and back
+
     def execute(self, **kwargs) -> Any:
-        ctx = FlyteContextManager.current_context()
-        if not ctx.execution_state.is_local_execution() or os.environ.get(IN_PROCESS_ENV) == "1":
+        if _runs_here(FlyteContextManager.current_context()):
             try:  # on a replica (or a pod): run the function here
                 return super().execute(**kwargs)
             except BaseException as e:
@@ -58,7 +65,13 @@ class ActorTask(PythonFunctionTask[ActorEnvironment]):
                 raise
         from flytekitplugins_actor.local import run_on_replica
 
-        return run_on_replica(self, kwargs)
+        return run_on_replica(self, kwargs)  # called with native values, e.g. by flytekit.map_task locally
+
+
+def _runs_here(ctx: FlyteContext) -> bool:
+    """True on a replica or pod (TASK_EXECUTION) and in the opt-in in-process mode; False in a local driver."""
+    state = ctx.execution_state
+    return state is None or not state.is_local_execution() or os.environ.get(IN_PROCESS_ENV) == "1"
 
 
 TaskPlugins.register_pythontask_plugin(ActorEnvironment, ActorTask)

@@ -69,11 +69,13 @@ class ReplicaClient:
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock.settimeout(None)
 
-    def request(self, op: str, timeout: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
-        """Sends one request and returns the reply; raises ProtocolError if the replica went away."""
+    def request(self, op: str, io_timeout: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
+        """Sends one request and returns the reply; raises ProtocolError if the replica went away.
+
+        `io_timeout` bounds the socket wait here; a `timeout` field is the op's own (e.g. how long `wait` waits)."""
         with self._lock:
             try:
-                self._sock.settimeout(timeout)
+                self._sock.settimeout(io_timeout)
                 send_message(self._sock, {"op": op, "token": self._token, **fields})
                 reply = recv_message(self._sock)
             except (OSError, ValueError) as e:

@@ -21,7 +21,7 @@ import socketserver
 import sys
 import threading
 import _thread
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from flytekitplugins_actor.replica.execution import RUNTIME, ExecutionOutcome, ExecutionSpec
 from flytekitplugins_actor.replica.protocol import (
@@ -34,6 +34,10 @@ from flytekitplugins_actor.replica.protocol import (
 )
 
 _KEEP_OUTCOMES = 1000
+IDLE_CLEANUP_S = 0.02
+"""Finished executions' temp dirs are removed once the replica has been idle this long (or every
+MAX_PENDING_CLEANUPS executions), so removing them never delays the next execution."""
+MAX_PENDING_CLEANUPS = 32
 CANCEL_SIGNAL = signal.SIGUSR2
 """Raised into the main thread (via _thread.interrupt_main) to cancel the running execution. Not SIGINT:
 importing flytekit installs a SIGINT handler that calls exit(1), which would turn a cancel into a failure."""
@@ -144,12 +148,20 @@ class Worker:
 
     # ---- execution (main thread) ----
     def serve_forever(self) -> None:
+        cleanups: List[Callable[[], None]] = []  # temp dirs of finished executions, removed once idle
+        try:
+            self._serve(cleanups)
+        finally:
+            _run_all(cleanups)
+
+    def _serve(self, cleanups: List[Callable[[], None]]) -> None:
         while True:
             try:
                 # Not a bare get(): the kernel may deliver SIGTERM to another thread, which does not wake the
                 # main thread's lock wait, and Python runs signal handlers only on the main thread.
-                spec = self._queue.get(timeout=0.5)
+                spec = self._queue.get(timeout=IDLE_CLEANUP_S if cleanups else 0.5)
             except queue.Empty:
+                _run_all(cleanups)  # idle: clean up now, off any execution's critical path
                 if self.stopping:
                     return
                 continue
@@ -171,7 +183,9 @@ class Worker:
                 self._cancelled.discard(spec.execution_id)
                 self._record(outcome)
             if cleanup is not None:
-                cleanup()  # after the outcome is visible: cleaning is off the caller's critical path
+                cleanups.append(cleanup)
+                if len(cleanups) >= MAX_PENDING_CLEANUPS:
+                    _run_all(cleanups)
             if self.stopping:
                 return
 
@@ -182,6 +196,14 @@ class Worker:
         self._queue.put(None)
         if running is not None:
             _thread.interrupt_main(CANCEL_SIGNAL)
+
+
+def _run_all(cleanups: List[Callable[[], None]]) -> None:
+    while cleanups:
+        try:
+            cleanups.pop()()
+        except Exception:
+            pass
 
 
 def _pickle_exception(exc: BaseException) -> Optional[str]:

@@ -160,13 +160,6 @@ def test_a_busy_replica_is_not_torn_down_by_its_ttl():
 
 
 # ---- scripts and pyflyte run, in their own driver processes ----
-MAIN_BUG = (
-    "local._loader picks the resolver by task.instantiated_in, which flytekit's tracker sets to the script's module "
-    "path relative to the cwd (here 'sdk_main_script'), not '__main__', when the script lies under the cwd: the "
-    "replica imports the script by name instead of unpickling the task, so __main__-only globals are missing (and a "
-    "script without a main guard re-runs its calls inside the replica, which starts replicas of its own). "
-    "Fix: cloudpickle whenever task.task_function.__module__ == '__main__'."
-)
 
 
 @pytest.mark.parametrize("cwd", [
@@ -232,3 +225,34 @@ def test_replicas_exit_when_the_driver_is_killed(tmp_path):
         p.stdin.close()
         p.stdout.close()
         p.stderr.close()
+
+
+@pytest.mark.timeout(90)
+def test_pyflyte_run_of_a_package_module_imports_the_same_way_in_the_replica(tmp_path):
+    # proj/pkg/flow.py imports its sibling pkg.helpers; only `pyflyte run` puts proj/ on sys.path
+    pkg = tmp_path / "proj" / "pkg"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "helpers.py").write_text("def triple(x):\n    return 3 * x\n")
+    (pkg / "flow.py").write_text(
+        "import os\n"
+        "from flytekit import workflow\n"
+        "from flytekitplugins_actor import ActorEnvironment\n"
+        "from pkg.helpers import triple\n"
+        "env = ActorEnvironment(name='sdk-pkg', ttl_seconds=30)\n"
+        "@env.task\n"
+        "def run(x: int) -> str:\n"
+        "    return f'{triple(x)} {__name__} {os.getpid()}'\n"
+        "@workflow\n"
+        "def wf(x: int) -> str:\n"
+        "    return run(x=x)\n"
+    )
+    env = subprocess_env()
+    env["PYTHONPATH"] = REPO  # not proj/: the replica must get it from the driver
+    p = subprocess.Popen([os.path.join(VENV_BIN, "pyflyte"), "run", "proj/pkg/flow.py", "wf", "--x", "4"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+    out, err = p.communicate(timeout=80)
+    assert p.returncode == 0, err[-3000:]
+    m = re.search(r"12 pkg\.flow (\d+)", out)
+    assert m, out
+    assert int(m.group(1)) != p.pid
