@@ -16,7 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 from flyteidl.core import literals_pb2
 
-from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
+from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
 from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_document, write_error_document
 from plugin_backend import metrics, store
 from plugin_backend.map_plan import MapPlan, item_args
@@ -61,8 +61,9 @@ class MapRun:
         self._done_q.put(None)
 
     def progress(self) -> Dict[str, int]:
-        ok = sum(1 for v in self.results.values() if v == "outputs")
-        return {"total": self.n, "succeeded": ok, "failed": len(self.results) - ok, "running": len(self.inflight),
+        """Read from GetTask's thread while the coordinator runs: only counters, never a dict iteration."""
+        failed = len(self.errors)
+        return {"total": self.n, "succeeded": len(self.results) - failed, "failed": failed, "running": len(self.inflight),
                 "resumed": self.resumed}
 
     # ---- coordinator thread ----
@@ -96,7 +97,10 @@ class MapRun:
         item_id = f"{self.execution_id}.{i}"
         spec = ExecutionSpec(item_id, item_args(self.template.args, inputs_path, prefix, i), self.env)
         self.inflight[item_id] = i
-        self.items[i] = pool.submit(spec, on_done=self._on_done)
+        try:
+            self.items[i] = pool.submit(spec, on_done=self._on_done)
+        except PoolClosed:  # reaped while idle between two items: the next lookup makes a new pool
+            self.items[i] = self._pool_of().submit(spec, on_done=self._on_done)
         self.dispatched += 1
 
     def _on_done(self, execution: Execution) -> None:
