@@ -7,7 +7,7 @@ parts, so a connector that did not create the execution (a restart, another repl
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 
 from flytekit.extend.backend.base_connector import ResourceMeta
 
@@ -30,7 +30,7 @@ class ActorResourceMeta(ResourceMeta):
     v: int = META_VERSION
 
     def encode(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        return json.dumps(dict(self.__dict__), separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> "ActorResourceMeta":

@@ -8,7 +8,6 @@ outputs.pb -> SUCCEEDED, error.pb -> FAILED or RETRYABLE_FAILED, dispatched but 
 
 from __future__ import annotations
 
-import base64
 import threading
 import time
 from dataclasses import dataclass, field
@@ -102,18 +101,19 @@ class ActorService:
             return entry.meta
         try:
             record = store.ExecutionRecord(output_prefix)
-            previous = record.read_request()
+            previous = record.create_request({
+                "execution_id": meta.execution_id, "kind": task_type, "created": time.time(),
+                "namespace": ident.namespace, "service_account": ident.service_account, "env": env,
+                "template": template.to_record(),
+            })
             if previous is not None and previous.get("execution_id") == meta.execution_id:
                 # created before this process started (a restart): answer from storage, re-enqueue if never started
                 with self._lock:
                     del self._entries[meta.execution_id]
                 self._adopt(meta)
                 return meta
-            record.write_request({
-                "execution_id": meta.execution_id, "kind": task_type, "created": time.time(),
-                "namespace": ident.namespace, "service_account": ident.service_account, "env": env,
-                "template": base64.b64encode(task_template.to_flyte_idl().SerializeToString()).decode(),
-            })
+            if previous is not None:  # another execution's record under this prefix: never expected
+                raise InvalidActorRequest(f"output prefix {output_prefix} already holds execution {previous.get('execution_id')}")
             self._start(entry, env, plan, record)
         except BaseException:
             with self._lock:
@@ -236,8 +236,7 @@ class ActorService:
                 return Status(TaskExecution.RETRYABLE_FAILED,
                               f"execution {meta.execution_id} was dispatched to replica {replica} but left no result: the connector "
                               "restarted (or the replica died) while it ran; it is not run twice")
-        tt = TaskTemplate.from_flyte_idl(_template_pb(request["template"]))
-        template = parse_template(tt, meta.kind)
+        template = ActorTemplate.from_record(request["template"])
         key = PoolKey(request["namespace"], request["service_account"], template.env_key, template.code_version)
         plan = None
         if template.map is not None:
@@ -298,12 +297,6 @@ class ActorService:
 
     def shutdown(self) -> None:
         self.manager.shutdown()
-
-
-def _template_pb(b64: str):
-    from flyteidl.core import tasks_pb2
-
-    return tasks_pb2.TaskTemplate.FromString(base64.b64decode(b64))
 
 
 _SERVICE: Optional[ActorService] = None

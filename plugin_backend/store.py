@@ -1,8 +1,8 @@
 """What the connector keeps in blob storage under an execution's output prefix, so a restart loses nothing.
 
-    <prefix>/_actor/request.json   written by create: the template, identity and pool key (enough to re-run)
-    <prefix>/_actor/started        written just before a replica is handed the execution (single executions)
-    <prefix>/_actor/aborted        written by delete
+    <prefix>/_actor.request.json   written by create: the template, identity and pool key (enough to re-run)
+    <prefix>/_actor.started        written just before a replica is handed the execution (single executions)
+    <prefix>/_actor.aborted        written by delete
     <prefix>/outputs.pb|error.pb   the result, as pyflyte-execute writes it
     <prefix>/items/<i>/...         a map item's inputs.pb and result (its own output prefix)
 
@@ -15,10 +15,9 @@ import json
 import os
 from typing import Any, Dict, Iterable, Optional, Set
 
-RECORD_DIR = "_actor"
-REQUEST = "request.json"
-STARTED = "started"
-ABORTED = "aborted"
+REQUEST = "_actor.request.json"
+STARTED = "_actor.started"
+ABORTED = "_actor.aborted"
 ITEMS = "items"
 
 
@@ -90,13 +89,32 @@ class ExecutionRecord:
         return join(self.prefix, *parts)
 
     # ---- request ----
-    def write_request(self, request: Dict[str, Any]) -> None:
-        write_bytes(self.path(RECORD_DIR, REQUEST), json.dumps(request, separators=(",", ":")).encode())
+    def create_request(self, request: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+        """Writes the request record unless one exists; returns the existing one (a create repeated after a
+        restart) or None. Locally one exclusive open does both; blob stores read, then write."""
+        path = self.path(REQUEST)
+        data = json.dumps(request, separators=(",", ":")).encode()
+        local = local_path(path)
+        if local is None:
+            existing = self.read_request()
+            if existing is None:
+                write_bytes(path, data)
+            return existing
+        for _ in range(2):
+            try:
+                with open(local, "xb") as f:
+                    f.write(data)
+                return None
+            except FileExistsError:
+                return self.read_request()
+            except FileNotFoundError:
+                os.makedirs(os.path.dirname(local) or ".", exist_ok=True)
+        raise FileNotFoundError(local)
 
     def read_request(self) -> Optional[Dict[str, Any]]:
         """The request record, or None if there is none (or only a torn one: the connector died writing it,
         before it answered CreateTask)."""
-        data = read_bytes(self.path(RECORD_DIR, REQUEST))
+        data = read_bytes(self.path(REQUEST))
         try:
             return None if data is None else json.loads(data)
         except ValueError:
@@ -104,10 +122,10 @@ class ExecutionRecord:
 
     # ---- markers ----
     def mark(self, marker: str, detail: str = "") -> None:
-        write_bytes(self.path(RECORD_DIR, marker), detail.encode())
+        write_bytes(self.path(marker), detail.encode())
 
     def marker(self, marker: str) -> Optional[str]:
-        data = read_bytes(self.path(RECORD_DIR, marker))
+        data = read_bytes(self.path(marker))
         return None if data is None else data.decode(errors="replace")
 
     # ---- results ----

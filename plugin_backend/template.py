@@ -59,6 +59,24 @@ class ActorTemplate:
         """What the replica imports user code from: the fast-register distribution, else the image."""
         return self.command.distribution or self.image
 
+    def to_record(self) -> Dict[str, Any]:
+        """What a restarted connector needs to run it again (stored in request.json): plain JSON."""
+        record = {f: getattr(self, f) for f in _RECORD_FIELDS}
+        record["map"] = None if self.map is None else {f: getattr(self.map, f) for f in _MAP_FIELDS}
+        return record
+
+    @classmethod
+    def from_record(cls, record: Dict[str, Any]) -> "ActorTemplate":
+        m = record.get("map")
+        map_spec = None if m is None else MapSpec(**{f: tuple(v) if isinstance(v, list) else v for f, v in m.items()})
+        fields_ = {f: tuple(record[f]) if f in ("input_names", "output_names") else record[f] for f in _RECORD_FIELDS}
+        return cls(command=parse_command(record["args"]), map=map_spec, **fields_)
+
+
+_RECORD_FIELDS = ("task_type", "task_name", "env_name", "env_key", "image", "replica_count", "ttl_seconds", "args",
+                  "container_env", "input_names", "output_names")
+_MAP_FIELDS = ("mapped_inputs", "bound_inputs", "subtask", "concurrency", "min_success_ratio")
+
 
 def _refuse(template: TaskTemplate, reason: str) -> InvalidTaskTemplate:
     name = template.id.name if template.id is not None else "?"

@@ -111,3 +111,15 @@ def test_item_args_rewrite_inputs_outputs_and_checkpoints_only():
     assert out[out.index("--checkpoint-path") + 1] == "s3://ck/4"
     assert out[out.index("--prev-checkpoint") + 1] == '""'
     assert out[out.index("--raw-output-data-prefix") + 1] == "s3://raw" and out[-4:] == args[-4:] and out[:6] == args[:6]
+
+
+def test_template_record_round_trips_for_restarts(tmp_path):
+    import json
+
+    m = actor_map(functools.partial(t.square, counter="", gate=""), concurrency=2, min_success_ratio=0.5)
+    a, tt = _template(m, str(tmp_path), x=[1])
+    parsed = parse_template(tt, "actor_map")
+    from plugin_backend.template import ActorTemplate
+
+    again = ActorTemplate.from_record(json.loads(json.dumps(parsed.to_record())))
+    assert again == parsed
