@@ -130,3 +130,28 @@ def test_orphans_of_a_previous_connector_are_deleted(backend, api, mocker):
     selector = api.list_pod_for_all_namespaces.call_args.kwargs["label_selector"]
     assert f"{LABEL_INSTANCE}!=inst1" in selector
     api.delete_namespaced_pod.assert_called_with("old-1", "team-a", grace_period_seconds=0)
+
+
+def test_pools_start_replica_pods_in_the_executions_namespace_and_service_account(api, backend, tmp_path):
+    """PoolManager -> KubernetesBackend: the pool key's namespace and service account become the pod's."""
+    from harness import Attempt, literal_map, wait_for
+    from flytekit.models.task import TaskTemplate
+
+    import actor_tasks as t
+    from flytekitplugins_actor.replica.execution import ExecutionSpec
+    from plugin_backend.pools import PoolKey, PoolManager
+    from plugin_backend.template import parse_template
+
+    a = Attempt(str(tmp_path), t.add, literal_map(t.add, a=1, b=2))
+    template = parse_template(TaskTemplate.from_flyte_idl(a.template), "actor")
+    manager = PoolManager(backend=backend, state_dir=str(tmp_path / "state"))
+    try:
+        pool = manager.pool_for(PoolKey("team-z", "sa-z", template.env_key, template.code_version), template)
+        pool.submit(ExecutionSpec("e1", template.args, {}))
+        wait_for(lambda: api.create_namespaced_pod.called, 5, "the replica pod to be created")
+        ns, pod = api.create_namespaced_pod.call_args.args
+        assert ns == "team-z" and pod["spec"]["serviceAccountName"] == "sa-z"
+        assert pod["spec"]["containers"][0]["image"] == template.image
+        assert pod["metadata"]["labels"]["flyte-actor/env"] == "conn-test"
+    finally:
+        manager.shutdown()
