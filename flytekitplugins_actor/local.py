@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import sys
 import tempfile
 import threading
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 from flytekit.configuration import ImageConfig, SerializationSettings
 from flytekit.core.context_manager import FlyteContextManager
@@ -36,6 +37,8 @@ class LocalPools:
         self._stop = threading.Event()
         self._reaper: Optional[threading.Thread] = None
         self.log_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "flyte-actor-logs", str(os.getpid()))
+        self._workdir_root = os.path.join(tempfile.gettempdir(), f"flyte-actor-runs-{os.getpid()}")
+        self._free_workdirs: List[str] = []
         atexit.register(self.shutdown)
 
     def pool_for(self, env: ActorEnvironment, module_root: Optional[str] = None) -> ReplicaPool:
@@ -57,6 +60,24 @@ class LocalPools:
                     self._reaper.start()
             return pool
 
+    @contextlib.contextmanager
+    def workdir(self) -> Iterator[str]:
+        """A private dir for one execution's inputs.pb and outputs. Dirs are emptied and reused, not removed:
+        creating and removing directories costs more than a warm execution on a busy disk."""
+        with self._lock:
+            path = self._free_workdirs.pop() if self._free_workdirs else None
+        if path is None:
+            os.makedirs(self._workdir_root, exist_ok=True)
+            path = tempfile.mkdtemp(dir=self._workdir_root)
+        try:
+            yield path
+        finally:
+            if _empty(path):
+                with self._lock:
+                    self._free_workdirs.append(path)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+
     def pools(self) -> Dict[str, ReplicaPool]:
         with self._lock:
             return dict(self._pools)
@@ -75,6 +96,18 @@ class LocalPools:
             pools, self._pools = list(self._pools.values()), {}
         for p in pools:
             p.shutdown(grace_seconds=1.0)
+        shutil.rmtree(self._workdir_root, ignore_errors=True)
+
+
+def _empty(path: str) -> bool:
+    """Removes what an execution left in its workdir, keeping the dirs; False if that failed."""
+    try:
+        for root, dirs, files in os.walk(path):
+            for f in files:
+                os.unlink(os.path.join(root, f))
+        return True
+    except OSError:
+        return False
 
 
 def _python_path(module_root: Optional[str] = None) -> str:
@@ -164,12 +197,10 @@ def run_on_replica(task, native_inputs: Dict[str, Any]) -> Any:
 def run_literals_on_replica(task, inputs: LiteralMap) -> LiteralMap:
     """Executes an actor task on a warm local replica of its environment: inputs.pb in, outputs.pb out."""
     ctx = FlyteContextManager.current_context()
-    pool = local_pools().pool_for(task.task_config, _module_root(task))
-    workdir = tempfile.mkdtemp(prefix="actor-run-")  # inputs.pb, outputs.pb, error.pb: removed once read
-    try:
+    pools = local_pools()
+    pool = pools.pool_for(task.task_config, _module_root(task))
+    with pools.workdir() as workdir:
         return _run_in(workdir, ctx, pool, task, inputs)
-    finally:
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _run_in(workdir: str, ctx, pool: ReplicaPool, task, inputs: LiteralMap) -> LiteralMap:

@@ -35,8 +35,8 @@ from flytekitplugins_actor.replica.protocol import (
 
 _KEEP_OUTCOMES = 1000
 IDLE_CLEANUP_S = 0.02
-"""Finished executions' temp dirs are removed once the replica has been idle this long (or every
-MAX_PENDING_CLEANUPS executions), so removing them never delays the next execution."""
+"""Finished executions' temp dirs are removed once the replica has been idle this long, so removing them does
+not delay the next execution; a replica that is never idle keeps at most MAX_PENDING_CLEANUPS of them."""
 MAX_PENDING_CLEANUPS = 32
 CANCEL_SIGNAL = signal.SIGUSR2
 """Raised into the main thread (via _thread.interrupt_main) to cancel the running execution. Not SIGINT:
@@ -184,8 +184,8 @@ class Worker:
                 self._record(outcome)
             if cleanup is not None:
                 cleanups.append(cleanup)
-                if len(cleanups) >= MAX_PENDING_CLEANUPS:
-                    _run_all(cleanups)
+                if len(cleanups) > MAX_PENDING_CLEANUPS:  # never idle: pay one cleanup per execution, no bursts
+                    cleanups.pop(0)()
             if self.stopping:
                 return
 
