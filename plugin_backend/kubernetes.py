@@ -12,7 +12,6 @@ import copy
 import logging
 import os
 import threading
-import time
 import uuid
 from typing import Any, Dict, Optional
 

@@ -2,7 +2,7 @@
 
 import os
 import time
-from typing import List, Optional
+from typing import Optional
 
 from flytekit.exceptions.user import FlyteRecoverableException
 

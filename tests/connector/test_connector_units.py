@@ -8,7 +8,7 @@ from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
 import actor_tasks as t
 from flytekitplugins_actor.actor_map import map as actor_map
-from harness import Attempt, literal_map, serialize
+from harness import Attempt, literal_map
 from plugin_backend.errors import InvalidActorRequest, InvalidResourceMeta, InvalidTaskTemplate
 from plugin_backend.identity import identity_of
 from plugin_backend.map_plan import MapPlan, item_args
