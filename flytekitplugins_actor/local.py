@@ -20,22 +20,16 @@ from flytekit.models.literals import LiteralMap
 
 from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.errors import ActorTaskFailed, ExecutionCancelled, ReplicaDied
-from flytekitplugins_actor.pool import ExecutionState, ReplicaPool
+from flytekitplugins_actor.pool import ExecutionState, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec
 from flytekitplugins_actor.replica.execution import ExecutionSpec
 
-REAP_INTERVAL_S = 1.0
-
-
-class LocalPools:
+class LocalPools(PoolRegistry):
     """The driver's pools. Replicas die with the driver: at exit, and at once if it is killed (their stdin closes)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pools: Dict[str, ReplicaPool] = {}
+        super().__init__()
         self._backend = LocalProcessBackend()
-        self._stop = threading.Event()
-        self._reaper: Optional[threading.Thread] = None
         self.log_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "flyte-actor-logs", str(os.getpid()))
         self._workdir_root = os.path.join(tempfile.gettempdir(), f"flyte-actor-runs-{os.getpid()}")
         self._free_workdirs: List[str] = []
@@ -43,22 +37,18 @@ class LocalPools:
 
     def pool_for(self, env: ActorEnvironment, module_root: Optional[str] = None) -> ReplicaPool:
         key = env.key()
-        with self._lock:
-            pool = self._pools.get(key)
-            if pool is None:
-                replica_env = {**env.replica_env(), "PYTHONPATH": _python_path(module_root)}
-                cwd = os.getcwd()
 
-                def make_spec(name: str, token: str) -> ReplicaSpec:
-                    return ReplicaSpec(name=name, token=token, env=replica_env, cwd=cwd, log_dir=self.log_dir,
-                                       labels={"actor-env": env.name, "actor-env-key": key})
+        def create() -> ReplicaPool:
+            replica_env = {**env.replica_env(), "PYTHONPATH": _python_path(module_root)}
+            cwd = os.getcwd()
 
-                pool = ReplicaPool(key, self._backend, make_spec, env.replica_count, env.resolved_ttl_seconds, name=env.name)
-                self._pools[key] = pool
-                if self._reaper is None:
-                    self._reaper = threading.Thread(target=self._reap, name="actor-pool-reaper", daemon=True)
-                    self._reaper.start()
-            return pool
+            def make_spec(name: str, token: str) -> ReplicaSpec:
+                return ReplicaSpec(name=name, token=token, env=replica_env, cwd=cwd, log_dir=self.log_dir,
+                                   labels={"actor-env": env.name, "actor-env-key": key})
+
+            return ReplicaPool(key, self._backend, make_spec, env.replica_count, env.resolved_ttl_seconds, name=env.name)
+
+        return self._pool(key, create)
 
     @contextlib.contextmanager
     def workdir(self) -> Iterator[str]:
@@ -78,24 +68,8 @@ class LocalPools:
             else:
                 shutil.rmtree(path, ignore_errors=True)
 
-    def pools(self) -> Dict[str, ReplicaPool]:
-        with self._lock:
-            return dict(self._pools)
-
-    def _reap(self) -> None:
-        while not self._stop.wait(REAP_INTERVAL_S):
-            with self._lock:
-                expired = [k for k, p in self._pools.items() if p.expired()]
-                pools = [self._pools.pop(k) for k in expired]
-            for p in pools:
-                p.shutdown()
-
     def shutdown(self) -> None:
-        self._stop.set()
-        with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for p in pools:
-            p.shutdown(grace_seconds=1.0)
+        super().shutdown()
         shutil.rmtree(self._workdir_root, ignore_errors=True)
 
 

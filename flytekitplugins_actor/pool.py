@@ -374,3 +374,59 @@ class ReplicaPool:
             except Exception:
                 pass
 
+
+
+class PoolRegistry:
+    """Pools by key, created on first use; a reaper thread tears down the ones idle past their ttl.
+
+    Shared by a local driver (`LocalPools`) and the connector (`plugin_backend.pools.PoolManager`)."""
+
+    reap_interval_s = 1.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pools: Dict[str, ReplicaPool] = {}
+        self._stop = threading.Event()
+        self._reaper: Optional[threading.Thread] = None
+        self.reaped = 0
+
+    def _pool(self, key: str, create: Callable[[], ReplicaPool]) -> ReplicaPool:
+        with self._lock:
+            pool = self._pools.get(key)
+            if pool is None:
+                pool = self._pools[key] = create()
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap_forever, name="actor-pool-reaper", daemon=True)
+                    self._reaper.start()
+            return pool
+
+    def get(self, key: str) -> Optional[ReplicaPool]:
+        """The live pool for a key, without creating one."""
+        with self._lock:
+            return self._pools.get(key)
+
+    def pools(self) -> List[ReplicaPool]:
+        with self._lock:
+            return list(self._pools.values())
+
+    def _reap_forever(self) -> None:
+        while not self._stop.wait(self.reap_interval_s):
+            self.reap()
+
+    def reap(self) -> int:
+        """Tears down pools idle past their ttl; returns how many."""
+        with self._lock:
+            expired = [k for k, p in self._pools.items() if p.expired()]
+            pools = [self._pools.pop(k) for k in expired]
+        for p in pools:
+            p.shutdown()
+        self.reaped += len(pools)
+        return len(pools)
+
+    def shutdown(self) -> None:
+        """Stops the reaper and every pool's replicas."""
+        self._stop.set()
+        with self._lock:
+            pools, self._pools = list(self._pools.values()), {}
+        for p in pools:
+            p.shutdown(grace_seconds=1.0)

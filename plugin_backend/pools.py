@@ -11,18 +11,16 @@ import hashlib
 import json
 import os
 import tempfile
-import threading
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Optional
 
-from flytekitplugins_actor.pool import ReplicaPool
+from flytekitplugins_actor.pool import PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaBackend, ReplicaSpec
 from plugin_backend.template import ActorTemplate
 
 BACKEND_ENV = "FLYTE_ACTOR_BACKEND"
 REPLICA_TMPDIR_ENV = "FLYTE_ACTOR_REPLICA_TMPDIR"
 STATE_DIR_ENV = "FLYTE_ACTOR_STATE_DIR"
-REAP_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -54,33 +52,24 @@ def backend_from_env() -> ReplicaBackend:
     raise ValueError(f"{BACKEND_ENV}={name!r} is not a replica backend; use 'local' or 'kubernetes'")
 
 
-class PoolManager:
+class PoolManager(PoolRegistry):
     """Creates pools on first use, finds them by key, and reaps the idle ones."""
 
     def __init__(self, backend: Optional[ReplicaBackend] = None, state_dir: Optional[str] = None):
+        super().__init__()
         self.backend = backend or backend_from_env()
         self.state_dir = state_dir or os.environ.get(STATE_DIR_ENV) or os.path.join(
             tempfile.gettempdir(), f"flyte-actor-connector-{os.getpid()}")
         self.log_dir = os.path.join(self.state_dir, "logs")
-        self._lock = threading.Lock()
-        self._pools: Dict[str, ReplicaPool] = {}
-        self.reaped = 0
-        self._stop = threading.Event()
-        threading.Thread(target=self._reap, name="actor-pool-reaper", daemon=True).start()
 
     def pool_for(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
-        with self._lock:
-            pool = self._pools.get(key.digest)
-            if pool is None:
-                pool = ReplicaPool(key.digest, self.backend, self._spec_maker(key, template), template.replica_count,
-                                   template.ttl_seconds, name=template.env_name)
-                self._pools[key.digest] = pool
-            return pool
+        return self._pool(key.digest, lambda: ReplicaPool(
+            key.digest, self.backend, self._spec_maker(key, template), template.replica_count,
+            template.ttl_seconds, name=template.env_name))
 
     def find(self, key: PoolKey) -> Optional[ReplicaPool]:
         """The live pool for a key, without creating one."""
-        with self._lock:
-            return self._pools.get(key.digest)
+        return self.get(key.digest)
 
     def _spec_maker(self, key: PoolKey, template: ActorTemplate):
         cwd = None
@@ -104,42 +93,12 @@ class PoolManager:
         return make_spec
 
     def _replica_tmpdir(self) -> Optional[str]:
-        """Scratch for local replicas: each execution makes and removes a few temp dirs, and tmpfs does that
-        ~4x faster than a disk-backed /tmp. FLYTE_ACTOR_REPLICA_TMPDIR overrides; pods keep their own /tmp."""
-        if not isinstance(self.backend, LocalProcessBackend):
-            return None
+        """Scratch for local replicas when FLYTE_ACTOR_REPLICA_TMPDIR is set (e.g. /dev/shm: tmpfs makes and
+        removes each execution's temp dirs ~4x faster than a disk). Opt-in: task temp files would then use RAM,
+        and a container's /dev/shm is often 64 MiB. Pods keep their own /tmp."""
         configured = os.environ.get(REPLICA_TMPDIR_ENV)
-        candidates = [configured] if configured else ["/dev/shm"]
-        for base in candidates:
-            path = os.path.join(base, f"flyte-actor-{os.getpid()}")
-            try:
-                os.makedirs(path, exist_ok=True)
-                return path
-            except OSError:
-                continue
-        return None
-
-    def pools(self) -> List[ReplicaPool]:
-        with self._lock:
-            return list(self._pools.values())
-
-    def _reap(self) -> None:
-        while not self._stop.wait(REAP_INTERVAL_S):
-            self.reap()
-
-    def reap(self) -> int:
-        """Tears down pools idle past their ttl; returns how many."""
-        with self._lock:
-            expired = [k for k, p in self._pools.items() if p.expired()]
-            pools = [self._pools.pop(k) for k in expired]
-        for p in pools:
-            p.shutdown()
-        self.reaped += len(pools)
-        return len(pools)
-
-    def shutdown(self) -> None:
-        self._stop.set()
-        with self._lock:
-            pools, self._pools = list(self._pools.values()), {}
-        for p in pools:
-            p.shutdown(grace_seconds=1.0)
+        if not configured or not isinstance(self.backend, LocalProcessBackend):
+            return None
+        path = os.path.join(configured, f"flyte-actor-{os.getpid()}")
+        os.makedirs(path, exist_ok=True)
+        return path

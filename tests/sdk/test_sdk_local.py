@@ -19,7 +19,7 @@ pytestmark = pytest.mark.timeout(120)
 
 
 def pool_of(env):
-    return local_pools().pools().get(env.key())
+    return local_pools().get(env.key())
 
 
 # ---- where tasks run ----
