@@ -12,11 +12,14 @@ import functools
 import hashlib
 from typing import Any, Dict, List, Optional, Union
 
+from flyteidl.core import literals_pb2
 from flytekit.configuration import SerializationSettings
 from flytekit.core.base_task import PythonTask
+from flytekit.core.context_manager import FlyteContext
 from flytekit.core.interface import transform_interface_to_list_interface
-from flytekit.core.python_function_task import PythonFunctionTask
+from flytekit.models.literals import LiteralMap
 
+from flytekitplugins_actor.map_plan import MapInputError, MapPlan, required_successes
 from flytekitplugins_actor.task import ActorTask, execution_env
 
 ACTOR_MAP_TASK_TYPE = "actor_map"
@@ -24,13 +27,6 @@ ACTOR_MAP_TASK_TYPE = "actor_map"
 
 class MapFailed(RuntimeError):
     """Too few items of an actor map succeeded to meet its min_success_ratio."""
-
-
-def required_successes(n: int, min_success_ratio: float) -> int:
-    """How many of n items must succeed; shared by local runs and the connector."""
-    import math
-
-    return math.ceil(n * min_success_ratio - 1e-9)
 
 
 class ActorMapTask(PythonTask):
@@ -95,25 +91,30 @@ class ActorMapTask(PythonTask):
         return execution_env(self._subtask.task_config, settings, spec)
 
     # ---- local execution: fan out over local replicas ----
-    def execute(self, **kwargs) -> Any:
-        from flytekitplugins_actor.local import run_on_replica
+    def dispatch_execute(self, ctx: FlyteContext, input_literal_map: LiteralMap) -> LiteralMap:
+        """Splits the inputs (the same MapPlan the connector uses), runs the items on the environment's local
+        replicas in parallel, and gathers their outputs in input order."""
+        from flytekitplugins_actor.local import run_literals_on_replica
 
-        lengths = {k: len(kwargs[k]) for k in self.mapped_inputs}
-        if len(set(lengths.values())) > 1:
-            raise ValueError(f"map({self._subtask.name}): mapped inputs have different lengths {lengths}")
-        n = next(iter(lengths.values()))
-        bound = {k: kwargs[k] for k in self.bound_inputs}
-        items = [{**{k: kwargs[k][i] for k in self.mapped_inputs}, **bound} for i in range(n)]
+        try:
+            plan = MapPlan(input_literal_map, self.mapped_inputs, self.bound_inputs)
+        except MapInputError as e:
+            raise ValueError(f"map({self._subtask.name}): {e}") from None
+        n = plan.size
         workers = min(self.concurrency or self._subtask.task_config.replica_count, max(n, 1))
-        results: List[Any] = [None] * n
+        results: List[Optional[literals_pb2.LiteralMap]] = [None] * n
         failures: Dict[int, BaseException] = {}
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="actor-map") as ex:
             # each item runs in a copy of the driver's flytekit context (a contextvar)
-            futures = {ex.submit(contextvars.copy_context().run, run_on_replica, self._subtask, item): i for i, item in enumerate(items)}
+            futures = {
+                ex.submit(contextvars.copy_context().run, run_literals_on_replica, self._subtask,
+                          LiteralMap.from_flyte_idl(plan.item_inputs(i))): i
+                for i in range(n)
+            }
             for f in concurrent.futures.as_completed(futures):
                 i = futures[f]
                 try:
-                    results[i] = f.result()
+                    results[i] = f.result().to_flyte_idl()
                 except Exception as e:
                     failures[i] = e
         need = required_successes(n, self.min_success_ratio)
@@ -123,12 +124,13 @@ class ActorMapTask(PythonTask):
                 f"map({self._subtask.name}): {n - len(failures)} of {n} items succeeded, {need} required "
                 f"(min_success_ratio={self.min_success_ratio}); first failure, item {first}: {failures[first]!r}"
             ) from failures[first]
-        outputs = list(self._subtask.python_interface.outputs)
-        if not outputs:
-            return None
-        if len(outputs) == 1:
-            return results
-        return tuple([r[j] if r is not None else None for r in results] for j in range(len(outputs)))
+        return LiteralMap.from_flyte_idl(MapPlan.gather(list(self._subtask.python_interface.outputs), results))
+
+    def execute(self, **kwargs) -> Any:
+        raise NotImplementedError(
+            "an actor map runs through dispatch_execute: call it in a workflow or as a task (local runs), "
+            "or let the connector run it (remote)"
+        )
 
 
 def map(task_or_partial: Union[ActorTask, functools.partial], concurrency: Optional[int] = None, min_success_ratio: float = 1.0) -> ActorMapTask:

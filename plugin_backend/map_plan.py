@@ -1,75 +1,28 @@
-"""Splits an `actor_map` task's inputs into per-item inputs and gathers per-item outputs back into lists.
-
-Item i gets the i-th element of every mapped input and every bound input as is; its output prefix is
-`<outputPrefix>/items/<i>`. Gathered outputs hold one list per output name, in input order; a failed item
-contributes a none literal when `min_success_ratio` still holds.
+"""The connector's side of an `actor_map`: the shared split/gather (flytekitplugins_actor.map_plan) and the
+per-item container args. Item i's output prefix is `<outputPrefix>/items/<i>`.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Union
+from typing import List, Sequence, Union
 
-from flyteidl.core import literals_pb2
 from flytekit.models.literals import LiteralMap
 
+from flytekitplugins_actor import map_plan as _shared
+from flytekitplugins_actor.map_plan import ProtoMap, none_literal  # noqa: F401  (re-exported)
 from plugin_backend.errors import InvalidActorRequest
 from plugin_backend.template import MapSpec
 
-ProtoMap = literals_pb2.LiteralMap
 
-
-def _proto(m: Union[LiteralMap, ProtoMap, None]) -> ProtoMap:
-    if m is None:
-        return ProtoMap()
-    return m if isinstance(m, ProtoMap) else m.to_flyte_idl()
-
-
-def none_literal() -> literals_pb2.Literal:
-    return literals_pb2.Literal(scalar=literals_pb2.Scalar(none_type=literals_pb2.Void()))
-
-
-class MapPlan:
-    """The split of one map task's inputs. Works on flyteidl LiteralMaps (flytekit's models are accepted too)."""
+class MapPlan(_shared.MapPlan):
+    """The SDK's MapPlan (one split/gather for local runs and the connector), refusing bad inputs as a request error."""
 
     def __init__(self, inputs: Union[LiteralMap, ProtoMap, None], spec: MapSpec):
         self.spec = spec
-        self._inputs = _proto(inputs)
-        lengths: Dict[str, int] = {}
-        self._lists: Dict[str, Sequence[literals_pb2.Literal]] = {}
-        for name in spec.mapped_inputs:
-            if name not in self._inputs.literals:
-                raise InvalidActorRequest(f"mapped input {name!r} has no value")
-            lit = self._inputs.literals[name]
-            if not lit.HasField("collection"):
-                raise InvalidActorRequest(f"mapped input {name!r} is not a list literal")
-            self._lists[name] = lit.collection.literals
-            lengths[name] = len(lit.collection.literals)
-        if len(set(lengths.values())) > 1:
-            raise InvalidActorRequest(f"mapped inputs have different lengths: {lengths}")
-        self.size = next(iter(lengths.values()), 0)
-        self._bound = {n: self._inputs.literals[n] for n in spec.bound_inputs if n in self._inputs.literals}
-
-    def item_inputs(self, i: int) -> ProtoMap:
-        out = ProtoMap()
-        for name, items in self._lists.items():
-            out.literals[name].CopyFrom(items[i])
-        for name, lit in self._bound.items():
-            out.literals[name].CopyFrom(lit)
-        return out
-
-    @staticmethod
-    def gather(output_names: Sequence[str], results: List[Optional[ProtoMap]]) -> ProtoMap:
-        """One list per output name; results[i] is item i's outputs, or None for a failed item."""
-        out = ProtoMap()
-        for name in output_names:
-            coll = out.literals[name].collection
-            coll.SetInParent()  # an empty list is still a collection literal
-            for r in results:
-                if r is None or name not in r.literals:
-                    coll.literals.append(none_literal())
-                else:
-                    coll.literals.append(r.literals[name])
-        return out
+        try:
+            super().__init__(inputs, spec.mapped_inputs, spec.bound_inputs)
+        except _shared.MapInputError as e:
+            raise InvalidActorRequest(str(e)) from None
 
 
 def item_args(args: Sequence[str], inputs_path: str, output_prefix: str, index: int) -> List[str]:

@@ -7,12 +7,12 @@ plus `spec.map` for the map task type.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from flytekit.models.task import TaskTemplate
 
+from flytekitplugins_actor.map_plan import required_successes
 from flytekitplugins_actor.replica.execution import ParsedCommand, parse_command
 from plugin_backend.errors import InvalidTaskTemplate
 
@@ -33,7 +33,7 @@ class MapSpec:
     min_success_ratio: float = 1.0
 
     def min_successes(self, n: int) -> int:
-        return min(n, math.ceil(self.min_success_ratio * n - 1e-9))
+        return min(n, required_successes(n, self.min_success_ratio))
 
 
 @dataclass(frozen=True)
