@@ -20,9 +20,9 @@ from flytekit.models.literals import LiteralMap
 
 from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.errors import ActorTaskFailed, ExecutionCancelled, ReplicaDied
-from flytekitplugins_actor.pool import ExecutionState, PoolRegistry, ReplicaPool
+from flytekitplugins_actor.pool import Execution, ExecutionState, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec
-from flytekitplugins_actor.replica.execution import ExecutionSpec
+from flytekitplugins_actor.replica.execution import SYS_PATH_ENV, ExecutionSpec
 
 class LocalPools(PoolRegistry):
     """The driver's pools. Replicas die with the driver: at exit, and at once if it is killed (their stdin closes)."""
@@ -35,20 +35,28 @@ class LocalPools(PoolRegistry):
         self._free_workdirs: List[str] = []
         atexit.register(self.shutdown)
 
+    def submit_to(self, env: ActorEnvironment, spec: ExecutionSpec, **kwargs) -> Execution:
+        """Queues an execution on the environment's pool (started, or replaced if reaped, as needed)."""
+        return self.submit(env.key(), lambda: self._create(env, spec.env.get(SYS_PATH_ENV)), spec, **kwargs)
+
+    def forget(self, env: ActorEnvironment, execution_id: str) -> None:
+        pool = self.get(env.key())
+        if pool is not None:
+            pool.forget(execution_id)
+
     def pool_for(self, env: ActorEnvironment, module_root: Optional[str] = None) -> ReplicaPool:
+        return self._pool(env.key(), lambda: self._create(env, module_root))
+
+    def _create(self, env: ActorEnvironment, module_root: Optional[str]) -> ReplicaPool:
         key = env.key()
+        replica_env = {**env.replica_env(), "PYTHONPATH": _python_path(module_root)}
+        cwd = os.getcwd()
 
-        def create() -> ReplicaPool:
-            replica_env = {**env.replica_env(), "PYTHONPATH": _python_path(module_root)}
-            cwd = os.getcwd()
+        def make_spec(name: str, token: str) -> ReplicaSpec:
+            return ReplicaSpec(name=name, token=token, env=replica_env, cwd=cwd, log_dir=self.log_dir,
+                               labels={"actor-env": env.name, "actor-env-key": key})
 
-            def make_spec(name: str, token: str) -> ReplicaSpec:
-                return ReplicaSpec(name=name, token=token, env=replica_env, cwd=cwd, log_dir=self.log_dir,
-                                   labels={"actor-env": env.name, "actor-env-key": key})
-
-            return ReplicaPool(key, self._backend, make_spec, env.replica_count, env.resolved_ttl_seconds, name=env.name)
-
-        return self._pool(key, create)
+        return ReplicaPool(key, self._backend, make_spec, env.replica_count, env.resolved_ttl_seconds, name=env.name)
 
     @contextlib.contextmanager
     def workdir(self) -> Iterator[str]:
@@ -172,21 +180,24 @@ def run_literals_on_replica(task, inputs: LiteralMap) -> LiteralMap:
     """Executes an actor task on a warm local replica of its environment: inputs.pb in, outputs.pb out."""
     ctx = FlyteContextManager.current_context()
     pools = local_pools()
-    pool = pools.pool_for(task.task_config, _module_root(task))
     with pools.workdir() as workdir:
-        return _run_in(workdir, ctx, pool, task, inputs)
+        return _run_in(workdir, ctx, pools, task, inputs)
 
 
-def _run_in(workdir: str, ctx, pool: ReplicaPool, task, inputs: LiteralMap) -> LiteralMap:
+def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap) -> LiteralMap:
     inputs_path = os.path.join(workdir, "inputs.pb")
     output_prefix = os.path.join(workdir, "outputs")
     write_proto_to_file(inputs.to_flyte_idl(), inputs_path)
     resolver, loader_args = _loader(task, workdir)
     args = ["pyflyte-execute", "--inputs", inputs_path, "--output-prefix", output_prefix,
             "--raw-output-data-prefix", ctx.file_access.raw_output_prefix, "--resolver", resolver, "--", *loader_args]
-    execution = pool.submit(ExecutionSpec(f"local-{uuid.uuid4().hex}", args, identity_env(task)), want_exception=True)
+    env = identity_env(task)
+    root = _module_root(task)
+    if root:  # the pool's PYTHONPATH has the first task's root; another task of the environment may need its own
+        env[SYS_PATH_ENV] = root
+    execution = pools.submit_to(task.task_config, ExecutionSpec(f"local-{uuid.uuid4().hex}", args, env), want_exception=True)
     execution.wait()
-    pool.forget(execution.id)
+    pools.forget(task.task_config, execution.id)
     if execution.state is ExecutionState.SUCCEEDED:
         from flyteidl.core import literals_pb2
 

@@ -18,9 +18,8 @@ from typing import Callable, Deque, Dict, List, Optional
 
 from flytekitplugins_actor.replica.backend import Replica, ReplicaBackend, ReplicaDeath, ReplicaSpec, ReplicaState
 from flytekitplugins_actor.replica.execution import ExecutionSpec
-from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient
+from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient, RequestRefused
 
-READY_TIMEOUT_S = 120.0
 MAX_FAILED_STARTS = 3
 
 
@@ -53,6 +52,7 @@ class Execution:
     started_at: Optional[float] = None
     finished_at: Optional[float] = None
     want_exception: bool = False
+    cancel_requested: bool = False
     before_dispatch: Optional[Callable[["Execution"], None]] = field(default=None, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _callbacks: List[Callable[["Execution"], None]] = field(default_factory=list, repr=False)
@@ -63,14 +63,6 @@ class Execution:
 
     def wait(self, timeout: Optional[float] = None) -> bool:
         return self._done.wait(timeout)
-
-    def add_done_callback(self, fn: Callable[["Execution"], None]) -> None:
-        """Calls fn(execution) once it is terminal (at once if it already is). Callbacks run under the pool's
-        lock: keep them to a queue put or a counter."""
-        if self._done.is_set():
-            fn(self)
-        else:
-            self._callbacks.append(fn)
 
     def exception(self) -> Optional[BaseException]:
         """The task's own exception object when the replica could send it back (local runs), else None."""
@@ -93,20 +85,30 @@ class _Slot:
 
     def __init__(self, pool: "ReplicaPool", replica: Replica):
         self.pool, self.replica = pool, replica
-        self.busy = False
         self.executions = 0
         self.current: Optional[Execution] = None
         self.client: Optional[ReplicaClient] = None
-        replica.add_death_callback(pool._notify)
+        replica.add_death_callback(self._on_death)
         self.thread = threading.Thread(target=self._run, name=f"slot-{replica.name}", daemon=True)
         self.thread.start()
 
+    @property
+    def busy(self) -> bool:
+        return self.current is not None
+
+    def _on_death(self, death: ReplicaDeath) -> None:
+        client = self.client
+        if client is not None:
+            client.abort()  # wakes a `wait` blocked on a peer that vanished without closing the connection
+        self.pool._notify()
+
     def _run(self) -> None:
         pool, replica = self.pool, self.replica
-        state = replica.wait_ready(READY_TIMEOUT_S)
+        timeout = pool.backend.ready_timeout_s
+        state = replica.wait_ready(timeout)
         if state is ReplicaState.STARTING:
             replica.terminate(0)
-            replica._set_dead(f"did not become ready within {READY_TIMEOUT_S:.0f}s")
+            replica._set_dead(f"did not become ready within {timeout:.0f}s")
         try:
             if replica.state is ReplicaState.READY:
                 self.client = ReplicaClient(replica.address, replica.spec.token)
@@ -117,16 +119,21 @@ class _Slot:
                         return
                     if not self._execute(execution):
                         return
-        except ProtocolError:
+        except (ProtocolError, OSError):  # includes a refused connection and a bad token
             pass
         finally:
             if self.client:
                 self.client.close()
+            if replica.death is None:
+                replica.terminate(0)  # a replica this pool cannot use must not linger
             pool._on_slot_gone(self)
 
     def _execute(self, execution: Execution) -> bool:
         """Runs one execution on the replica; returns False when the replica is gone."""
         spec = execution.spec
+        if execution.cancel_requested:  # cancelled between the queue and the replica
+            self.pool._finish(self, execution, ExecutionState.CANCELLED)
+            return True
         if execution.before_dispatch is not None:
             try:  # e.g. the connector's durable 'started' marker: written before the replica may run anything
                 execution.before_dispatch(execution)
@@ -137,6 +144,15 @@ class _Slot:
                 return True
         try:
             self.client.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)
+        except RequestRefused as e:
+            if not e.transient:  # the replica will refuse it again: fail it, keep the replica
+                error = {"code": "SubmitRefused", "message": f"replica {self.replica.name} refused the execution: {e}",
+                         "origin": "SYSTEM", "recoverable": False}
+                self.pool._finish(self, execution, ExecutionState.FAILED, error=error)
+                return True
+            self.pool._requeue(self, execution)
+            self.replica.terminate(0)
+            return False
         except ProtocolError:  # never accepted: it goes back to the head of the queue for another replica
             self.pool._requeue(self, execution)
             self.replica.terminate(0)
@@ -167,19 +183,19 @@ class ReplicaPool:
         size: int,
         ttl_seconds: float,
         name: str = "actor",
-        on_change: Optional[Callable[["ReplicaPool"], None]] = None,
     ):
         self.key, self.backend, self.size, self.ttl_seconds, self.name = key, backend, size, ttl_seconds, name
         self.token = secrets.token_hex(16)
         self._make_spec = make_spec
-        self._on_change = on_change
+        self._starting = 0  # replicas being started outside the lock
         self._cond = threading.Condition()
         self._queue: Deque[Execution] = collections.deque()
         self._executions: Dict[str, Execution] = {}
         self._slots: List[_Slot] = []
         self._closed = False
         self.idle_since = time.monotonic()
-        self.deaths: List[ReplicaDeath] = []
+        self.deaths = 0
+        self.last_death: Optional[ReplicaDeath] = None
         self.dispatches = {"warm": 0, "cold": 0}
         self._failed_starts = 0
 
@@ -194,7 +210,7 @@ class ReplicaPool:
         """Queues an execution and returns at once. Idempotent per execution id: a repeat returns the same one.
 
         `before_dispatch(execution)` runs on the slot thread just before the replica gets the execution;
-        `on_done(execution)` runs once it is terminal (see Execution.add_done_callback).
+        `on_done(execution)` runs once it is terminal, under the pool's lock: keep it to a queue put or a counter.
         """
         with self._cond:
             if self._closed:
@@ -207,8 +223,9 @@ class ReplicaPool:
                 execution._callbacks.append(on_done)
             self._executions[spec.execution_id] = execution
             self._queue.append(execution)
-            self._scale_locked()
+            to_start = self._reserve_locked()
             self._cond.notify_all()
+        self._start_replicas(to_start)
         return execution
 
     def get(self, execution_id: str) -> Optional[Execution]:
@@ -231,6 +248,7 @@ class ReplicaPool:
                 self._queue.remove(execution)
                 self._complete_locked(execution, ExecutionState.CANCELLED)
                 return execution
+            execution.cancel_requested = True
             slot = next((s for s in self._slots if s.current is execution), None)
         if slot is not None:
             try:
@@ -251,7 +269,7 @@ class ReplicaPool:
                 "starting": sum(1 for s in self._slots if s.replica.state is ReplicaState.STARTING),
                 "busy": sum(1 for s in ready if s.busy),
                 "idle": sum(1 for s in ready if not s.busy),
-                "deaths": len(self.deaths),
+                "deaths": self.deaths,
                 **self.dispatches,
             }
 
@@ -268,6 +286,14 @@ class ReplicaPool:
         with self._cond:
             return self.is_idle() and (now or time.monotonic()) - self.idle_since >= self.ttl_seconds
 
+    def close_if_expired(self) -> bool:
+        """Closes the pool if it is idle past its ttl, atomically with respect to submit (no execution slips in)."""
+        with self._cond:
+            if self._closed or not self.expired():
+                return False
+            self._closed = True
+            return True
+
     def shutdown(self, grace_seconds: float = 2.0) -> None:
         """Stops every replica; queued executions end CANCELLED."""
         with self._cond:
@@ -279,15 +305,36 @@ class ReplicaPool:
         for s in slots:
             s.replica.terminate(grace_seconds)
 
-    # ---- slot callbacks ----
-    def _scale_locked(self) -> None:
-        idle = sum(1 for s in self._slots if not s.busy and s.replica.state is not ReplicaState.DEAD)
-        want = min(self.size, len(self._slots) + max(0, len(self._queue) - idle))
-        while len(self._slots) < want:
+    # ---- scaling and slot callbacks ----
+    def _reserve_locked(self) -> int:
+        """How many replicas to start for the waiting work (counted as starting; call _start_replicas after)."""
+        if self._closed:
+            return 0
+        idle = sum(1 for s in self._slots if not s.busy and s.replica.state is not ReplicaState.DEAD) + self._starting
+        have = len(self._slots) + self._starting
+        n = max(0, min(self.size, have + max(0, len(self._queue) - idle)) - have)
+        self._starting += n
+        return n
+
+    def _start_replicas(self, n: int) -> None:
+        """Starts replicas outside the pool's lock (a backend may spawn a process or call an API)."""
+        while n > 0:
+            n -= 1
             name = f"{self.name}-{next(self._ids)}"
-            replica = self.backend.start(self._make_spec(name, self.token))
-            self._slots.append(_Slot(self, replica))
-        self._changed()
+            try:
+                replica = self.backend.start(self._make_spec(name, self.token))
+            except Exception as e:
+                with self._cond:
+                    self._starting -= 1
+                    self._failed_start_locked(ReplicaDeath(name, f"could not be started: {e!r}"), None)
+                    n += self._reserve_locked()  # try again while work waits (bounded by MAX_FAILED_STARTS)
+                continue
+            with self._cond:
+                self._starting -= 1
+                if self._closed:
+                    replica.terminate(0)
+                    continue
+                self._slots.append(_Slot(self, replica))
 
     def _notify(self, *_: object) -> None:
         with self._cond:
@@ -295,7 +342,7 @@ class ReplicaPool:
 
     def _requeue(self, slot: _Slot, execution: Execution) -> None:
         with self._cond:
-            slot.busy, slot.current = False, None
+            slot.current = None
             execution.state, execution.replica, execution.started_at = ExecutionState.QUEUED, None, None
             self._queue.appendleft(execution)
             self._cond.notify_all()
@@ -303,7 +350,6 @@ class ReplicaPool:
     def _on_slot_ready(self, slot: _Slot) -> None:
         with self._cond:
             self._failed_starts = 0
-        self._changed()
 
     def _next_for(self, slot: _Slot) -> Optional[Execution]:
         with self._cond:
@@ -317,15 +363,14 @@ class ReplicaPool:
             execution.log_uri = slot.replica.log_uri
             execution.warm = slot.executions > 0
             self.dispatches["warm" if execution.warm else "cold"] += 1
-            slot.busy, slot.current = True, execution
+            slot.current = execution
             slot.executions += 1
-        self._changed()
         return execution
 
     def _finish(self, slot: _Slot, execution: Execution, state: ExecutionState, error=None, death=None, exception_payload=None) -> None:
         with self._cond:
             execution.error, execution.death, execution.exception_payload = error, death, exception_payload
-            slot.busy, slot.current = False, None
+            slot.current = None
             self._complete_locked(execution, state)
 
     def _complete_locked(self, execution: Execution, state: ExecutionState) -> None:
@@ -346,34 +391,32 @@ class ReplicaPool:
         with self._cond:
             if slot in self._slots:
                 self._slots.remove(slot)
-            if slot.replica.death is not None and not self._closed:
-                self.deaths.append(slot.replica.death)
-            if slot.current is not None and not slot.current.state.terminal:
-                slot.current.death = slot.replica.death
-                self._complete_locked(slot.current, ExecutionState.REPLICA_DIED)
-            if slot.client is None and slot.replica.death is not None:  # died before it ever became ready
-                self._failed_starts += 1
-                if self._failed_starts >= MAX_FAILED_STARTS:  # do not crash-loop: fail what waits, say why
-                    death = ReplicaDeath(slot.replica.name, f"could not start ({MAX_FAILED_STARTS} replicas in a row "
-                                         f"died before becoming ready; last one {slot.replica.death.reason}; "
-                                         f"see {slot.replica.log_uri})", slot.replica.death.exit_code)
-                    while self._queue:
-                        queued = self._queue.popleft()
-                        queued.death = death
-                        self._complete_locked(queued, ExecutionState.REPLICA_DIED)
-                    self._failed_starts = 0
+            death = slot.replica.death or ReplicaDeath(slot.replica.name, "became unreachable and was stopped")
             if not self._closed:
-                self._scale_locked()  # a replacement starts if work is waiting
+                self.deaths += 1
+                self.last_death = death
+            if slot.current is not None and not slot.current.state.terminal:
+                slot.current.death = death
+                self._complete_locked(slot.current, ExecutionState.REPLICA_DIED)
+            if slot.client is None and not self._closed:  # never became usable: a failed start
+                self._failed_start_locked(death, slot.replica.log_uri)
+            to_start = self._reserve_locked()  # a replacement starts if work is waiting
             self._cond.notify_all()
-        self._changed()
+        self._start_replicas(to_start)
 
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            try:
-                self._on_change(self)
-            except Exception:
-                pass
-
+    def _failed_start_locked(self, death: ReplicaDeath, log_uri: Optional[str]) -> None:
+        self._failed_starts += 1
+        if self._failed_starts < MAX_FAILED_STARTS:
+            return
+        # do not crash-loop: fail what waits, and say why
+        where = f"; see {log_uri}" if log_uri else ""
+        failed = ReplicaDeath(death.replica, f"could not start ({MAX_FAILED_STARTS} replicas in a row failed before "
+                              f"becoming ready; last one {death.reason}{where})", death.exit_code)
+        while self._queue:
+            queued = self._queue.popleft()
+            queued.death = failed
+            self._complete_locked(queued, ExecutionState.REPLICA_DIED)
+        self._failed_starts = 0
 
 
 class PoolRegistry:
@@ -416,12 +459,23 @@ class PoolRegistry:
     def reap(self) -> int:
         """Tears down pools idle past their ttl; returns how many."""
         with self._lock:
-            expired = [k for k, p in self._pools.items() if p.expired()]
-            pools = [self._pools.pop(k) for k in expired]
+            closed = [k for k, p in self._pools.items() if p.close_if_expired()]
+            pools = [self._pools.pop(k) for k in closed]
         for p in pools:
             p.shutdown()
         self.reaped += len(pools)
         return len(pools)
+
+    def submit(self, key: str, create: Callable[[], ReplicaPool], spec: ExecutionSpec, **kwargs) -> Execution:
+        """Submits to the pool for `key`, creating it if needed; a pool reaped meanwhile is replaced, not failed."""
+        while True:
+            pool = self._pool(key, create)
+            try:
+                return pool.submit(spec, **kwargs)
+            except PoolClosed:
+                with self._lock:
+                    if self._pools.get(key) is pool:
+                        del self._pools[key]
 
     def shutdown(self) -> None:
         """Stops the reaper and every pool's replicas."""

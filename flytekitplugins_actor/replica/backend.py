@@ -10,12 +10,10 @@ import abc
 import enum
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -129,6 +127,8 @@ class Replica(abc.ABC):
 
 class ReplicaBackend(abc.ABC):
     name: str = "abstract"
+    ready_timeout_s: float = 120.0
+    """How long a started replica may take to become ready before it counts as a failed start."""
 
     @abc.abstractmethod
     def start(self, spec: ReplicaSpec) -> Replica:
@@ -183,26 +183,21 @@ class LocalProcessReplica(Replica):
         self._set_dead(describe_exit(returncode), returncode)
 
     def terminate(self, grace_seconds: float = 5.0) -> None:
+        """SIGTERM to the replica's process group (the task's own subprocesses too), SIGKILL after the grace."""
         if self.process.poll() is not None:
             return
-        try:
-            self.process.terminate()
-        except ProcessLookupError:
-            return
+        self._signal(signal.SIGTERM)
 
         def _kill_later() -> None:
             if self.wait_dead(grace_seconds) is None:
-                try:
-                    self.process.kill()
-                except ProcessLookupError:
-                    pass
+                self._signal(signal.SIGKILL)
 
         threading.Thread(target=_kill_later, daemon=True).start()
 
-    def kill(self) -> None:
-        try:
-            self.process.kill()
-        except ProcessLookupError:
+    def _signal(self, sig: int) -> None:
+        try:  # the replica leads its own session (start_new_session), so its group is its pid
+            os.killpg(self.process.pid, sig)
+        except (ProcessLookupError, PermissionError):
             pass
 
 

@@ -15,6 +15,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+SYS_PATH_ENV = "FLYTE_ACTOR_SYS_PATH"
+"""Extra sys.path entries an execution needs (set by local runs: the task module's root)."""
 _FAST_EXECUTE = "pyflyte-fast-execute"
 _EXECUTE = "pyflyte-execute"
 
@@ -149,12 +151,6 @@ class ReplicaRuntime:
                 f"{cmd.distribution!r}; pools are keyed by code version, so this is a routing bug"
             )
 
-    def run(self, spec: ExecutionSpec) -> ExecutionOutcome:
-        """Runs one execution to completion and cleans up after it."""
-        outcome, cleanup = self.run_deferred(spec)
-        cleanup()
-        return outcome
-
     def run_deferred(self, spec: ExecutionSpec) -> Tuple[ExecutionOutcome, Callable[[], None]]:
         """Runs one execution; returns its outcome and the cleanup to do once the outcome is reported.
 
@@ -172,6 +168,9 @@ class ReplicaRuntime:
         outcome: Optional[ExecutionOutcome] = None
         try:
             os.environ.update(spec.env)
+            for path in spec.env.get(SYS_PATH_ENV, "").split(os.pathsep):  # a local driver's module roots
+                if path and path not in sys.path:
+                    sys.path.append(path)
             tempfile.tempdir = scratch
             self._activate_distribution(cmd)
             raw, ckpt, prev = normalize_inputs(cmd.raw_output_data_prefix, cmd.checkpoint_path, cmd.prev_checkpoint)
@@ -210,14 +209,20 @@ class ReplicaRuntime:
             self.current = None
             self.executions += 1
         if outcome is None:
-            error = read_error_document(cmd.output_prefix)
+            try:
+                error = read_error_document(cmd.output_prefix)
+            except Exception as e:  # storage trouble must not take the replica down
+                error = _error("SYSTEM", f"could not read the execution's error.pb: {e!r}", "SYSTEM", True)
             outcome = ExecutionOutcome(spec.execution_id, "failed" if error else "succeeded", error=error)
             outcome.exception = self.last_exception if error else None
         outcome.duration_s = time.perf_counter() - started
         return outcome, lambda: shutil.rmtree(scratch, ignore_errors=True)
 
     def _fail(self, spec: ExecutionSpec, cmd: ParsedCommand, error: Dict[str, Any], exc: BaseException) -> ExecutionOutcome:
-        write_error_document(cmd.output_prefix, error)
+        try:
+            write_error_document(cmd.output_prefix, error)
+        except Exception as e:  # the outcome still reports the failure; storage trouble is added to it
+            error = {**error, "message": f"{error['message']}\n(and error.pb could not be written: {e!r})"}
         return ExecutionOutcome(spec.execution_id, "failed", error=error, exception=exc)
 
 

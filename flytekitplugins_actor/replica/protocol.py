@@ -23,6 +23,15 @@ class ProtocolError(ConnectionError):
     """The peer sent something that is not a protocol message, or closed the connection."""
 
 
+class RequestRefused(ProtocolError):
+    """The replica answered, but refused the request. `transient` when it may succeed later (busy, stopping)."""
+
+    def __init__(self, message: str, code: Optional[str] = None):
+        super().__init__(message)
+        self.code = code
+        self.transient = "busy" in message or "stopping" in message
+
+
 class AuthenticationError(PermissionError):
     """The request's token does not match the replica's pool token."""
 
@@ -86,8 +95,15 @@ class ReplicaClient:
             error = reply.get("error", "unknown error")
             if reply.get("code") == "UNAUTHENTICATED":
                 raise AuthenticationError(error)
-            raise ProtocolError(f"replica at {self.address} refused {op}: {error}")
+            raise RequestRefused(f"replica at {self.address} refused {op}: {error}", reply.get("code"))
         return reply
+
+    def abort(self) -> None:
+        """Unblocks a request waiting on this connection (from another thread): it fails with ProtocolError."""
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
     def close(self) -> None:
         try:

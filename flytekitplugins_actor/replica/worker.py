@@ -43,8 +43,15 @@ CANCEL_SIGNAL = signal.SIGUSR2
 importing flytekit installs a SIGINT handler that calls exit(1), which would turn a cancel into a failure."""
 
 
+_CANCEL_ARMED = [False]  # read by the handler on the main thread: True only while a task's code runs
+
+
 def _raise_cancel(signum, frame):
-    raise KeyboardInterrupt(f"execution cancelled (signal {signum})")
+    if _CANCEL_ARMED[0]:  # anywhere else (bookkeeping, logging, locks) a late cancel is ignored
+        raise KeyboardInterrupt(f"execution cancelled (signal {signum})")
+
+
+_CANCELLED = {"code": "ABORTED", "message": "execution was cancelled", "origin": "USER", "recoverable": False}
 
 
 class ReplicaTerminated(BaseException):
@@ -136,7 +143,7 @@ class Worker:
             if self._accepted.pop(execution_id, None) is not None:
                 self._record(ExecutionOutcome(execution_id, "cancelled", error={"code": "ABORTED", "message": "cancelled before it started", "origin": "USER", "recoverable": False}))
             elif self._running == execution_id and execution_id not in self._cancelled:
-                self._cancelled.add(execution_id)
+                self._cancelled.add(execution_id)  # seen by the main thread even if the signal lands late
                 _thread.interrupt_main(CANCEL_SIGNAL)
             return self._state_of(execution_id)
 
@@ -174,9 +181,15 @@ class Worker:
             print(f"[actor-replica {self.name}] execution {spec.execution_id} started", flush=True)
             cleanup = None
             try:
-                outcome, cleanup = RUNTIME.run_deferred(spec)
-            except KeyboardInterrupt:  # a cancel that landed between the task and the bookkeeping
-                outcome = ExecutionOutcome(spec.execution_id, "cancelled")
+                try:
+                    _CANCEL_ARMED[0] = True
+                    if spec.execution_id in self._cancelled:  # the cancel came before the task could start
+                        raise KeyboardInterrupt("cancelled before it started")
+                    outcome, cleanup = RUNTIME.run_deferred(spec)
+                finally:
+                    _CANCEL_ARMED[0] = False
+            except KeyboardInterrupt:  # a cancel that landed around the task, not in it
+                outcome = ExecutionOutcome(spec.execution_id, "cancelled", error=dict(_CANCELLED))
             print(f"[actor-replica {self.name}] execution {spec.execution_id} {outcome.state} in {outcome.duration_s:.4f}s", flush=True)
             with self._lock:
                 self._running = None
@@ -189,13 +202,6 @@ class Worker:
             if self.stopping:
                 return
 
-    def stop(self) -> None:
-        with self._lock:
-            self.stopping = True
-            running = self._running
-        self._queue.put(None)
-        if running is not None:
-            _thread.interrupt_main(CANCEL_SIGNAL)
 
 
 def _run_all(cleanups: List[Callable[[], None]]) -> None:

@@ -75,3 +75,17 @@ def pid() -> int:
 @env.task
 def env_var(var: str) -> str:
     return os.environ.get(var, "<unset>")
+
+
+@env.task
+def spawn_sleeper(path: str) -> int:
+    """Starts a long-lived child process, records its pid, then waits for the file `path` + '.release'."""
+    import subprocess
+    import time as _time
+
+    child = subprocess.Popen(["sleep", "600"])
+    with open(path, "w") as f:
+        f.write(str(child.pid))
+    while not os.path.exists(path + ".release"):
+        _time.sleep(0.01)
+    return child.pid
