@@ -22,7 +22,7 @@ from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.errors import ActorTaskFailed, ExecutionCancelled, ReplicaDied
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec
-from flytekitplugins_actor.replica.execution import SYS_PATH_ENV, ExecutionSpec
+from flytekitplugins_actor.replica.execution import SYS_PATH_ENV, ExecutionSpec, identity_env
 
 class LocalPools(PoolRegistry):
     """The driver's pools. Replicas die with the driver: at exit, and at once if it is killed (their stdin closes)."""
@@ -146,22 +146,12 @@ def _loader(task, workdir: str):
     return "flytekitplugins_actor.resolver.pickled_task_resolver", ["pickled-task", path]
 
 
-def identity_env(task) -> Dict[str, str]:
+def _identity(task) -> Dict[str, str]:
     """The FLYTE_INTERNAL_* identity a pod would get, derived from the driver's current execution."""
-    ctx = FlyteContextManager.current_context()
-    params = ctx.user_space_params
+    params = FlyteContextManager.current_context().user_space_params
     exe = params.execution_id if params is not None else None
-    return {
-        "FLYTE_INTERNAL_EXECUTION_PROJECT": getattr(exe, "project", None) or "local",
-        "FLYTE_INTERNAL_EXECUTION_DOMAIN": getattr(exe, "domain", None) or "local",
-        "FLYTE_INTERNAL_EXECUTION_ID": getattr(exe, "name", None) or "local",
-        "FLYTE_INTERNAL_EXECUTION_WORKFLOW": "",
-        "FLYTE_INTERNAL_EXECUTION_LAUNCHPLAN": "",
-        "FLYTE_INTERNAL_TASK_PROJECT": "local",
-        "FLYTE_INTERNAL_TASK_DOMAIN": "local",
-        "FLYTE_INTERNAL_TASK_NAME": task.name,
-        "FLYTE_INTERNAL_TASK_VERSION": "local",
-    }
+    return identity_env(getattr(exe, "project", None) or "local", getattr(exe, "domain", None) or "local",
+                        getattr(exe, "name", None) or "local", "local", "local", task.name, "local")
 
 
 def run_on_replica(task, native_inputs: Dict[str, Any]) -> Any:
@@ -191,7 +181,7 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap) ->
     resolver, loader_args = _loader(task, workdir)
     args = ["pyflyte-execute", "--inputs", inputs_path, "--output-prefix", output_prefix,
             "--raw-output-data-prefix", ctx.file_access.raw_output_prefix, "--resolver", resolver, "--", *loader_args]
-    env = identity_env(task)
+    env = _identity(task)
     root = _module_root(task)
     if root:  # the pool's PYTHONPATH has the first task's root; another task of the environment may need its own
         env[SYS_PATH_ENV] = root

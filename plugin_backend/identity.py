@@ -13,6 +13,8 @@ from typing import Dict, Optional
 
 from flytekit.models.task import TaskExecutionMetadata
 
+from flytekitplugins_actor.replica.execution import identity_env as _env
+
 LOCAL_NAMESPACE = "local"
 DEFAULT_SERVICE_ACCOUNT = "default"
 
@@ -50,18 +52,3 @@ def identity_of(metadata: Optional[TaskExecutionMetadata], task_name: str) -> Ex
         metadata.k8s_service_account or DEFAULT_SERVICE_ACCOUNT,
         env,
     )
-
-
-def _env(project: str, domain: str, name: str, tproject: str, tdomain: str, tname: str, tversion: str, retry: int) -> Dict[str, str]:
-    return {
-        "FLYTE_INTERNAL_EXECUTION_PROJECT": project,
-        "FLYTE_INTERNAL_EXECUTION_DOMAIN": domain,
-        "FLYTE_INTERNAL_EXECUTION_ID": name,
-        "FLYTE_INTERNAL_EXECUTION_WORKFLOW": "",
-        "FLYTE_INTERNAL_EXECUTION_LAUNCHPLAN": "",
-        "FLYTE_INTERNAL_TASK_PROJECT": tproject,
-        "FLYTE_INTERNAL_TASK_DOMAIN": tdomain,
-        "FLYTE_INTERNAL_TASK_NAME": tname,
-        "FLYTE_INTERNAL_TASK_VERSION": tversion,
-        "FLYTE_ATTEMPT_NUMBER": str(retry),
-    }
