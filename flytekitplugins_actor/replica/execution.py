@@ -226,8 +226,8 @@ class ReplicaRuntime:
             self.current = None
             self.executions += 1
         if outcome is None:
-            try:
-                error = read_error_document(cmd.output_prefix)
+            try:  # pyflyte-execute wrote error.pb into its engine dir (in scratch) before uploading it: no round trip
+                error = _engine_dir_error(scratch)
             except Exception as e:  # storage trouble must not take the replica down
                 error = _error("SYSTEM", f"could not read the execution's error.pb: {e!r}", "SYSTEM", True)
             outcome = ExecutionOutcome(spec.execution_id, "failed" if error else "succeeded", error=error)
@@ -274,10 +274,27 @@ def write_error_document(output_prefix: str, error: Dict[str, Any]) -> None:
         FlyteContextManager.current_context().file_access.put_data(local, _join(output_prefix, "error.pb"))
 
 
-def read_error_document(output_prefix: str) -> Optional[Dict[str, Any]]:
-    """Returns the error.pb under an output prefix as a dict, or None when there is none."""
+def _parse_error_document(data: bytes) -> Dict[str, Any]:
     from flyteidl.core import errors_pb2
 
+    doc = errors_pb2.ErrorDocument()
+    doc.ParseFromString(data)
+    e = doc.error
+    return _error(e.code, e.message, "USER" if e.origin == 1 else "SYSTEM", e.kind == errors_pb2.ContainerError.RECOVERABLE)
+
+
+def _engine_dir_error(scratch: str) -> Optional[Dict[str, Any]]:
+    """The error document an execution wrote into its local engine dir under `scratch`, if any."""
+    import glob
+
+    for path in glob.glob(os.path.join(scratch, "flyte*", "local_flytekit", "engine_dir", "error*.pb")):
+        with open(path, "rb") as f:
+            return _parse_error_document(f.read())
+    return None
+
+
+def read_error_document(output_prefix: str) -> Optional[Dict[str, Any]]:
+    """Returns the error.pb under an output prefix as a dict, or None when there is none."""
     from flytekit.core.context_manager import FlyteContextManager
 
     path = _join(output_prefix, "error.pb")
@@ -295,15 +312,7 @@ def read_error_document(output_prefix: str) -> Optional[Dict[str, Any]]:
                 data = f.read()
         except FileNotFoundError:
             return None
-    doc = errors_pb2.ErrorDocument()
-    doc.ParseFromString(data)
-    e = doc.error
-    return _error(
-        e.code,
-        e.message,
-        "USER" if e.origin == 1 else "SYSTEM",
-        e.kind == errors_pb2.ContainerError.RECOVERABLE,
-    )
+    return _parse_error_document(data)
 
 
 RUNTIME = ReplicaRuntime()
