@@ -11,7 +11,7 @@ class InvalidActorRequest(ValueError):
 
 class InvalidTaskTemplate(InvalidActorRequest):
     """The task template is not an actor task this connector serves: missing or malformed custom, unknown type
-    version, no container, or container args that are not a rendered pyflyte-execute command."""
+    version, neither a container nor a k8s_pod, or args that are not a rendered pyflyte-execute command."""
 
 
 class InvalidResourceMeta(InvalidActorRequest):

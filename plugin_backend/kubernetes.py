@@ -215,7 +215,7 @@ class KubernetesBackend(ReplicaBackend):
         if primary is None:
             primary = {"name": spec.primary_container}
             containers.insert(0, primary)
-        primary["image"] = spec.image or primary.get("image")
+        primary["image"] = spec.image or primary.get("image")  # resources, volume mounts... stay as the spec has them
         primary["command"] = ["python", "-m", "flytekitplugins_actor.replica.worker", "--port", str(WORKER_PORT)]
         primary.pop("args", None)
         env = [e for e in primary.get("env") or [] if e.get("name") not in spec.env and e.get("name") != TOKEN_ENV]
@@ -228,6 +228,9 @@ class KubernetesBackend(ReplicaBackend):
         pod_spec["restartPolicy"] = "Never"
         if spec.service_account:
             pod_spec["serviceAccountName"] = spec.service_account
-        return {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod_name, "namespace": namespace, "labels": labels},
-                "spec": pod_spec}
+        metadata: Dict[str, Any] = {"name": pod_name, "namespace": namespace,
+                                    "labels": {**{k: _label_value(v) for k, v in getattr(spec, "pod_labels", {}).items()}, **labels}}
+        annotations = dict(getattr(spec, "pod_annotations", {}) or {})
+        if annotations:
+            metadata["annotations"] = annotations
+        return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}

@@ -81,6 +81,8 @@ class ActorService:
     def create(self, task_template: TaskTemplate, output_prefix: str, inputs: Optional[LiteralMap],
                task_execution_metadata: Optional[TaskExecutionMetadata], task_type: str) -> ActorResourceMeta:
         template = parse_template(task_template, task_type)
+        if template.needs_render:
+            template = self._render(template, output_prefix, inputs)
         ident = identity_of(task_execution_metadata, template.task_name)
         key = PoolKey(ident.namespace, ident.service_account, template.env_key, template.code_version)
         meta = ActorResourceMeta(ident.execution_id, output_prefix, task_type, template.env_name, template.env_key,
@@ -122,6 +124,18 @@ class ActorService:
         finally:
             self._set_ready(entry)
         return meta
+
+    @staticmethod
+    def _render(template: ActorTemplate, output_prefix: str, inputs: Optional[LiteralMap]) -> ActorTemplate:
+        """Renders a pod template's args as propeller renders a container's: the request's inputs are written
+        next to the outputs (propeller sends them, not their path), raw data and checkpoints go under the prefix."""
+        inputs_path = store.join(output_prefix, store.INPUTS)
+        data = inputs.to_flyte_idl().SerializeToString() if inputs is not None else b""
+        store.write_bytes(inputs_path, data, atomic=True)
+        return template.rendered({"input": inputs_path, "outputprefix": output_prefix,
+                                  "rawoutputdataprefix": store.join(output_prefix, "raw"),
+                                  "checkpointoutputprefix": store.join(output_prefix, "_flytecheckpoints"),
+                                  "prevcheckpointprefix": '""'})
 
     def _set_ready(self, entry: _Entry) -> None:
         with self._ready:

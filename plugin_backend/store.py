@@ -18,6 +18,7 @@ from typing import Any, Dict, Iterable, Optional, Set
 REQUEST = "_actor.request.json"
 STARTED = "_actor.started"
 ABORTED = "_actor.aborted"
+INPUTS = "_actor.inputs.pb"  # a pod template's rendered {{.input}} (propeller renders only container args)
 ITEMS = "items"
 
 

@@ -7,7 +7,9 @@ plus `spec.map` for the map task type.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any, Dict, List, Optional, Tuple
 
 from flytekit.models.task import TaskTemplate
@@ -53,6 +55,28 @@ class ActorTemplate:
     input_names: Tuple[str, ...] = ()
     output_names: Tuple[str, ...] = ()
     map: Optional[MapSpec] = None
+    resources: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    """The primary container's Kubernetes resources: {"requests": {...}, "limits": {...}} (GPU as nvidia.com/gpu)."""
+    pod_spec: Optional[Dict[str, Any]] = None
+    """The task's k8s_pod.pod_spec (an environment with a pod_template), primary container args removed."""
+    pod_labels: Dict[str, str] = field(default_factory=dict)
+    pod_annotations: Dict[str, str] = field(default_factory=dict)
+    primary_container_name: str = "primary"
+    accelerator: Optional[str] = None  # extended_resources.gpu_accelerator.device, e.g. nvidia-tesla-t4
+
+    @property
+    def needs_render(self) -> bool:
+        """True when the args still hold {{.placeholders}}: propeller renders a template's container args before
+        CreateTask, never its k8s_pod's, so an environment with a pod_template arrives unrendered."""
+        return any(_PLACEHOLDER.search(a) for a in self.args)
+
+    def rendered(self, values: Dict[str, str]) -> "ActorTemplate":
+        """This template with its args' placeholders replaced by `values` (keys as in {{.input}}: 'input', ...)."""
+        def sub(m: "re.Match[str]") -> str:
+            return values[m.group(1).lower()]
+
+        args = [_PLACEHOLDER.sub(sub, a) for a in self.args]
+        return replace(self, args=args, command=parse_command(args))
 
     @property
     def code_version(self) -> str:
@@ -69,12 +93,20 @@ class ActorTemplate:
     def from_record(cls, record: Dict[str, Any]) -> "ActorTemplate":
         m = record.get("map")
         map_spec = None if m is None else MapSpec(**{f: tuple(v) if isinstance(v, list) else v for f, v in m.items()})
-        fields_ = {f: tuple(record[f]) if f in ("input_names", "output_names") else record[f] for f in _RECORD_FIELDS}
+        fields_ = {f: tuple(record[f]) if f in ("input_names", "output_names") else record[f]
+                   for f in _RECORD_FIELDS if f in record}  # records of older connectors lack the pod fields
         return cls(command=parse_command(record["args"]), map=map_spec, **fields_)
 
 
 _RECORD_FIELDS = ("task_type", "task_name", "env_name", "env_key", "image", "replica_count", "ttl_seconds", "args",
-                  "container_env", "input_names", "output_names")
+                  "container_env", "input_names", "output_names", "resources", "pod_spec", "pod_labels", "pod_annotations",
+                  "primary_container_name", "accelerator")
+_PLACEHOLDER = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
+RENDERABLE = ("input", "outputprefix", "rawoutputdataprefix", "checkpointoutputprefix", "prevcheckpointprefix")
+"""The placeholders the connector renders itself in a pod template's args (see ActorTemplate.rendered)."""
+GPU_RESOURCE = "nvidia.com/gpu"
+_RESOURCE_NAMES = {"cpu": "cpu", "memory": "memory", "gpu": GPU_RESOURCE, "ephemeral_storage": "ephemeral-storage",
+                   "ephemeral-storage": "ephemeral-storage", "storage": "ephemeral-storage"}
 _MAP_FIELDS = ("mapped_inputs", "bound_inputs", "subtask", "concurrency", "min_success_ratio")
 
 
@@ -118,20 +150,46 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
     ttl_seconds = _int(template, spec, "ttl_seconds", DEFAULT_TTL_SECONDS, 0)
     _int(template, spec, "parallelism", 1, 1)  # validated; a replica runs one execution at a time
     container = template.container
-    if container is None:
-        raise _refuse(template, "it has no container: an actor execution runs the task's pyflyte-execute command")
-    args = [str(a) for a in container.args or []]
+    pod = template.k8s_pod
+    primary_name = (template.config or {}).get("primary_container_name") or "primary"
+    pod_spec: Optional[Dict[str, Any]] = None
+    if container is not None:
+        where = "its container"
+        args = [str(a) for a in container.args or []]
+        container_image = container.image
+        container_env = {str(k): str(v) for k, v in (container.env or {}).items()}
+        resources = _container_resources(container.resources)
+    elif pod is not None and isinstance(pod.pod_spec, dict):
+        where = f"its pod template's primary container {primary_name!r}"
+        pod_spec = copy.deepcopy(pod.pod_spec)
+        primary = next((c for c in pod_spec.get("containers") or [] if isinstance(c, dict) and c.get("name") == primary_name), None)
+        if primary is None:
+            raise _refuse(template, f"its k8s_pod has no primary container named {primary_name!r} (config.primary_container_name)")
+        args = [str(a) for a in [*(primary.pop("command", None) or []), *(primary.pop("args", None) or [])]]
+        container_image = primary.get("image")
+        container_env = {str(e["name"]): str(e["value"]) for e in primary.get("env") or []
+                         if isinstance(e, dict) and e.get("name") and e.get("value") is not None}
+        resources = _k8s_resources(primary.get("resources"))
+    else:
+        raise _refuse(template, "it has no container and no k8s_pod: an actor execution runs the task's pyflyte-execute command")
     if not args:
-        raise _refuse(template, "its container has no args")
-    if any("{{." in a for a in args):
+        raise _refuse(template, f"{where} has no args")
+    placeholders = {m.group(1).lower() for a in args for m in _PLACEHOLDER.finditer(a)}
+    if placeholders and container is not None:
         raise _refuse(template, "its container args still hold {{.placeholders}}: propeller renders them before CreateTask")
-    try:
-        command = parse_command(args)
+    if placeholders - set(RENDERABLE):
+        raise _refuse(template, f"{where} args hold placeholders the connector cannot render: {sorted(placeholders - set(RENDERABLE))}")
+    try:  # placeholders are rendered once the output prefix is known; they stand in for paths here
+        command = parse_command([_PLACEHOLDER.sub("x", a) for a in args] if placeholders else args)
     except Exception as e:  # click usage errors, ValueError
-        raise _refuse(template, f"its container args are not a pyflyte-execute command: {e}") from None
-    image = spec.get("container_image") or container.image
+        raise _refuse(template, f"{where} args are not a pyflyte-execute command: {e}") from None
+    image = spec.get("container_image") or container_image
     if not isinstance(image, str) or not image:
         raise _refuse(template, "no container image in custom.spec.container_image or the container")
+    accelerator = None
+    ext = template.extended_resources
+    if ext is not None and ext.HasField("gpu_accelerator") and ext.gpu_accelerator.device:
+        accelerator = ext.gpu_accelerator.device
     inputs = tuple(template.interface.inputs.keys()) if template.interface else ()
     outputs = tuple(template.interface.outputs.keys()) if template.interface else ()
     map_spec = _map_spec(template, spec, inputs) if task_type == ACTOR_MAP_TASK_TYPE else None
@@ -145,11 +203,61 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
         ttl_seconds=ttl_seconds,
         args=args,
         command=command,
-        container_env={str(k): str(v) for k, v in (container.env or {}).items()},
+        container_env=container_env,
         input_names=inputs,
         output_names=outputs,
         map=map_spec,
+        resources=resources,
+        pod_spec=pod_spec,
+        pod_labels={str(k): str(v) for k, v in ((pod.metadata.labels if pod is not None and pod.metadata else None) or {}).items()},
+        pod_annotations={str(k): str(v) for k, v in ((pod.metadata.annotations if pod is not None and pod.metadata else None) or {}).items()},
+        primary_container_name=primary_name,
+        accelerator=accelerator,
     )
+
+
+def _normalize_resources(requests: Dict[str, str], limits: Dict[str, str]) -> Dict[str, Dict[str, str]]:
+    """As propeller does for a task's pod: a resource with a request but no limit gets the request as its limit
+    (a GPU must have one), and a GPU limit is also its request."""
+    limits = {**requests, **limits}
+    if GPU_RESOURCE in limits:
+        requests = {**requests, GPU_RESOURCE: limits[GPU_RESOURCE]}
+    out = {}
+    if requests:
+        out["requests"] = dict(sorted(requests.items()))
+    if limits:
+        out["limits"] = dict(sorted(limits.items()))
+    return out
+
+
+def _k8s_name(name: str) -> str:
+    return _RESOURCE_NAMES.get(name.lower(), name)
+
+
+def _container_resources(resources: Any) -> Dict[str, Dict[str, str]]:
+    """flytekit's Container resources (lists of ResourceEntry) as Kubernetes requests/limits."""
+    from flyteidl.core.tasks_pb2 import Resources as ResourcesPb
+
+    def entries(items) -> Dict[str, str]:
+        out = {}
+        for r in items or []:
+            name = ResourcesPb.ResourceName.Name(r.name)
+            if name != "UNKNOWN" and r.value:
+                out[_k8s_name(name)] = str(r.value)
+        return out
+
+    if resources is None:
+        return {}
+    return _normalize_resources(entries(resources.requests), entries(resources.limits))
+
+
+def _k8s_resources(resources: Any) -> Dict[str, Dict[str, str]]:
+    """A pod spec container's resources ({"requests": {"gpu": "1"}, ...}, flytekit's names) as Kubernetes ones."""
+    if not isinstance(resources, dict):
+        return {}
+    requests = {_k8s_name(str(k)): str(v) for k, v in (resources.get("requests") or {}).items() if v is not None}
+    limits = {_k8s_name(str(k)): str(v) for k, v in (resources.get("limits") or {}).items() if v is not None}
+    return _normalize_resources(requests, limits)
 
 
 def _map_spec(template: TaskTemplate, spec: dict, inputs: Tuple[str, ...]) -> MapSpec:

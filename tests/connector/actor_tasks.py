@@ -104,3 +104,46 @@ env_ttl = ActorEnvironment(name="conn-ttl", replica_count=1, ttl_seconds=1)
 @env_ttl.task
 def pid_short_ttl() -> int:
     return os.getpid()
+
+
+# An environment configured by a pod template (as examples/pod_template.py): flytekit then serializes no
+# `container` but a k8s_pod whose primary container holds the args, image, env and resources.
+from kubernetes.client.models import V1Container, V1EnvVar, V1PodSpec, V1ResourceRequirements, V1Toleration  # noqa: E402
+from flytekit import PodTemplate, Resources  # noqa: E402
+
+pod_template = PodTemplate(
+    primary_container_name="main",
+    labels={"team": "ml"},
+    annotations={"example.com/note": "from-pod-template"},
+    pod_spec=V1PodSpec(
+        containers=[
+            V1Container(name="main", env=[V1EnvVar(name="COMP_KEY_EX", value="compile_time")],
+                        resources=V1ResourceRequirements(requests={"cpu": "1", "memory": "1Gi"}, limits={"cpu": "1", "memory": "1Gi"})),
+            V1Container(name="sidecar", image="busybox:1.36", args=["sleep", "infinity"]),
+        ],
+        tolerations=[V1Toleration(key="dedicated", operator="Equal", value="ml", effect="NoSchedule")],
+        node_selector={"pool": "ml"},
+    ),
+)
+env_pod = ActorEnvironment(name="conn-pod", replica_count=1, ttl_seconds=300, pod_template=pod_template,
+                           environment={"ENV_KEY": "from-environment"})
+
+
+@env_pod.task
+def get_and_set(x: int) -> str:
+    os.environ["RUN_KEY_EX"] = "run_time"
+    return f"{os.getenv('COMP_KEY_EX')}/{os.getenv('ENV_KEY')}/{x}"
+
+
+@env_pod.task
+def check_set() -> str:
+    return os.getenv("RUN_KEY_EX", "")
+
+
+env_gpu = ActorEnvironment(name="conn-gpu", replica_count=1, ttl_seconds=300,
+                           requests=Resources(cpu="2", mem="4Gi", gpu="1"), limits=Resources(mem="8Gi"))
+
+
+@env_gpu.task
+def gpu_task() -> int:
+    return 1

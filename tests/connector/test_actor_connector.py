@@ -224,3 +224,19 @@ def test_pool_idle_past_ttl_is_torn_down(propeller, base):
     b = Attempt(base, t.pid_short_ttl, literal_map(t.pid_short_ttl))
     assert propeller.wait(propeller.create(b)).phase == PHASE.SUCCEEDED  # a new pool serves the next one
     assert output_value(b.outputs(), "o0", int) != replica_pid
+
+
+def test_pod_template_environment_runs_with_the_pod_templates_env(propeller, base):
+    """An environment with a pod_template serializes a k8s_pod, not a container, and propeller renders no
+    placeholders in it: the connector renders them and the replica gets the primary container's env."""
+    a = Attempt(base, t.get_and_set, literal_map(t.get_and_set, x=7))
+    assert not a.template.HasField("container") and a.template.HasField("k8s_pod")
+    meta = propeller.create(a)
+    assert len(meta) < 1024
+    r = propeller.wait(meta)
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    assert output_value(a.outputs(), "o0", str) == "compile_time/from-environment/7"
+    b = Attempt(base, t.check_set, literal_map(t.check_set))  # the same warm replica ran both tasks
+    r = propeller.wait(propeller.create(b))
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    assert output_value(b.outputs(), "o0", str) == "run_time"

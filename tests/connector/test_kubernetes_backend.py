@@ -1,5 +1,7 @@
 """The kubernetes replica backend against a mocked CoreV1Api (pytest-mock): manifests, readiness, loss, deletion."""
 
+import json
+
 import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
@@ -155,3 +157,60 @@ def test_pools_start_replica_pods_in_the_executions_namespace_and_service_accoun
         assert pod["metadata"]["labels"]["flyte-actor/env"] == "conn-test"
     finally:
         manager.shutdown()
+
+
+def _pod_for(task, api, backend, tmp_path, **inputs):
+    """CreateTask-like: parse and (for a pod template) render the template, start its pool, return the pod made."""
+    from harness import Attempt, literal_map, wait_for
+    from flytekit.models.literals import LiteralMap
+    from flytekit.models.task import TaskTemplate
+
+    from flytekitplugins_actor.replica.execution import ExecutionSpec
+    from plugin_backend.pools import PoolKey, PoolManager
+    from plugin_backend.service import ActorService
+    from plugin_backend.template import parse_template
+
+    a = Attempt(str(tmp_path), task, literal_map(task, **inputs))
+    template = parse_template(TaskTemplate.from_flyte_idl(a.template), "actor")
+    if template.needs_render:
+        template = ActorService._render(template, a.dir, LiteralMap.from_flyte_idl(a.inputs))
+    manager = PoolManager(backend=backend, state_dir=str(tmp_path / "state"))
+    try:
+        pool = manager.pool_for(PoolKey("team-z", "sa-z", template.env_key, template.code_version), template)
+        pool.submit(ExecutionSpec("e1", template.args, {}))
+        wait_for(lambda: api.create_namespaced_pod.called, 5, "the replica pod to be created")
+        return template, api.create_namespaced_pod.call_args.args[1]
+    finally:
+        manager.shutdown()
+
+
+def test_pod_template_environment_pods_carry_the_pod_templates_spec_and_resources(api, backend, tmp_path):
+    import actor_tasks as t
+
+    template, pod = _pod_for(t.get_and_set, api, backend, tmp_path, x=1)
+    assert "{{" not in " ".join(template.args) and template.command.inputs.endswith("_actor.inputs.pb")
+    spec = pod["spec"]
+    main = next(c for c in spec["containers"] if c["name"] == "main")
+    assert main["command"] == ["python", "-m", "flytekitplugins_actor.replica.worker", "--port", str(WORKER_PORT)]
+    assert "args" not in main and main["image"] == template.image
+    assert main["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
+    assert {"name": "COMP_KEY_EX", "value": "compile_time"} in main["env"]
+    assert {"name": "ENV_KEY", "value": "from-environment"} in main["env"]
+    sidecar = next(c for c in spec["containers"] if c["name"] == "sidecar")
+    assert sidecar["image"] == "busybox:1.36" and sidecar["args"] == ["sleep", "infinity"]
+    assert spec["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+    assert spec["nodeSelector"] == {"pool": "ml"}
+    assert spec["serviceAccountName"] == "sa-z" and spec["restartPolicy"] == "Never"
+    assert pod["metadata"]["labels"]["team"] == "ml" and pod["metadata"]["labels"]["flyte-actor/env"] == "conn-pod"
+    assert pod["metadata"]["annotations"] == {"example.com/note": "from-pod-template"}
+    assert len(json.dumps(template.to_record())) < 4096  # the request record stays small
+
+
+def test_container_environment_pods_carry_requests_limits_and_gpus(api, backend, tmp_path):
+    import actor_tasks as t
+
+    _, pod = _pod_for(t.gpu_task, api, backend, tmp_path)
+    c = pod["spec"]["containers"][0]
+    assert c["name"] == "primary"
+    assert c["resources"] == {"requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
+                              "limits": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}}
