@@ -8,6 +8,7 @@ in storage (a connector restart) are not dispatched again.
 from __future__ import annotations
 
 import collections
+import logging
 import os
 import queue
 import threading
@@ -22,6 +23,8 @@ from plugin_backend import metrics, store
 from plugin_backend.map_plan import MapPlan, item_args
 from plugin_backend.template import ActorTemplate
 
+
+log = logging.getLogger(__name__)
 
 WINDOW_PER_REPLICA = int(os.environ.get("FLYTE_ACTOR_MAP_WINDOW_PER_REPLICA", "2"))
 """Unbounded maps keep this many items per replica in the pool: enough that a replica never waits for the
@@ -47,6 +50,7 @@ class MapRun:
         self.resumed = 0  # items whose result was already in storage when this run started
         self.dispatched = 0
         self.replicas: "collections.OrderedDict[str, str]" = collections.OrderedDict()  # replica -> log uri
+        self._pending: "collections.deque[int]" = collections.deque()  # items to dispatch, coordinator thread only
         self._done_q: "queue.SimpleQueue[Optional[Execution]]" = queue.SimpleQueue()
         self._aborted = threading.Event()
         self.finished = threading.Event()
@@ -74,9 +78,10 @@ class MapRun:
                 if kind == "error":
                     self.errors[i] = read_error_document(self.record.item_prefix(i)) or {"message": "failed", "recoverable": False}
             self.resumed = len(self.results)
-            pending = collections.deque(i for i in range(self.n) if i not in self.results)
+            pending = self._pending
+            pending.extend(i for i in range(self.n) if i not in self.results)
             while not self._decided():
-                pool = self._pool_of()
+                pool = self._pool_of()  # resolved again each round: a pool reaped or closed under the map is replaced
                 window = self.template.map.concurrency or WINDOW_PER_REPLICA * pool.size
                 while pending and len(self.inflight) < window:
                     self._dispatch(pool, pending.popleft())
@@ -120,6 +125,10 @@ class MapRun:
         pool = self._pool_of()
         pool.forget(execution.id)
         state = execution.state
+        if state is ExecutionState.CANCELLED and not self._aborted.is_set():
+            # cancelled under the map (its pool was closed or reaped): dispatch it again, to a live pool
+            self._pending.appendleft(i)
+            return
         if state is ExecutionState.SUCCEEDED:
             self.results[i] = "outputs"
         elif state is ExecutionState.FAILED:
@@ -128,7 +137,7 @@ class MapRun:
         elif state is ExecutionState.REPLICA_DIED:
             self.results[i] = "error"
             self.errors[i] = {"code": "ReplicaDied", "message": f"{execution.death}", "origin": "SYSTEM", "recoverable": True}
-        # CANCELLED: only while aborting
+        # CANCELLED while aborting: the map ends aborted
 
     def _decided(self) -> bool:
         if self.phase != "running":
@@ -168,12 +177,17 @@ class MapRun:
         self._finish("succeeded", f"{self.n - failed} of {self.n} items succeeded" + (f", {failed} failed (none)" if failed else ""))
 
     def _finish(self, phase: str, message: str, recoverable: bool = False) -> None:
-        if phase == "failed":  # storage first: a restarted connector must answer what GetTask answered
-            origin = "SYSTEM" if recoverable else "USER"
-            write_error_document(self.record.prefix, {"code": "MapItemsFailed", "message": message, "origin": origin,
-                                                      "recoverable": recoverable})
+        """Decides the map in memory first, so a storage failure can never leave it RUNNING forever; then
+        records a failure in storage for a restarted connector (logged, not raised, if that write fails)."""
         self.message, self.recoverable = message, recoverable
         self.phase = phase
+        if phase == "failed":
+            origin = "SYSTEM" if recoverable else "USER"
+            try:
+                write_error_document(self.record.prefix, {"code": "MapItemsFailed", "message": message, "origin": origin,
+                                                          "recoverable": recoverable})
+            except Exception:
+                log.exception("map %s: could not write its error document under %s", self.execution_id, self.record.prefix)
 
     def _cancel_inflight(self) -> None:
         if not self.inflight:

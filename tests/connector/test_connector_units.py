@@ -123,3 +123,63 @@ def test_template_record_round_trips_for_restarts(tmp_path):
 
     again = ActorTemplate.from_record(json.loads(json.dumps(parsed.to_record())))
     assert again == parsed
+
+
+class _FakePool:
+    """A pool whose first run of each item ends CANCELLED (as when the pool is closed under the map)."""
+
+    size = 1
+
+    def __init__(self):
+        self.runs = []
+        self.forgotten = []
+
+    def submit(self, spec, on_done=None, **_):
+        from flytekitplugins_actor.pool import Execution, ExecutionState
+        from plugin_backend import store
+
+        i = int(spec.execution_id.rsplit(".", 1)[1])
+        e = Execution(spec=spec)
+        if i in self.runs:
+            prefix = spec.args[spec.args.index("--output-prefix") + 1]
+            store.write_bytes(store.join(prefix, "outputs.pb"), literals_pb2.LiteralMap(literals={"o0": literals_pb2.Literal(
+                scalar=literals_pb2.Scalar(primitive=literals_pb2.Primitive(integer=i * i)))}).SerializeToString())
+            e.state = ExecutionState.SUCCEEDED
+        else:
+            e.state = ExecutionState.CANCELLED
+        self.runs.append(i)
+        on_done(e)
+        return e
+
+    def forget(self, execution_id):
+        self.forgotten.append(execution_id)
+
+    def cancel(self, execution_id, grace_seconds=0.0):
+        pass
+
+
+def _map_run(tmp_path, pool, x, write_error=None):
+    from plugin_backend import store
+    from plugin_backend.map_run import MapRun
+
+    m = actor_map(functools.partial(t.square, counter="", gate=""))
+    a, tt = _template(m, str(tmp_path), x=x)
+    template = parse_template(tt, "actor_map")
+    return MapRun("m1", template, MapPlan(a.inputs, template.map), store.ExecutionRecord(a.dir), {}, lambda: pool)
+
+
+def test_map_items_cancelled_under_the_map_are_dispatched_again(tmp_path):
+    pool = _FakePool()
+    run = _map_run(tmp_path, pool, [2, 3]).start()
+    assert run.finished.wait(10), "the map never finished: a cancelled item left it waiting forever"
+    assert run.phase == "succeeded", run.message
+    assert sorted(pool.runs) == [0, 0, 1, 1]
+    lits = run.outputs.literals["o0"].collection.literals
+    assert [lit.scalar.primitive.integer for lit in lits] == [0, 1]
+
+
+def test_map_failure_is_decided_even_when_its_error_document_cannot_be_written(tmp_path, mocker):
+    run = _map_run(tmp_path, _FakePool(), [2])
+    mocker.patch("plugin_backend.map_run.write_error_document", side_effect=OSError("storage down"))
+    run._finish("failed", "1 of 1 items failed", recoverable=True)
+    assert run.phase == "failed" and run.message == "1 of 1 items failed" and run.recoverable
