@@ -170,12 +170,9 @@ class ActorService:
     # ---- get ----
     def get(self, meta: ActorResourceMeta) -> Status:
         self._gc()
-        entry = self._entries.get(meta.execution_id)
-        if entry is None:
-            status = self._adopt(meta)
-            if status is not None:
-                return status
-            entry = self._entries[meta.execution_id]
+        entry = self._entry(meta)
+        if isinstance(entry, Status):
+            return entry
         self._wait_ready(entry)
         if entry.final is not None:
             return entry.final
@@ -186,6 +183,22 @@ class ActorService:
             if entry.execution is not None and pool is not None:
                 pool.forget(entry.execution.id)
         return status
+
+    def _entry(self, meta: ActorResourceMeta) -> "_Entry | Status":
+        """The in-memory entry of an execution, adopting it from storage when this process does not know it;
+        a Status when storage alone answers. An entry gone again right after adoption (its start failed in
+        another thread, or it was collected) is adopted again."""
+        for _ in range(3):
+            entry = self._entries.get(meta.execution_id)
+            if entry is not None:
+                return entry
+            status = self._adopt(meta)
+            if status is not None:
+                return status
+            entry = self._entries.get(meta.execution_id)
+            if entry is not None:
+                return entry
+        raise RuntimeError(f"execution {meta.execution_id} could not be adopted from {meta.output_prefix}")
 
     def _status(self, entry: _Entry) -> Status:
         e = entry.execution
@@ -262,6 +275,11 @@ class ActorService:
             entry = self._entries[meta.execution_id] = _Entry(meta, key, template)
         try:
             self._start(entry, request["env"], plan, record)
+        except BaseException:  # as in create: never leave a broken entry (no execution) for GetTask to trip on
+            with self._lock:
+                if self._entries.get(meta.execution_id) is entry:
+                    del self._entries[meta.execution_id]
+            raise
         finally:
             self._set_ready(entry)
         return None

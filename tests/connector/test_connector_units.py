@@ -183,3 +183,37 @@ def test_map_failure_is_decided_even_when_its_error_document_cannot_be_written(t
     mocker.patch("plugin_backend.map_run.write_error_document", side_effect=OSError("storage down"))
     run._finish("failed", "1 of 1 items failed", recoverable=True)
     assert run.phase == "failed" and run.message == "1 of 1 items failed" and run.recoverable
+
+
+def _stored_execution(tmp_path):
+    """An execution created by a previous connector process: only its request record is in storage."""
+    from plugin_backend import store
+    from plugin_backend.meta import ActorResourceMeta
+    from plugin_backend.pools import PoolManager
+    from plugin_backend.service import ActorService
+
+    a, tt = _template(t.add, str(tmp_path), a=1, b=2)
+    template = parse_template(tt, "actor")
+    store.ExecutionRecord(a.dir).create_request({"execution_id": "x1", "kind": "actor", "namespace": "ns", "service_account": "sa",
+                                                 "env": {}, "template": template.to_record()})
+    meta = ActorResourceMeta("x1", a.dir, "actor", template.env_name, template.env_key, "ns", "sa", "c")
+    return ActorService(PoolManager(backend=object(), state_dir=str(tmp_path / "state"))), meta
+
+
+def test_adoption_whose_start_fails_leaves_no_broken_entry(tmp_path, mocker):
+    from flyteidl.core.execution_pb2 import TaskExecution
+
+    from flytekitplugins_actor.pool import Execution, ExecutionState
+    from flytekitplugins_actor.replica.execution import ExecutionSpec
+
+    svc, meta = _stored_execution(tmp_path)
+    mocker.patch.object(svc, "_start", side_effect=RuntimeError("pool for add kept closing"))
+    with pytest.raises(RuntimeError, match="kept closing"):
+        svc.get(meta)
+    assert svc.entries() == 0  # not a ready entry without an execution
+
+    def start(entry, env, plan, record):
+        entry.execution = Execution(spec=ExecutionSpec("x1", entry.template.args, env), state=ExecutionState.SUCCEEDED)
+
+    svc._start.side_effect = start  # the next GetTask adopts it again
+    assert svc.get(meta).phase == TaskExecution.SUCCEEDED
