@@ -66,6 +66,20 @@ def _log_links(replicas: List[Tuple[str, Optional[str]]]) -> List[TaskLog]:
     return links
 
 
+def _forget_when_done(pool: ReplicaPool, execution: Execution, timeout: float = 120.0) -> None:
+    """Drops a cancelled execution from its pool's table now, or once it ends (a replica restarted to stop it
+    reports the execution's end a moment later): a pool that never goes idle would otherwise keep it forever."""
+    if execution.state.terminal:
+        pool.forget(execution.id)
+        return
+
+    def later() -> None:
+        execution.wait(timeout)
+        pool.forget(execution.id)
+
+    threading.Thread(target=later, name=f"forget-{execution.id}", daemon=True).start()
+
+
 class ActorService:
     """One per connector process (see `service()`)."""
 
@@ -303,10 +317,12 @@ class ActorService:
             entry.map_run.abort()
             entry.map_run.finished.wait(10.0)
         elif entry.execution is not None and not entry.execution.state.terminal:
-            self._pool(entry).cancel(entry.execution.id, grace_seconds=3.0)
+            pool = self._pool(entry)
+            pool.cancel(entry.execution.id, grace_seconds=3.0)
             if entry.execution.state not in (ExecutionState.SUCCEEDED, ExecutionState.FAILED):
                 # cancelled, or its replica had to be restarted to stop it: either way, what propeller asked for
                 entry.final, entry.final_at = Status(TaskExecution.ABORTED, "aborted by DeleteTask"), time.monotonic()
+            _forget_when_done(pool, entry.execution)  # the entry keeps it; the pool (maybe never idle) must not
 
     # ---- housekeeping ----
     def _gc(self) -> None:

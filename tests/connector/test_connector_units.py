@@ -217,3 +217,29 @@ def test_adoption_whose_start_fails_leaves_no_broken_entry(tmp_path, mocker):
 
     svc._start.side_effect = start  # the next GetTask adopts it again
     assert svc.get(meta).phase == TaskExecution.SUCCEEDED
+
+
+def test_delete_forgets_the_cancelled_execution_in_its_pool(tmp_path, mocker):
+    from flyteidl.core.execution_pb2 import TaskExecution
+
+    from flytekitplugins_actor.pool import Execution, ExecutionState
+    from flytekitplugins_actor.replica.execution import ExecutionSpec
+    from plugin_backend.pools import PoolKey
+    from plugin_backend.service import _Entry
+
+    svc, meta = _stored_execution(tmp_path)
+    template = parse_template(_template(t.add, str(tmp_path), a=1, b=2)[1], "actor")
+    execution = Execution(spec=ExecutionSpec("x1", template.args, {}), state=ExecutionState.RUNNING)
+    pool = _FakePool()
+
+    def cancel(execution_id, grace_seconds=0.0):
+        execution.state = ExecutionState.CANCELLED
+        execution._done.set()
+
+    pool.cancel = cancel
+    mocker.patch.object(svc.manager, "pool_for", return_value=pool)
+    svc._entries["x1"] = _Entry(meta, PoolKey("ns", "sa", template.env_key, template.code_version), template,
+                                execution=execution, ready=True)
+    svc.delete(meta)
+    assert pool.forgotten == ["x1"]  # a never-idle pool does not keep it
+    assert svc.get(meta).phase == TaskExecution.ABORTED
