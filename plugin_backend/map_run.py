@@ -189,11 +189,27 @@ class MapRun:
             except Exception:
                 log.exception("map %s: could not write its error document under %s", self.execution_id, self.record.prefix)
 
+    CANCEL_GRACE_S = 2.0
+
     def _cancel_inflight(self) -> None:
+        """Cancels every in-flight item at once and waits for them together: one grace period for the whole
+        map (cancelled one by one, a map with many items in flight outlasts propeller's DeleteTask timeout)."""
         if not self.inflight:
             return
         pool = self._pool_of()
-        for item_id in list(self.inflight):
-            pool.cancel(item_id, grace_seconds=2.0)
+
+        def cancel(item_id: str) -> None:
+            try:
+                pool.cancel(item_id, grace_seconds=self.CANCEL_GRACE_S)
+            except Exception:
+                log.exception("map %s: could not cancel item %s", self.execution_id, item_id)
             pool.forget(item_id)
+
+        threads = [threading.Thread(target=cancel, args=(item_id,), name=f"cancel-{item_id}", daemon=True)
+                   for item_id in list(self.inflight)]
+        for th in threads:
+            th.start()
+        deadline = time.monotonic() + self.CANCEL_GRACE_S + 3.0  # the cancel request's own timeout, then the grace
+        for th in threads:
+            th.join(max(0.0, deadline - time.monotonic()))
         self.inflight.clear()

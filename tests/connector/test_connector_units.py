@@ -243,3 +243,25 @@ def test_delete_forgets_the_cancelled_execution_in_its_pool(tmp_path, mocker):
     svc.delete(meta)
     assert pool.forgotten == ["x1"]  # a never-idle pool does not keep it
     assert svc.get(meta).phase == TaskExecution.ABORTED
+
+
+def test_map_abort_cancels_its_inflight_items_in_parallel(tmp_path):
+    import time
+
+    class SlowCancelPool(_FakePool):
+        def __init__(self):
+            super().__init__()
+            self.cancelled = []
+
+        def cancel(self, execution_id, grace_seconds=0.0):
+            time.sleep(grace_seconds)  # an item that ignores its interrupt for the whole grace period
+            self.cancelled.append(execution_id)
+
+    pool = SlowCancelPool()
+    run = _map_run(tmp_path, pool, [1])
+    run.inflight = {f"m1.{i}": i for i in range(8)}
+    started = time.monotonic()
+    run._cancel_inflight()
+    assert time.monotonic() - started < 2 * run.CANCEL_GRACE_S  # not 8 x 2 s: DeleteTask has 10 s
+    assert sorted(pool.cancelled) == sorted(f"m1.{i}" for i in range(8)) and not run.inflight
+    assert sorted(pool.forgotten) == sorted(pool.cancelled)
