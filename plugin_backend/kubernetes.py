@@ -24,6 +24,7 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_INSTANCE = "flyte-actor/connector-instance"
 LABEL_REPLICA = "flyte-actor/replica"
 TOKEN_KEY = "token"
+READY_TIMEOUT_ENV = "FLYTE_ACTOR_K8S_READY_TIMEOUT_S"
 
 
 def _label_value(v: str) -> str:
@@ -99,7 +100,16 @@ class KubernetesReplica(Replica):
         uid = getattr(getattr(created, "metadata", None), "uid", None)
         if uid:  # the Secret goes away with its pod
             owner = client.V1OwnerReference(api_version="v1", kind="Pod", name=self.pod_name, uid=uid)
-            api.patch_namespaced_secret(self.secret_name, self.namespace, {"metadata": {"ownerReferences": [owner.to_dict()]}})
+            try:
+                api.patch_namespaced_secret(self.secret_name, self.namespace, {"metadata": {"ownerReferences": [owner.to_dict()]}})
+            except Exception:  # the pod exists but the start failed: delete it too, or nothing ever would
+                try:
+                    api.delete_namespaced_pod(self.pod_name, self.namespace, grace_period_seconds=0)
+                except Exception as e:
+                    if _status(e) != 404:
+                        logging.getLogger(__name__).warning("replica pod %s/%s may be left running: %s",
+                                                            self.namespace, self.pod_name, _api_reason(e))
+                raise
 
     def _delete_pod(self, grace: int) -> None:
         try:
@@ -164,9 +174,12 @@ class KubernetesBackend(ReplicaBackend):
     """Replicas as pods. `api` is a kubernetes CoreV1Api (in-cluster or kubeconfig when omitted)."""
 
     name = "kubernetes"
+    ready_timeout_s: float = 600.0
+    """A pod may take minutes to be ready: scheduling, node scale-up, pulling a large (GPU) image."""
 
     def __init__(self, api: Any = None, namespace: str = "default", poll_interval: float = 1.0,
-                 log_template: str = "k8s://{namespace}/{pod}/{container}", instance: Optional[str] = None):
+                 log_template: str = "k8s://{namespace}/{pod}/{container}", instance: Optional[str] = None,
+                 ready_timeout_s: Optional[float] = None):
         if api is None:
             from kubernetes import client, config
 
@@ -180,12 +193,15 @@ class KubernetesBackend(ReplicaBackend):
         self.poll_interval = poll_interval
         self.log_template = log_template
         self.instance = instance or uuid.uuid4().hex[:12]
+        if ready_timeout_s is not None:
+            self.ready_timeout_s = ready_timeout_s
 
     @classmethod
     def from_env(cls) -> "KubernetesBackend":
         backend = cls(namespace=os.environ.get("FLYTE_ACTOR_K8S_NAMESPACE", "default"),
                       poll_interval=float(os.environ.get("FLYTE_ACTOR_K8S_POLL_S", "1.0")),
-                      log_template=os.environ.get("FLYTE_ACTOR_K8S_LOG_TEMPLATE", "k8s://{namespace}/{pod}/{container}"))
+                      log_template=os.environ.get("FLYTE_ACTOR_K8S_LOG_TEMPLATE", "k8s://{namespace}/{pod}/{container}"),
+                      ready_timeout_s=float(os.environ.get(READY_TIMEOUT_ENV, cls.ready_timeout_s)))
         try:
             backend.delete_orphans()
         except Exception as e:  # e.g. no cluster-wide list permission: serve anyway, say what is left running

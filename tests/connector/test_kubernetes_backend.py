@@ -214,3 +214,25 @@ def test_container_environment_pods_carry_requests_limits_and_gpus(api, backend,
     assert c["name"] == "primary"
     assert c["resources"] == {"requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
                               "limits": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}}
+
+
+def test_pod_whose_secret_cannot_be_owned_is_deleted_too(backend, api):
+    api.patch_namespaced_secret.side_effect = ApiException(status=403, reason="Forbidden")
+    api.delete_namespaced_pod.side_effect = ApiException(status=404, reason="Not Found")  # already gone: fine
+    replica = backend.start(_spec())
+    death = replica.wait_dead(5)
+    assert death is not None and "could not be created" in death.reason and "403" in death.reason
+    name, ns = api.delete_namespaced_pod.call_args.args
+    assert name == replica.pod_name and ns == "team-a"  # no pod is left running without its owner
+    api.delete_namespaced_secret.assert_called()
+
+
+def test_pods_get_a_long_configurable_readiness_timeout(api, monkeypatch):
+    assert KubernetesBackend(api=api).ready_timeout_s == 600.0  # image pulls of big GPU images take minutes
+    from kubernetes import config
+
+    monkeypatch.setattr(config, "load_incluster_config", lambda: None)
+    monkeypatch.setattr(client, "CoreV1Api", lambda: api)
+    api.list_pod_for_all_namespaces.return_value = client.V1PodList(items=[])
+    monkeypatch.setenv("FLYTE_ACTOR_K8S_READY_TIMEOUT_S", "900")
+    assert KubernetesBackend.from_env().ready_timeout_s == 900.0
