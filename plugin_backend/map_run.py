@@ -177,17 +177,19 @@ class MapRun:
         self._finish("succeeded", f"{self.n - failed} of {self.n} items succeeded" + (f", {failed} failed (none)" if failed else ""))
 
     def _finish(self, phase: str, message: str, recoverable: bool = False) -> None:
-        """Decides the map in memory first, so a storage failure can never leave it RUNNING forever; then
-        records a failure in storage for a restarted connector (logged, not raised, if that write fails)."""
+        """Decides the map. A failure goes to storage first (a restarted connector must answer what GetTask
+        answered), but a failed write is logged, not raised, and the phase is set whatever happens: a map can
+        never stay RUNNING because its error document could not be written."""
         self.message, self.recoverable = message, recoverable
-        self.phase = phase
-        if phase == "failed":
-            origin = "SYSTEM" if recoverable else "USER"
-            try:
+        try:
+            if phase == "failed":
+                origin = "SYSTEM" if recoverable else "USER"
                 write_error_document(self.record.prefix, {"code": "MapItemsFailed", "message": message, "origin": origin,
                                                           "recoverable": recoverable})
-            except Exception:
-                log.exception("map %s: could not write its error document under %s", self.execution_id, self.record.prefix)
+        except Exception:
+            log.exception("map %s: could not write its error document under %s", self.execution_id, self.record.prefix)
+        finally:
+            self.phase = phase  # last: GetTask reads the phase, then message and recoverable
 
     CANCEL_GRACE_S = 2.0
 
