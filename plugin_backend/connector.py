@@ -17,7 +17,7 @@ from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 from plugin_backend import store
 from plugin_backend.meta import ActorResourceMeta
 from plugin_backend.service import Status, service
-from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
+from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, SUPPORTED_TYPE_VERSION
 
 
 def _resource(status: Status) -> Resource:
@@ -33,7 +33,7 @@ class ActorConnector(AsyncConnectorBase):
     task_type = ACTOR_TASK_TYPE
 
     def __init__(self) -> None:
-        super().__init__(task_type_name=self.task_type, task_type_version=0, metadata_type=ActorResourceMeta)
+        super().__init__(task_type_name=self.task_type, task_type_version=SUPPORTED_TYPE_VERSION, metadata_type=ActorResourceMeta)
 
     async def create(self, task_template: TaskTemplate, output_prefix: str, inputs: Optional[LiteralMap] = None,
                      task_execution_metadata: Optional[TaskExecutionMetadata] = None, **kwargs) -> ActorResourceMeta:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+SUPPORTED_TYPE_VERSION = 0
+"""The task type version of `actor` and `actor_map` this connector serves."""
+
 
 class InvalidActorRequest(ValueError):
     """A request the connector cannot serve as sent; propeller gets INVALID_ARGUMENT with this message, no traceback."""
@@ -36,10 +39,15 @@ def install_status_mapping() -> None:
     from flytekit.exceptions.system import FlyteConnectorNotFound
 
     def _handle_exception(e, context, task_type, operation):
-        if isinstance(e, FlyteConnectorNotFound) and task_type in ("actor", "actor_map"):
+        # imported here, not above: flytekit loads this plugin while flytekitplugins_actor may still be importing
+        from flytekitplugins_actor.actor_map import ACTOR_MAP_TASK_TYPE
+        from flytekitplugins_actor.task import ACTOR_TASK_TYPE
+
+        if isinstance(e, FlyteConnectorNotFound) and task_type in (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE):
             # The registry is keyed by (type, version): a template of another version never reaches our create.
             version = str(e).rsplit("_v", 1)[-1].rstrip(".") if "_v" in str(e) else "?"
-            e = InvalidTaskTemplate(f"task type {task_type!r} version {version} is unknown; this connector serves version 0")
+            e = InvalidTaskTemplate(f"task type {task_type!r} version {version} is unknown; "
+                                    f"this connector serves version {SUPPORTED_TYPE_VERSION}")
         if isinstance(e, InvalidActorRequest):
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             context.set_details(f"cannot {operation} {task_type} task: {e}")
