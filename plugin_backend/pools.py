@@ -26,6 +26,20 @@ GPU_NODE_LABEL_ENV = "FLYTE_ACTOR_K8S_GPU_NODE_LABEL"
 DEFAULT_GPU_NODE_LABEL = "k8s.amazonaws.com/accelerator"  # propeller's default gpu-device-node-label
 
 
+INTERRUPTIBLE_TOLERATIONS_ENV = "FLYTE_ACTOR_K8S_INTERRUPTIBLE_TOLERATIONS"
+INTERRUPTIBLE_NODE_SELECTOR_ENV = "FLYTE_ACTOR_K8S_INTERRUPTIBLE_NODE_SELECTOR"
+
+
+def _json_env(name: str, default: Any) -> Any:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    value = json.loads(raw)
+    if not isinstance(value, type(default)):
+        raise ValueError(f"{name} must be a JSON {type(default).__name__}, got {raw!r}")
+    return value
+
+
 @dataclass
 class PodReplicaSpec(ReplicaSpec):
     """A ReplicaSpec with the pod template's metadata, for the Kubernetes backend."""
@@ -51,6 +65,10 @@ def replica_pod_spec(template: ActorTemplate, env: Dict[str, str]) -> Dict[str, 
         primary["resources"] = copy.deepcopy(template.resources)
     else:
         primary.pop("resources", None)
+    if template.interruptible:  # as propeller's interruptible-tolerations / interruptible-node-selector config
+        pod_spec.setdefault("tolerations", []).extend(_json_env(INTERRUPTIBLE_TOLERATIONS_ENV, []))
+        for k, v in _json_env(INTERRUPTIBLE_NODE_SELECTOR_ENV, {}).items():
+            pod_spec.setdefault("nodeSelector", {}).setdefault(k, v)
     if template.accelerator:
         label = os.environ.get(GPU_NODE_LABEL_ENV, DEFAULT_GPU_NODE_LABEL)
         pod_spec.setdefault("nodeSelector", {}).setdefault(label, template.accelerator)

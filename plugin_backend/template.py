@@ -64,6 +64,7 @@ class ActorTemplate:
     pod_annotations: Dict[str, str] = field(default_factory=dict)
     primary_container_name: str = "primary"
     accelerator: Optional[str] = None  # extended_resources.gpu_accelerator.device, e.g. nvidia-tesla-t4
+    interruptible: bool = False  # metadata.interruptible: pods may go to spot nodes (see pools.replica_pod_spec)
 
     @property
     def needs_render(self) -> bool:
@@ -101,7 +102,7 @@ class ActorTemplate:
 
 _RECORD_FIELDS = ("task_type", "task_name", "env_name", "env_key", "image", "replica_count", "ttl_seconds", "args",
                   "container_env", "input_names", "output_names", "resources", "pod_spec", "pod_labels", "pod_annotations",
-                  "primary_container_name", "accelerator")
+                  "primary_container_name", "accelerator", "interruptible")
 _PLACEHOLDER = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
 RENDERABLE = ("input", "outputprefix", "rawoutputdataprefix", "checkpointoutputprefix", "prevcheckpointprefix")
 """The placeholders the connector renders itself in a pod template's args (see ActorTemplate.rendered)."""
@@ -187,6 +188,12 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
     image = spec.get("container_image") or container_image
     if not isinstance(image, str) or not image:
         raise _refuse(template, "no container image in custom.spec.container_image or the container")
+    pod_labels = {str(k): str(v) for k, v in ((pod.metadata.labels if pod is not None and pod.metadata else None) or {}).items()}
+    pod_annotations = {str(k): str(v) for k, v in ((pod.metadata.annotations if pod is not None and pod.metadata else None) or {}).items()}
+    secrets = template.security_context.secrets if template.security_context is not None else None
+    if secrets:  # what propeller puts on a task's pod for flyte's secret-injecting pod webhook
+        pod_labels[SECRETS_POD_LABEL] = "true"
+        pod_annotations.update(secret_annotations(secrets))
     accelerator = None
     ext = template.extended_resources
     if ext is not None and ext.HasField("gpu_accelerator") and ext.gpu_accelerator.device:
@@ -210,11 +217,33 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
         map=map_spec,
         resources=resources,
         pod_spec=pod_spec,
-        pod_labels={str(k): str(v) for k, v in ((pod.metadata.labels if pod is not None and pod.metadata else None) or {}).items()},
-        pod_annotations={str(k): str(v) for k, v in ((pod.metadata.annotations if pod is not None and pod.metadata else None) or {}).items()},
+        pod_labels=pod_labels,
+        pod_annotations=pod_annotations,
         primary_container_name=primary_name,
         accelerator=accelerator,
+        interruptible=bool(template.metadata is not None and template.metadata.interruptible),
     )
+
+
+SECRETS_POD_LABEL = "inject-flyte-secrets"
+_SECRETS_ANNOTATION_PREFIX = "flyte.secrets/s"
+_B32_STD = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+_B32_FLYTE = "abcdefghijklmnopqrstuvwxyz123456"  # flyteplugins' encoding.Base32Encoder alphabet, no padding
+
+
+def secret_annotations(secrets) -> Dict[str, str]:
+    """The pod annotations propeller writes for a task's secret requests (flyteplugins secrets.
+    MarshalSecretsToMapStrings): flyte.secrets/s<i> = the Secret's proto text, base32 in flyte's alphabet."""
+    import base64
+
+    from google.protobuf import text_format
+
+    out = {}
+    for i, secret in enumerate(secrets):
+        text = text_format.MessageToString(secret.to_flyte_idl(), as_one_line=True)
+        encoded = base64.b32encode(text.encode()).decode().rstrip("=").translate(str.maketrans(_B32_STD, _B32_FLYTE))
+        out[f"{_SECRETS_ANNOTATION_PREFIX}{i}"] = encoded
+    return out
 
 
 def _normalize_resources(requests: Dict[str, str], limits: Dict[str, str]) -> Dict[str, Dict[str, str]]:

@@ -109,7 +109,8 @@ def pid_short_ttl() -> int:
 # An environment configured by a pod template (as examples/pod_template.py): flytekit then serializes no
 # `container` but a k8s_pod whose primary container holds the args, image, env and resources.
 from kubernetes.client.models import V1Container, V1EnvVar, V1PodSpec, V1ResourceRequirements, V1Toleration  # noqa: E402
-from flytekit import PodTemplate, Resources  # noqa: E402
+from flytekit import PodTemplate, Resources, Secret  # noqa: E402
+from flytekit.extras.accelerators import T4  # noqa: E402
 
 pod_template = PodTemplate(
     primary_container_name="main",
@@ -141,7 +142,8 @@ def check_set() -> str:
 
 
 env_gpu = ActorEnvironment(name="conn-gpu", replica_count=1, ttl_seconds=300,
-                           requests=Resources(cpu="2", mem="4Gi", gpu="1"), limits=Resources(mem="8Gi"))
+                           requests=Resources(cpu="2", mem="4Gi", gpu="1"), limits=Resources(mem="8Gi"),
+                           accelerator=T4, secret_requests=[Secret(group="db", key="password")], interruptible=True)
 
 
 @env_gpu.task

@@ -206,14 +206,20 @@ def test_pod_template_environment_pods_carry_the_pod_templates_spec_and_resource
     assert len(json.dumps(template.to_record())) < 4096  # the request record stays small
 
 
-def test_container_environment_pods_carry_requests_limits_and_gpus(api, backend, tmp_path):
+def test_container_environment_pods_carry_requests_limits_gpus_secrets_and_interruptible(api, backend, tmp_path, monkeypatch):
     import actor_tasks as t
 
+    monkeypatch.setenv("FLYTE_ACTOR_K8S_INTERRUPTIBLE_TOLERATIONS", json.dumps([{"key": "spot", "operator": "Exists"}]))
+    monkeypatch.setenv("FLYTE_ACTOR_K8S_INTERRUPTIBLE_NODE_SELECTOR", json.dumps({"lifecycle": "spot"}))
     _, pod = _pod_for(t.gpu_task, api, backend, tmp_path)
     c = pod["spec"]["containers"][0]
     assert c["name"] == "primary"
     assert c["resources"] == {"requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
                               "limits": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}}
+    assert pod["spec"]["nodeSelector"] == {"k8s.amazonaws.com/accelerator": "nvidia-tesla-t4", "lifecycle": "spot"}
+    assert pod["spec"]["tolerations"] == [{"key": "spot", "operator": "Exists"}]
+    assert pod["metadata"]["labels"]["inject-flyte-secrets"] == "true"  # flyte's pod webhook injects the secret
+    assert list(pod["metadata"]["annotations"]) == ["flyte.secrets/s0"]
 
 
 def test_pod_whose_secret_cannot_be_owned_is_deleted_too(backend, api):
