@@ -265,3 +265,22 @@ def test_map_abort_cancels_its_inflight_items_in_parallel(tmp_path):
     assert time.monotonic() - started < 2 * run.CANCEL_GRACE_S  # not 8 x 2 s: DeleteTask has 10 s
     assert sorted(pool.cancelled) == sorted(f"m1.{i}" for i in range(8)) and not run.inflight
     assert sorted(pool.forgotten) == sorted(pool.cancelled)
+
+
+def test_pod_template_task_parses_from_its_primary_container_and_round_trips(tmp_path):
+    import json
+
+    from plugin_backend.template import ActorTemplate
+
+    a, tt = _template(t.get_and_set, str(tmp_path), x=1)
+    parsed = parse_template(tt, "actor")
+    assert parsed.needs_render and parsed.primary_container_name == "main"
+    assert parsed.container_env["COMP_KEY_EX"] == "compile_time"
+    assert all("args" not in c for c in parsed.pod_spec["containers"] if c["name"] == "main")  # records stay small
+    rendered = parsed.rendered({"input": "/in.pb", "outputprefix": "/out", "rawoutputdataprefix": "/raw",
+                                "checkpointoutputprefix": "/ck", "prevcheckpointprefix": '""'})
+    assert rendered.command.inputs == "/in.pb" and not rendered.needs_render
+    assert ActorTemplate.from_record(json.loads(json.dumps(rendered.to_record()))) == rendered
+    a.template.config["primary_container_name"] = "nope"
+    with pytest.raises(InvalidTaskTemplate, match="no primary container named 'nope'"):
+        parse_template(TaskTemplate.from_flyte_idl(a.template), "actor")
