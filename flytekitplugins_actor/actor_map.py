@@ -19,11 +19,9 @@ from flytekit.core.context_manager import FlyteContext
 from flytekit.core.interface import transform_interface_to_list_interface
 from flytekit.models.literals import LiteralMap
 
+from flytekitplugins_actor.constants import ACTOR_MAP_TASK_TYPE
 from flytekitplugins_actor.map_plan import MapInputError, MapPlan, required_successes
 from flytekitplugins_actor.task import ActorTask, execution_env
-
-ACTOR_MAP_TASK_TYPE = "actor_map"
-
 
 class MapFailed(RuntimeError):
     """Too few items of an actor map succeeded to meet its min_success_ratio."""

@@ -14,8 +14,8 @@ from flytekit import PodTemplate, Resources, Secret
 from flytekit.extras.accelerators import BaseAccelerator
 from flytekit.image_spec.image_spec import ImageSpec
 
-DEFAULT_TTL_SECONDS = 300
-"""How long an idle pool keeps its replicas when `ttl_seconds` is None."""
+from flytekitplugins_actor.constants import DEFAULT_TTL_SECONDS
+
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 

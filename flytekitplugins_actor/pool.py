@@ -142,6 +142,9 @@ class _Slot:
                          "origin": "SYSTEM", "recoverable": True}
                 self.pool._finish(self, execution, ExecutionState.FAILED, error=error)
                 return True
+            if execution.cancel_requested:  # cancelled while the hook ran
+                self.pool._finish(self, execution, ExecutionState.CANCELLED)
+                return True
         try:
             self.client.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)
         except RequestRefused as e:

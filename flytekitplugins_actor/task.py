@@ -11,10 +11,10 @@ from flytekit.core.python_function_task import PythonFunctionTask
 from flytekit.extend import TaskPlugins
 from flytekit.models.literals import LiteralMap
 
+from flytekitplugins_actor.constants import ACTOR_TASK_TYPE
 from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.replica.execution import RUNTIME
 
-ACTOR_TASK_TYPE = "actor"
 IN_PROCESS_ENV = "FLYTE_ACTOR_IN_PROCESS"
 """Set to 1 to run actor tasks inside the driver during local runs (for breakpoints); replicas are skipped."""
 

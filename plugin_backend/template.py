@@ -14,11 +14,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from flytekit.models.task import TaskTemplate
 
-from flytekitplugins_actor.actor_map import ACTOR_MAP_TASK_TYPE
-from flytekitplugins_actor.environment import DEFAULT_TTL_SECONDS
+from flytekitplugins_actor.constants import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, DEFAULT_TTL_SECONDS
 from flytekitplugins_actor.map_plan import required_successes
 from flytekitplugins_actor.replica.execution import ParsedCommand, parse_command
-from flytekitplugins_actor.task import ACTOR_TASK_TYPE
 from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidTaskTemplate
 
 __all__ = ["ACTOR_TASK_TYPE", "ACTOR_MAP_TASK_TYPE", "DEFAULT_TTL_SECONDS", "SUPPORTED_TYPE_VERSION", "ActorTemplate",

@@ -1,0 +1,7 @@
+"""Names shared by the SDK and the connector. No imports: `plugin_backend` may be loaded (as a flytekit plugin)
+while `flytekitplugins_actor` itself is still importing."""
+
+ACTOR_TASK_TYPE = "actor"
+ACTOR_MAP_TASK_TYPE = "actor_map"
+DEFAULT_TTL_SECONDS = 300
+"""How long an idle pool keeps its replicas when an environment's `ttl_seconds` is None."""
