@@ -44,9 +44,6 @@ class LocalPools(PoolRegistry):
         if pool is not None:
             pool.forget(execution_id)
 
-    def pool_for(self, env: ActorEnvironment, module_root: Optional[str] = None) -> ReplicaPool:
-        return self._pool(env.key(), lambda: self._create(env, module_root))
-
     def _create(self, env: ActorEnvironment, module_root: Optional[str]) -> ReplicaPool:
         key = env.key()
         replica_env = {**env.replica_env(), "PYTHONPATH": _python_path(module_root)}

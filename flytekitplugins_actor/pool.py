@@ -198,7 +198,6 @@ class ReplicaPool:
         self._closed = False
         self.idle_since = time.monotonic()
         self.deaths = 0
-        self.last_death: Optional[ReplicaDeath] = None
         self.dispatches = {"warm": 0, "cold": 0}
         self._failed_starts = 0
 
@@ -397,7 +396,6 @@ class ReplicaPool:
             death = slot.replica.death or ReplicaDeath(slot.replica.name, "became unreachable and was stopped")
             if not self._closed:
                 self.deaths += 1
-                self.last_death = death
             if slot.current is not None and not slot.current.state.terminal:
                 slot.current.death = death
                 self._complete_locked(slot.current, ExecutionState.REPLICA_DIED)

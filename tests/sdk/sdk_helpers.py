@@ -27,6 +27,20 @@ def wait_until(cond: Callable[[], T], timeout: float, interval: float = 0.02, me
         time.sleep(interval)
 
 
+def saw_overlap(probe_dir: str, me: str, hold: float) -> bool:
+    """Marks `me` running in `probe_dir` for up to `hold` seconds; True if another execution was running meanwhile.
+    Called inside actor tasks, so overlap is seen by the executions themselves, not inferred from timing."""
+    mine = os.path.join(probe_dir, f"running-{me}")
+    open(mine, "w").close()
+    seen = False
+    deadline = time.monotonic() + hold
+    while time.monotonic() < deadline and not seen:
+        seen = any(f.startswith("running-") and f != f"running-{me}" for f in os.listdir(probe_dir))
+        time.sleep(0.01)
+    os.remove(mine)
+    return seen
+
+
 def pid_alive(pid: int) -> bool:
     """True while a process exists and is not a zombie (a reparented zombie counts as exited)."""
     try:

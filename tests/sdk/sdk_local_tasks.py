@@ -171,15 +171,9 @@ def lazy_pid() -> int:
 @basic.task
 def overlap_probe(probe_dir: str, me: str, hold: float) -> int:
     """Marks itself running, watches `hold` seconds for another execution running at the same time; returns pid, or -1 if it saw one."""
-    mine = os.path.join(probe_dir, f"running-{me}")
-    open(mine, "w").close()
-    seen = False
-    deadline = time.monotonic() + hold
-    while time.monotonic() < deadline and not seen:
-        seen = any(f.startswith("running-") and f != f"running-{me}" for f in os.listdir(probe_dir))
-        time.sleep(0.01)
-    os.remove(mine)
-    return -1 if seen else os.getpid()
+    from sdk_helpers import saw_overlap
+
+    return -1 if saw_overlap(probe_dir, me, hold) else os.getpid()
 
 
 # ---- files and structured data across the driver/replica boundary ----

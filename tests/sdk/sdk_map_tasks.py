@@ -50,15 +50,9 @@ def quot_rem(a: int, b: int) -> typing.Tuple[int, int]:
 @barrier_env.task
 def overlap_probe(probe_dir: str, me: str, hold: float) -> bool:
     """Marks itself running and watches for `hold` seconds for another item running at the same time."""
-    mine = os.path.join(probe_dir, f"running-{me}")
-    open(mine, "w").close()
-    seen = False
-    deadline = time.monotonic() + hold
-    while time.monotonic() < deadline and not seen:
-        seen = any(f.startswith("running-") and f != f"running-{me}" for f in os.listdir(probe_dir))
-        time.sleep(0.01)
-    os.remove(mine)
-    return seen
+    from sdk_helpers import saw_overlap
+
+    return saw_overlap(probe_dir, me, hold)
 
 
 @workflow
