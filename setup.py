@@ -7,8 +7,10 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    python_requires=">=3.9",
-    packages=find_packages(include=["flytekitplugins_actor", "flytekitplugins_actor.*", "plugin_backend", "plugin_backend.*"]),
+    python_requires=">=3.10",
+    packages=find_packages(
+        include=["flytekitplugins_actor", "flytekitplugins_actor.*", "plugin_backend", "plugin_backend.*"]
+    ),
     install_requires=[
         "flytekit>=1.16,<1.17",
         "flyteidl>=1.16,<1.17",
@@ -18,7 +20,7 @@ setup(
     ],
     extras_require={
         "connector": ["flytekit[connector]>=1.16,<1.17", "prometheus-client", "grpcio", "grpcio-health-checking"],
-        "test": ["pytest", "pytest-mock", "pytest-timeout", "scipy"],
+        "test": ["pytest", "pytest-mock", "pytest-timeout", "scipy", "kubernetes-validate", "ruff"],
     },
     entry_points={
         "flytekit.plugins": [

@@ -61,7 +61,11 @@ def bench_latency(propeller: Propeller, base: str, runs: int) -> dict:
         if i >= 20:  # the first ones warm the replica and the connector
             create_s.append(t1 - t0)
             total_s.append(t2 - t0)
-    return {"create_p50_ms": _pct(create_s, 50) * 1e3, "p50_ms": _pct(total_s, 50) * 1e3, "p90_ms": _pct(total_s, 90) * 1e3}
+    return {
+        "create_p50_ms": _pct(create_s, 50) * 1e3,
+        "p50_ms": _pct(total_s, 50) * 1e3,
+        "p90_ms": _pct(total_s, 90) * 1e3,
+    }
 
 
 def bench_in_process(base: str, runs: int) -> float:
@@ -79,8 +83,13 @@ def bench_in_process(base: str, runs: int) -> float:
         for i in range(runs + 20):
             req = Attempt(base, t.inc1, literal_map(t.inc1, x=i)).request()
             t0 = time.perf_counter()
-            meta = svc.create(TaskTemplate.from_flyte_idl(req.template), req.output_prefix, LiteralMap.from_flyte_idl(req.inputs),
-                              TaskExecutionMetadata.from_flyte_idl(req.task_execution_metadata), "actor")
+            meta = svc.create(
+                TaskTemplate.from_flyte_idl(req.template),
+                req.output_prefix,
+                LiteralMap.from_flyte_idl(req.inputs),
+                TaskExecutionMetadata.from_flyte_idl(req.task_execution_metadata),
+                "actor",
+            )
             while svc.get(meta).phase not in TERMINAL:
                 time.sleep(POLL_S)
             if i >= 20:
@@ -120,7 +129,6 @@ def bench_queued_rss(server: ConnectorServer, propeller: Propeller, base: str, q
     meta = propeller.create(blocker)
     propeller.wait(meta, phases={PHASE.RUNNING})
     before = _rss_mb(server.proc.pid)
-    template = blocker.template
     t0 = time.perf_counter()
     for i in range(queued):
         a = Attempt(base, t.inc1, literal_map(t.inc1, x=i), template=None if i == 0 else template_for_inc)
@@ -128,8 +136,12 @@ def bench_queued_rss(server: ConnectorServer, propeller: Propeller, base: str, q
     elapsed = time.perf_counter() - t0
     after = _rss_mb(server.proc.pid)
     open(gate, "w").close()
-    return {"rss_before_mb": before, "rss_after_mb": after, "per_execution_kb": (after - before) * 1024 / queued,
-            "creates_per_s": queued / elapsed}
+    return {
+        "rss_before_mb": before,
+        "rss_after_mb": after,
+        "per_execution_kb": (after - before) * 1024 / queued,
+        "creates_per_s": queued / elapsed,
+    }
 
 
 template_for_inc = None
@@ -166,8 +178,12 @@ def main() -> None:
         ("warm create->SUCCEEDED p50, in process (no gRPC)", f"{floor:.2f} ms", "the connector's floor"),
         (f"map {args.items} items, 1 replica", f"{one:.0f} items/s", ""),
         (f"map {args.items} items, 2 replicas", f"{two:.0f} items/s", f"goal >= 500; x{two / one:.2f} vs 1 replica"),
-        (f"connector RSS, {args.queued} queued", f"{rss['rss_after_mb']:.0f} MB", f"{rss['rss_before_mb']:.0f} MB before; "
-         f"{rss['per_execution_kb']:.1f} KB/execution; {rss['creates_per_s']:.0f} creates/s"),
+        (
+            f"connector RSS, {args.queued} queued",
+            f"{rss['rss_after_mb']:.0f} MB",
+            f"{rss['rss_before_mb']:.0f} MB before; "
+            f"{rss['per_execution_kb']:.1f} KB/execution; {rss['creates_per_s']:.0f} creates/s",
+        ),
     ]
     rows.append(("load average (1 min) at the end", open("/proc/loadavg").read().split()[0], f"{os.cpu_count()} cores"))
     w = max(len(r[0]) for r in rows)

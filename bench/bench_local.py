@@ -69,7 +69,6 @@ def write_inputs(directory: str, x: int = 1) -> str:
 
 def read_output(output_prefix: str) -> int:
     from flyteidl.core import literals_pb2
-
     from flytekit.core.utils import load_proto_from_file
 
     lm = load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb"))
@@ -77,8 +76,22 @@ def read_output(output_prefix: str) -> int:
 
 
 def execute_args(inputs: str, output_prefix: str, raw: str, task: str = "noop") -> List[str]:
-    return ["pyflyte-execute", "--inputs", inputs, "--output-prefix", output_prefix, "--raw-output-data-prefix", raw,
-            "--resolver", RESOLVER, "--", "task-module", "bench_tasks", "task-name", task]
+    return [
+        "pyflyte-execute",
+        "--inputs",
+        inputs,
+        "--output-prefix",
+        output_prefix,
+        "--raw-output-data-prefix",
+        raw,
+        "--resolver",
+        RESOLVER,
+        "--",
+        "task-module",
+        "bench_tasks",
+        "task-name",
+        task,
+    ]
 
 
 def summary(times: List[float]) -> Dict[str, float]:
@@ -145,8 +158,13 @@ class Worker:
         from flytekitplugins_actor.replica.protocol import ReplicaClient
 
         token = secrets.token_hex(16)
-        spec = ReplicaSpec(name="bench-worker", token=token, env={"PYTHONPATH": os.pathsep.join([HERE, ROOT])},
-                           cwd=HERE, log_dir=os.path.join(tmp, "logs"))
+        spec = ReplicaSpec(
+            name="bench-worker",
+            token=token,
+            env={"PYTHONPATH": os.pathsep.join([HERE, ROOT])},
+            cwd=HERE,
+            log_dir=os.path.join(tmp, "logs"),
+        )
         self.replica = LocalProcessBackend().start(spec)
         assert self.replica.wait_ready(120) is ReplicaState.READY, self.replica.death
         self.client = ReplicaClient(self.replica.address, token)
@@ -192,8 +210,14 @@ def floor_worker(warmup: int, tmp: str) -> None:
             count += 1
             out = os.path.join(tmp, f"floor-{count}")
             t = time.perf_counter()
-            _execute_task(inputs=inputs, output_prefix=out, test=False, raw_output_data_prefix=raw,
-                          resolver=RESOLVER, resolver_args=["task-module", "bench_tasks", "task-name", "noop"])
+            _execute_task(
+                inputs=inputs,
+                output_prefix=out,
+                test=False,
+                raw_output_data_prefix=raw,
+                resolver=RESOLVER,
+                resolver_args=["task-module", "bench_tasks", "task-name", "noop"],
+            )
             times.append(time.perf_counter() - t)
         assert read_output(out) == 2
         return times
@@ -207,14 +231,20 @@ def floor_worker(warmup: int, tmp: str) -> None:
 class Floor:
     def __init__(self, tmp: str, warmup: int = 20):
         d = tempfile.mkdtemp(dir=tmp, prefix="floor-")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--floor-worker", str(warmup), d],
-                                     env=sub_env(), cwd=HERE, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), "--floor-worker", str(warmup), d],
+            env=sub_env(),
+            cwd=HERE,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         self._read("READY")
 
     def _read(self, prefix: str) -> str:
         for line in self.proc.stdout:
             if line.startswith(prefix):
-                return line[len(prefix):].strip()
+                return line[len(prefix) :].strip()
         raise RuntimeError(f"floor subprocess exited with {self.proc.wait()}")
 
     def run(self, n: int) -> List[float]:
@@ -264,8 +294,14 @@ class Fresh:
             self.count += 1
             out = os.path.join(self.tmp, f"fresh-{self.count}")
             t = time.perf_counter()
-            proc = subprocess.run([self.exe, *execute_args(self.inputs, out, self.raw)[1:]], env=sub_env(), cwd=HERE,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+            proc = subprocess.run(
+                [self.exe, *execute_args(self.inputs, out, self.raw)[1:]],
+                env=sub_env(),
+                cwd=HERE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                timeout=120,
+            )
             times.append(time.perf_counter() - t)
             if proc.returncode != 0:
                 raise RuntimeError(f"pyflyte-execute failed: {proc.stderr.decode()[-2000:]}")
@@ -280,11 +316,16 @@ def bench_fresh(n: int, tmp: str) -> Dict[str, float]:
 # ---------------------------------------------------------------- (e) map throughput
 def bench_map(items: int, reps: int) -> Dict[str, Dict[str, float]]:
     """Items/s of one map call; the four variants alternate, rep after rep."""
-    import flytekitplugins_actor as fa
     from bench_tasks import noop, noop2, sleepy, sleepy2
 
-    variants = [("trivial, 1 replica", noop, items), ("trivial, 2 replicas", noop2, items),
-                ("20 ms task, 1 replica", sleepy, items // 4), ("20 ms task, 2 replicas", sleepy2, items // 4)]
+    import flytekitplugins_actor as fa
+
+    variants = [
+        ("trivial, 1 replica", noop, items),
+        ("trivial, 2 replicas", noop2, items),
+        ("20 ms task, 1 replica", sleepy, items // 4),
+        ("20 ms task, 2 replicas", sleepy2, items // 4),
+    ]
     mapped = {label: fa.map(task) for label, task, _ in variants}
     for label, _, n in variants:  # warm-up: starts the replicas
         assert mapped[label](x=list(range(n))) == [v + 1 for v in range(n)]
@@ -314,26 +355,50 @@ def table(r: Dict[str, object]) -> str:
     add("(d) fresh pyflyte-execute process per task", r["fresh"])
     add("    for scale: a plain flytekit @task called locally in-process", r["plain"])
     for label, s in r["map"].items():
-        rows.append((f"(e) map throughput, {label} ({s['items']} items)", f"{s['median']:.0f} items/s",
-                     f"{s['p10']:.0f} .. {s['p90']:.0f}", str(s["n"])))
+        rows.append(
+            (
+                f"(e) map throughput, {label} ({s['items']} items)",
+                f"{s['median']:.0f} items/s",
+                f"{s['p10']:.0f} .. {s['p90']:.0f}",
+                str(s["n"]),
+            )
+        )
     warm, floor, fresh = r["warm"]["median"], r["floor"]["median"], r["fresh"]["median"]
     worker = r["worker"]["round_trip"]["median"]
     inrep = r["worker"]["in_replica"]["median"]
     m = r["map"]
     ratios = [
         ("warm / floor", warm / floor, f"goal <= {GOAL_WARM_OVER_FLOOR:g}x", warm / floor <= GOAL_WARM_OVER_FLOOR),
-        ("warm / (plain local call + floor): flytekit's own cost on both sides", warm / (r["plain"]["median"] + floor), "", None),
+        (
+            "warm / (plain local call + floor): flytekit's own cost on both sides",
+            warm / (r["plain"]["median"] + floor),
+            "",
+            None,
+        ),
         ("worker round trip / floor", worker / floor, "", None),
         ("in-replica / floor", inrep / floor, "", None),
         ("fresh / warm", fresh / warm, f"goal >= {GOAL_FRESH_OVER_WARM:g}x", fresh / warm >= GOAL_FRESH_OVER_WARM),
         ("fresh / worker round trip", fresh / worker, "", None),
-        ("map 2 / 1 replicas, trivial", m["trivial, 2 replicas"]["median"] / m["trivial, 1 replica"]["median"], "", None),
-        ("map 2 / 1 replicas, 20 ms task", m["20 ms task, 2 replicas"]["median"] / m["20 ms task, 1 replica"]["median"], "", None),
+        (
+            "map 2 / 1 replicas, trivial",
+            m["trivial, 2 replicas"]["median"] / m["trivial, 1 replica"]["median"],
+            "",
+            None,
+        ),
+        (
+            "map 2 / 1 replicas, 20 ms task",
+            m["20 ms task, 2 replicas"]["median"] / m["20 ms task, 1 replica"]["median"],
+            "",
+            None,
+        ),
     ]
     lines = ["| measurement | median | p10 .. p90 | n |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows[1:]]
     lines += ["", "| ratio | value | goal | met |", "|---|---:|---|---|"]
-    lines += [f"| {name} | {v:.1f}x | {goal} | {'' if ok is None else ('yes' if ok else 'NO')} |" for name, v, goal, ok in ratios]
+    lines += [
+        f"| {name} | {v:.1f}x | {goal} | {'' if ok is None else ('yes' if ok else 'NO')} |"
+        for name, v, goal, ok in ratios
+    ]
     return "\n".join(lines)
 
 
@@ -342,8 +407,10 @@ def machine() -> str:
 
     import flytekit
 
-    return (f"{platform.python_implementation()} {platform.python_version()}, flytekit {flytekit.__version__}, "
-            f"{os.cpu_count()} CPUs, {platform.machine()}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}")
+    return (
+        f"{platform.python_implementation()} {platform.python_version()}, flytekit {flytekit.__version__}, "
+        f"{os.cpu_count()} CPUs, {platform.machine()}, {time.strftime('%Y-%m-%d %H:%M:%S %Z')}"
+    )
 
 
 def demo(n: int, fresh_n: int) -> None:
@@ -357,8 +424,10 @@ def demo(n: int, fresh_n: int) -> None:
     print(f"    first call (cold: starts the replica process) : {fmt_s(warm['cold'])}")
     print(f"    warm call, median of {n:<4}                      : {fmt_s(warm['median'])}")
     print(f"    fresh pyflyte-execute process, median of {fresh_n:<3}  : {fmt_s(fresh['median'])}")
-    print(f"    => a warm call is {warm['cold'] / warm['median']:.0f}x cheaper than the cold one and "
-          f"{fresh['median'] / warm['median']:.0f}x cheaper than a fresh process")
+    print(
+        f"    => a warm call is {warm['cold'] / warm['median']:.0f}x cheaper than the cold one and "
+        f"{fresh['median'] / warm['median']:.0f}x cheaper than a fresh process"
+    )
 
 
 def main() -> None:
@@ -381,8 +450,11 @@ def main() -> None:
     compile_bytecode()
     results: Dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="actor-bench-") as tmp:
-        print(f"(a) warm, (b) worker path, (c) in-process floor: {a.n} each, and (d) {a.fresh} fresh processes, "
-              f"interleaved in {a.rounds} rounds ...", flush=True)
+        print(
+            f"(a) warm, (b) worker path, (c) in-process floor: {a.n} each, and (d) {a.fresh} fresh processes, "
+            f"interleaved in {a.rounds} rounds ...",
+            flush=True,
+        )
         results.update(bench_interleaved(a.n, a.fresh, a.rounds, tmp))
         print("(e) map throughput ...", flush=True)
         results["map"] = bench_map(a.map_items, a.map_reps)

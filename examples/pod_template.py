@@ -12,13 +12,13 @@ Local runs never build the ImageSpec.
 
 import os
 
+from flytekit import ImageSpec, PodTemplate, workflow
 from kubernetes.client.models import (
     V1Container,
     V1EnvVar,
     V1PodSpec,
     V1ResourceRequirements,
 )
-from flytekit import ImageSpec, PodTemplate, workflow
 
 from flytekitplugins_actor import ActorEnvironment
 

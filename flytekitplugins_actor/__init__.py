@@ -13,4 +13,15 @@ from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.errors import ActorError, ActorTaskFailed, ExecutionCancelled, ReplicaDied
 from flytekitplugins_actor.task import ActorTask
 
-__all__ = ["ActorEnvironment", "ActorTask", "ActorMapTask", "MapFailed", "actor_cache", "map", "ActorError", "ActorTaskFailed", "ReplicaDied", "ExecutionCancelled"]
+__all__ = [
+    "ActorEnvironment",
+    "ActorTask",
+    "ActorMapTask",
+    "MapFailed",
+    "actor_cache",
+    "map",
+    "ActorError",
+    "ActorTaskFailed",
+    "ReplicaDied",
+    "ExecutionCancelled",
+]

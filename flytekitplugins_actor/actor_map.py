@@ -23,6 +23,7 @@ from flytekitplugins_actor.constants import ACTOR_MAP_TASK_TYPE
 from flytekitplugins_actor.map_plan import MapInputError, MapPlan, required_successes
 from flytekitplugins_actor.task import ActorTask, execution_env
 
+
 class MapFailed(RuntimeError):
     """Too few items of an actor map succeeded to meet its min_success_ratio."""
 
@@ -30,7 +31,13 @@ class MapFailed(RuntimeError):
 class ActorMapTask(PythonTask):
     """Maps an actor task over lists; bound (partial) inputs are passed whole to every item."""
 
-    def __init__(self, subtask: Union[ActorTask, functools.partial], concurrency: Optional[int] = None, min_success_ratio: float = 1.0, **kwargs):
+    def __init__(
+        self,
+        subtask: Union[ActorTask, functools.partial],
+        concurrency: Optional[int] = None,
+        min_success_ratio: float = 1.0,
+        **kwargs,
+    ):
         partial = subtask if isinstance(subtask, functools.partial) else None
         task = partial.func if partial else subtask
         if partial is not None and partial.args:
@@ -40,9 +47,15 @@ class ActorMapTask(PythonTask):
                 f"flytekitplugins_actor.map maps an actor task (declared with @ActorEnvironment.task), got {task!r}; "
                 "for other tasks use flytekit.map_task"
             )
-        if concurrency is not None and (isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1):
+        if concurrency is not None and (
+            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
+        ):
             raise ValueError(f"map(concurrency={concurrency!r}) is invalid: must be None (all replicas) or an int >= 1")
-        if isinstance(min_success_ratio, bool) or not isinstance(min_success_ratio, (int, float)) or not 0 <= min_success_ratio <= 1:
+        if (
+            isinstance(min_success_ratio, bool)
+            or not isinstance(min_success_ratio, (int, float))
+            or not 0 <= min_success_ratio <= 1
+        ):
             raise ValueError(f"map(min_success_ratio={min_success_ratio!r}) is invalid: must be a number in [0, 1]")
         self._subtask: ActorTask = task
         self._bound_values: Dict[str, Any] = dict(partial.keywords) if partial else {}
@@ -55,11 +68,21 @@ class ActorMapTask(PythonTask):
         if not self.mapped_inputs:
             raise TypeError(f"map({task.name}): every input is bound by the partial; nothing is left to map over")
         optional_outputs = self.min_success_ratio < 1
-        interface = transform_interface_to_list_interface(task.python_interface, set(self.bound_inputs), set(), optional_outputs)
-        h = hashlib.md5(f"{','.join(self.bound_inputs)}:{concurrency}:{self.min_success_ratio}".encode()).hexdigest()[:10]
+        interface = transform_interface_to_list_interface(
+            task.python_interface, set(self.bound_inputs), set(), optional_outputs
+        )
+        h = hashlib.md5(f"{','.join(self.bound_inputs)}:{concurrency}:{self.min_success_ratio}".encode()).hexdigest()[
+            :10
+        ]
         kwargs.setdefault("metadata", task.metadata)
         kwargs.setdefault("security_ctx", task.security_context)
-        super().__init__(task_type=ACTOR_MAP_TASK_TYPE, name=f"{task.name}.actor_map_{h}", interface=interface, task_config=None, **kwargs)
+        super().__init__(
+            task_type=ACTOR_MAP_TASK_TYPE,
+            name=f"{task.name}.actor_map_{h}",
+            interface=interface,
+            task_config=None,
+            **kwargs,
+        )
 
     @property
     def subtask(self) -> ActorTask:
@@ -79,13 +102,15 @@ class ActorMapTask(PythonTask):
         return self._subtask.get_config(settings)
 
     def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
-        spec = {"map": {
-            "concurrency": self.concurrency,
-            "min_success_ratio": self.min_success_ratio,
-            "mapped_inputs": self.mapped_inputs,
-            "bound_inputs": self.bound_inputs,
-            "subtask": self._subtask.name,
-        }}
+        spec = {
+            "map": {
+                "concurrency": self.concurrency,
+                "min_success_ratio": self.min_success_ratio,
+                "mapped_inputs": self.mapped_inputs,
+                "bound_inputs": self.bound_inputs,
+                "subtask": self._subtask.name,
+            }
+        }
         return execution_env(self._subtask.task_config, settings, spec)
 
     # ---- local execution: fan out over local replicas ----
@@ -105,8 +130,12 @@ class ActorMapTask(PythonTask):
         with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="actor-map") as ex:
             # each item runs in a copy of the driver's flytekit context (a contextvar)
             futures = {
-                ex.submit(contextvars.copy_context().run, run_literals_on_replica, self._subtask,
-                          LiteralMap.from_flyte_idl(plan.item_inputs(i))): i
+                ex.submit(
+                    contextvars.copy_context().run,
+                    run_literals_on_replica,
+                    self._subtask,
+                    LiteralMap.from_flyte_idl(plan.item_inputs(i)),
+                ): i
                 for i in range(n)
             }
             for f in concurrent.futures.as_completed(futures):
@@ -131,6 +160,10 @@ class ActorMapTask(PythonTask):
         )
 
 
-def map(task_or_partial: Union[ActorTask, functools.partial], concurrency: Optional[int] = None, min_success_ratio: float = 1.0) -> ActorMapTask:
+def map(
+    task_or_partial: Union[ActorTask, functools.partial],
+    concurrency: Optional[int] = None,
+    min_success_ratio: float = 1.0,
+) -> ActorMapTask:
     """Maps an actor task (or a partial of one) over lists, fanned out across the environment's replicas in parallel."""
     return ActorMapTask(task_or_partial, concurrency=concurrency, min_success_ratio=min_success_ratio)

@@ -8,14 +8,13 @@ import inspect
 import json
 import re
 import types
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 from flytekit import PodTemplate, Resources, Secret
 from flytekit.extras.accelerators import BaseAccelerator
 from flytekit.image_spec.image_spec import ImageSpec
 
 from flytekitplugins_actor.constants import DEFAULT_TTL_SECONDS
-
 
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 
@@ -66,8 +65,14 @@ class ActorEnvironment:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not _DNS_LABEL.match(self.name):
-            _fail("name", self.name, "must be a DNS-1123 label: 1-63 lowercase alphanumerics or '-', starting and ending alphanumeric")
-        _check_type("container_image", self.container_image, (str, ImageSpec), "must be an image name (str) or an ImageSpec")
+            _fail(
+                "name",
+                self.name,
+                "must be a DNS-1123 label: 1-63 lowercase alphanumerics or '-', starting and ending alphanumeric",
+            )
+        _check_type(
+            "container_image", self.container_image, (str, ImageSpec), "must be an image name (str) or an ImageSpec"
+        )
         if isinstance(self.container_image, str) and not self.container_image.strip():
             _fail("container_image", self.container_image, "must not be empty (leave it None for the default image)")
         if isinstance(self.replica_count, bool) or not isinstance(self.replica_count, int):
@@ -76,7 +81,12 @@ class ActorEnvironment:
             _fail("replica_count", self.replica_count, "must be an int >= 1")
         if self.ttl_seconds is not None:
             if isinstance(self.ttl_seconds, bool) or not isinstance(self.ttl_seconds, int):
-                _fail("ttl_seconds", self.ttl_seconds, f"must be None (default {DEFAULT_TTL_SECONDS}s) or an int >= 0", TypeError)
+                _fail(
+                    "ttl_seconds",
+                    self.ttl_seconds,
+                    f"must be None (default {DEFAULT_TTL_SECONDS}s) or an int >= 0",
+                    TypeError,
+                )
             if self.ttl_seconds < 0:
                 _fail("ttl_seconds", self.ttl_seconds, f"must be None (default {DEFAULT_TTL_SECONDS}s) or an int >= 0")
         if self.environment is not None:
@@ -88,13 +98,23 @@ class ActorEnvironment:
             object.__setattr__(self, "environment", types.MappingProxyType(dict(self.environment)))
         _check_type("requests", self.requests, (Resources,), "must be a flytekit.Resources")
         _check_type("limits", self.limits, (Resources,), "must be a flytekit.Resources")
-        _check_type("accelerator", self.accelerator, (BaseAccelerator,), "must be a flytekit accelerator (flytekit.extras.accelerators)")
+        _check_type(
+            "accelerator",
+            self.accelerator,
+            (BaseAccelerator,),
+            "must be a flytekit accelerator (flytekit.extras.accelerators)",
+        )
         if self.secret_requests is not None:
             if isinstance(self.secret_requests, (str, Secret)) or not isinstance(self.secret_requests, (list, tuple)):
                 _fail("secret_requests", self.secret_requests, "must be a list of flytekit.Secret", TypeError)
             for s in self.secret_requests:
                 if not isinstance(s, Secret):
-                    _fail("secret_requests", self.secret_requests, f"must be a list of flytekit.Secret; {s!r} is not", TypeError)
+                    _fail(
+                        "secret_requests",
+                        self.secret_requests,
+                        f"must be a list of flytekit.Secret; {s!r} is not",
+                        TypeError,
+                    )
             object.__setattr__(self, "secret_requests", tuple(self.secret_requests))
         _check_type("pod_template", self.pod_template, (PodTemplate,), "must be a flytekit.PodTemplate")
         _check_type("interruptible", self.interruptible, (bool,), "must be a bool")
@@ -133,7 +153,10 @@ class ActorEnvironment:
             "limits": _resources(self.limits),
             "accelerator": _accelerator(self.accelerator),
             "environment": dict(sorted((self.environment or {}).items())),
-            "secrets": [[s.group, s.key, s.group_version, int(s.mount_requirement.value), s.env_var] for s in self.secret_requests or ()],
+            "secrets": [
+                [s.group, s.key, s.group_version, int(s.mount_requirement.value), s.env_var]
+                for s in self.secret_requests or ()
+            ],
             "pod_template": pod_template_shape(self.pod_template),
             "interruptible": self.interruptible,
             "replica_count": self.replica_count,
@@ -171,7 +194,10 @@ class ActorEnvironment:
             if not callable(fn):
                 raise TypeError(f"@{self.name}.task decorates a function, got {fn!r}")
             if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
-                raise TypeError(f"actor task {fn.__qualname__!r} is an async def: async actor tasks are not supported; use a plain def")
+                raise TypeError(
+                    f"actor task {fn.__qualname__!r} is an async def: "
+                    "async actor tasks are not supported; use a plain def"
+                )
             from flytekit import task
 
             return task(
@@ -212,7 +238,9 @@ def _sanitize(obj: Any) -> Any:
     if isinstance(obj, dict):
         return {k: _sanitize(v) for k, v in obj.items()}
     if hasattr(obj, "openapi_types") and hasattr(obj, "attribute_map"):
-        return {obj.attribute_map[a]: _sanitize(getattr(obj, a)) for a in obj.openapi_types if getattr(obj, a) is not None}
+        return {
+            obj.attribute_map[a]: _sanitize(getattr(obj, a)) for a in obj.openapi_types if getattr(obj, a) is not None
+        }
     return obj
 
 
@@ -225,7 +253,12 @@ def pod_template_shape(pt: Optional[PodTemplate]) -> Optional[dict]:
     for c in spec.get("containers") or []:
         c.pop("args", None)
         c.pop("command", None)
-    return {"primary_container_name": pt.primary_container_name, "pod_spec": spec, "labels": pt.labels or {}, "annotations": pt.annotations or {}}
+    return {
+        "primary_container_name": pt.primary_container_name,
+        "pod_spec": spec,
+        "labels": pt.labels or {},
+        "annotations": pt.annotations or {},
+    }
 
 
 def primary_container(pt: Optional[PodTemplate]) -> Optional[dict]:

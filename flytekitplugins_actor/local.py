@@ -24,6 +24,7 @@ from flytekitplugins_actor.pool import Execution, ExecutionState, PoolRegistry, 
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec
 from flytekitplugins_actor.replica.execution import SYS_PATH_ENV, ExecutionSpec, identity_env
 
+
 class LocalPools(PoolRegistry):
     """The driver's pools. Replicas die with the driver: at exit, and at once if it is killed (their stdin closes)."""
 
@@ -50,8 +51,14 @@ class LocalPools(PoolRegistry):
         cwd = os.getcwd()
 
         def make_spec(name: str, token: str) -> ReplicaSpec:
-            return ReplicaSpec(name=name, token=token, env=replica_env, cwd=cwd, log_dir=self.log_dir,
-                               labels={"actor-env": env.name, "actor-env-key": key})
+            return ReplicaSpec(
+                name=name,
+                token=token,
+                env=replica_env,
+                cwd=cwd,
+                log_dir=self.log_dir,
+                labels={"actor-env": env.name, "actor-env-key": key},
+            )
 
         return ReplicaPool(key, self._backend, make_spec, env.replica_count, env.resolved_ttl_seconds, name=env.name)
 
@@ -130,7 +137,10 @@ def _loader(task, workdir: str):
     if task.task_function.__module__ != "__main__" and task.task_resolver.location.startswith("flytekit."):
         settings = SerializationSettings(image_config=ImageConfig.auto_default_image())
         try:
-            loader = task.__dict__["_actor_loader"] = (task.task_resolver.location, task.task_resolver.loader_args(settings, task))
+            loader = task.__dict__["_actor_loader"] = (
+                task.task_resolver.location,
+                task.task_resolver.loader_args(settings, task),
+            )
             return loader
         except Exception:
             pass
@@ -147,8 +157,15 @@ def _identity(task) -> Dict[str, str]:
     """The FLYTE_INTERNAL_* identity a pod would get, derived from the driver's current execution."""
     params = FlyteContextManager.current_context().user_space_params
     exe = params.execution_id if params is not None else None
-    return identity_env(getattr(exe, "project", None) or "local", getattr(exe, "domain", None) or "local",
-                        getattr(exe, "name", None) or "local", "local", "local", task.name, "local")
+    return identity_env(
+        getattr(exe, "project", None) or "local",
+        getattr(exe, "domain", None) or "local",
+        getattr(exe, "name", None) or "local",
+        "local",
+        "local",
+        task.name,
+        "local",
+    )
 
 
 def run_on_replica(task, native_inputs: Dict[str, Any]) -> Any:
@@ -176,20 +193,37 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap) ->
     output_prefix = os.path.join(workdir, "outputs")
     write_proto_to_file(inputs.to_flyte_idl(), inputs_path)
     resolver, loader_args = _loader(task, workdir)
-    args = ["pyflyte-execute", "--inputs", inputs_path, "--output-prefix", output_prefix,
-            "--raw-output-data-prefix", ctx.file_access.raw_output_prefix, "--resolver", resolver, "--", *loader_args]
+    args = [
+        "pyflyte-execute",
+        "--inputs",
+        inputs_path,
+        "--output-prefix",
+        output_prefix,
+        "--raw-output-data-prefix",
+        ctx.file_access.raw_output_prefix,
+        "--resolver",
+        resolver,
+        "--",
+        *loader_args,
+    ]
     env = _identity(task)
     root = _module_root(task)
     if root:  # the pool's PYTHONPATH has the first task's root; another task of the environment may need its own
         env[SYS_PATH_ENV] = root
-    execution = pools.submit_to(task.task_config, ExecutionSpec(f"local-{uuid.uuid4().hex}", args, env), want_exception=True)
+    execution = pools.submit_to(
+        task.task_config, ExecutionSpec(f"local-{uuid.uuid4().hex}", args, env), want_exception=True
+    )
     execution.wait()
     pools.forget(task.task_config, execution.id)
     if execution.state is ExecutionState.SUCCEEDED:
         from flyteidl.core import literals_pb2
 
-        return LiteralMap.from_flyte_idl(load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb")))
-    where = f"actor task {task.name!r}" + (f" on replica {execution.replica} (log: {execution.log_uri})" if execution.replica else "")
+        return LiteralMap.from_flyte_idl(
+            load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb"))
+        )
+    where = f"actor task {task.name!r}" + (
+        f" on replica {execution.replica} (log: {execution.log_uri})" if execution.replica else ""
+    )
     if execution.state is ExecutionState.REPLICA_DIED:
         after = "; a new replica takes its place" if execution.replica else ""
         raise ReplicaDied(f"{where} failed: {execution.death}{after}")

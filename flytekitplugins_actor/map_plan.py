@@ -38,7 +38,9 @@ def none_literal() -> literals_pb2.Literal:
 class MapPlan:
     """The split of one map's inputs. Works on flyteidl LiteralMaps (flytekit's models are accepted too)."""
 
-    def __init__(self, inputs: Union[LiteralMap, ProtoMap, None], mapped_inputs: Sequence[str], bound_inputs: Sequence[str]):
+    def __init__(
+        self, inputs: Union[LiteralMap, ProtoMap, None], mapped_inputs: Sequence[str], bound_inputs: Sequence[str]
+    ):
         self._inputs = _proto(inputs)
         lengths: Dict[str, int] = {}
         self._lists: Dict[str, Sequence[literals_pb2.Literal]] = {}

@@ -138,8 +138,12 @@ class _Slot:
             try:  # e.g. the connector's durable 'started' marker: written before the replica may run anything
                 execution.before_dispatch(execution)
             except Exception as e:
-                error = {"code": "DispatchFailed", "message": f"could not record the dispatch of {spec.execution_id}: {e}",
-                         "origin": "SYSTEM", "recoverable": True}
+                error = {
+                    "code": "DispatchFailed",
+                    "message": f"could not record the dispatch of {spec.execution_id}: {e}",
+                    "origin": "SYSTEM",
+                    "recoverable": True,
+                }
                 self.pool._finish(self, execution, ExecutionState.FAILED, error=error)
                 return True
             if execution.cancel_requested:  # cancelled while the hook ran
@@ -149,8 +153,12 @@ class _Slot:
             self.client.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)
         except RequestRefused as e:
             if not e.transient:  # the replica will refuse it again: fail it, keep the replica
-                error = {"code": "SubmitRefused", "message": f"replica {self.replica.name} refused the execution: {e}",
-                         "origin": "SYSTEM", "recoverable": False}
+                error = {
+                    "code": "SubmitRefused",
+                    "message": f"replica {self.replica.name} refused the execution: {e}",
+                    "origin": "SYSTEM",
+                    "recoverable": False,
+                }
                 self.pool._finish(self, execution, ExecutionState.FAILED, error=error)
                 return True
             self.pool._requeue(self, execution)
@@ -161,14 +169,19 @@ class _Slot:
             self.replica.terminate(0)
             return False
         try:
-            reply = self.client.request("wait", execution_id=spec.execution_id, include_exception=execution.want_exception)
+            reply = self.client.request(
+                "wait", execution_id=spec.execution_id, include_exception=execution.want_exception
+            )
         except ProtocolError:
             death = self.replica.wait_dead(5.0) or ReplicaDeath(self.replica.name, "stopped answering its control port")
             self.pool._finish(self, execution, ExecutionState.REPLICA_DIED, death=death)
             self.replica.terminate(0)
             return False
-        state = {"succeeded": ExecutionState.SUCCEEDED, "failed": ExecutionState.FAILED,
-                 "cancelled": ExecutionState.CANCELLED}.get(reply.get("state"), ExecutionState.FAILED)
+        state = {
+            "succeeded": ExecutionState.SUCCEEDED,
+            "failed": ExecutionState.FAILED,
+            "cancelled": ExecutionState.CANCELLED,
+        }.get(reply.get("state"), ExecutionState.FAILED)
         self.pool._finish(self, execution, state, error=reply.get("error"), exception_payload=reply.get("exception"))
         return True
 
@@ -369,7 +382,9 @@ class ReplicaPool:
             slot.executions += 1
         return execution
 
-    def _finish(self, slot: _Slot, execution: Execution, state: ExecutionState, error=None, death=None, exception_payload=None) -> None:
+    def _finish(
+        self, slot: _Slot, execution: Execution, state: ExecutionState, error=None, death=None, exception_payload=None
+    ) -> None:
         with self._cond:
             execution.error, execution.death, execution.exception_payload = error, death, exception_payload
             slot.current = None
@@ -411,8 +426,12 @@ class ReplicaPool:
             return
         # do not crash-loop: fail what waits, and say why
         where = f"; see {log_uri}" if log_uri else ""
-        failed = ReplicaDeath(death.replica, f"could not start ({MAX_FAILED_STARTS} replicas in a row failed before "
-                              f"becoming ready; last one {death.reason}{where})", death.exit_code)
+        failed = ReplicaDeath(
+            death.replica,
+            f"could not start ({MAX_FAILED_STARTS} replicas in a row failed before "
+            f"becoming ready; last one {death.reason}{where})",
+            death.exit_code,
+        )
         while self._queue:
             queued = self._queue.popleft()
             queued.death = failed

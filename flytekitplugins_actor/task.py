@@ -19,7 +19,9 @@ IN_PROCESS_ENV = "FLYTE_ACTOR_IN_PROCESS"
 """Set to 1 to run actor tasks inside the driver during local runs (for breakpoints); replicas are skipped."""
 
 
-def execution_env(env: ActorEnvironment, settings: Optional[SerializationSettings], extra_spec: Optional[dict] = None) -> Dict[str, Any]:
+def execution_env(
+    env: ActorEnvironment, settings: Optional[SerializationSettings], extra_spec: Optional[dict] = None
+) -> Dict[str, Any]:
     """The JSON form of flyteidl's core.ExecutionEnv for an environment, as Union's SDK emits it."""
     image_config = settings.image_config if settings is not None else None
     spec = {
@@ -40,7 +42,13 @@ class ActorTask(PythonFunctionTask[ActorEnvironment]):
     _TASK_TYPE = ACTOR_TASK_TYPE
 
     def __init__(self, task_config: ActorEnvironment, task_function, **kwargs):
-        super().__init__(task_config=task_config, task_function=task_function, task_type=self._TASK_TYPE, task_type_version=0, **kwargs)
+        super().__init__(
+            task_config=task_config,
+            task_function=task_function,
+            task_type=self._TASK_TYPE,
+            task_type_version=0,
+            **kwargs,
+        )
 
     @property
     def environment_key(self) -> str:

@@ -22,8 +22,13 @@ from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, SUPPOR
 
 def _resource(status: Status) -> Resource:
     outputs = LiteralMap.from_flyte_idl(status.outputs) if status.outputs is not None else None
-    return Resource(phase=status.phase, message=status.message, log_links=status.log_links or None, outputs=outputs,
-                    custom_info=status.custom_info)
+    return Resource(
+        phase=status.phase,
+        message=status.message,
+        log_links=status.log_links or None,
+        outputs=outputs,
+        custom_info=status.custom_info,
+    )
 
 
 class ActorConnector(AsyncConnectorBase):
@@ -33,10 +38,18 @@ class ActorConnector(AsyncConnectorBase):
     task_type = ACTOR_TASK_TYPE
 
     def __init__(self) -> None:
-        super().__init__(task_type_name=self.task_type, task_type_version=SUPPORTED_TYPE_VERSION, metadata_type=ActorResourceMeta)
+        super().__init__(
+            task_type_name=self.task_type, task_type_version=SUPPORTED_TYPE_VERSION, metadata_type=ActorResourceMeta
+        )
 
-    async def create(self, task_template: TaskTemplate, output_prefix: str, inputs: Optional[LiteralMap] = None,
-                     task_execution_metadata: Optional[TaskExecutionMetadata] = None, **kwargs) -> ActorResourceMeta:
+    async def create(
+        self,
+        task_template: TaskTemplate,
+        output_prefix: str,
+        inputs: Optional[LiteralMap] = None,
+        task_execution_metadata: Optional[TaskExecutionMetadata] = None,
+        **kwargs,
+    ) -> ActorResourceMeta:
         call = lambda: service().create(task_template, output_prefix, inputs, task_execution_metadata, self.task_type)  # noqa: E731
         if store.is_local(output_prefix):
             return call()

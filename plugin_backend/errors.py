@@ -44,8 +44,10 @@ def install_status_mapping() -> None:
         if isinstance(e, FlyteConnectorNotFound) and task_type in (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE):
             # The registry is keyed by (type, version): a template of another version never reaches our create.
             version = str(e).rsplit("_v", 1)[-1].rstrip(".") if "_v" in str(e) else "?"
-            e = InvalidTaskTemplate(f"task type {task_type!r} version {version} is unknown; "
-                                    f"this connector serves version {SUPPORTED_TYPE_VERSION}")
+            e = InvalidTaskTemplate(
+                f"task type {task_type!r} version {version} is unknown; "
+                f"this connector serves version {SUPPORTED_TYPE_VERSION}"
+            )
         if isinstance(e, InvalidActorRequest):
             context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
             context.set_details(f"cannot {operation} {task_type} task: {e}")

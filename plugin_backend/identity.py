@@ -41,7 +41,12 @@ def identity_of(metadata: Optional[TaskExecutionMetadata], task_name: str) -> Ex
         return ExecutionIdentity(f"local-{local_id}", LOCAL_NAMESPACE, DEFAULT_SERVICE_ACCOUNT, env)
     wf, node, task = tei.node_execution_id.execution_id, tei.node_execution_id, tei.task_id
     retry = int(tei.retry_attempt or 0)
-    full = ":".join(map(str, [wf.project, wf.domain, wf.name, node.node_id, task.project, task.domain, task.name, task.version, retry]))
+    full = ":".join(
+        map(
+            str,
+            [wf.project, wf.domain, wf.name, node.node_id, task.project, task.domain, task.name, task.version, retry],
+        )
+    )
     digest = hashlib.sha256(full.encode()).hexdigest()[:16]
     execution_id = f"{_slug(wf.name, 24)}-{_slug(node.node_id, 24)}-a{retry}-{digest}"
     env = _env(wf.project, wf.domain, wf.name, task.project, task.domain, task.name, task.version, retry)

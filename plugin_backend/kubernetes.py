@@ -53,7 +53,9 @@ class KubernetesReplica(Replica):
 
     @property
     def log_uri(self) -> str:
-        return self.backend.log_template.format(namespace=self.namespace, pod=self.pod_name, container=self.spec.primary_container)
+        return self.backend.log_template.format(
+            namespace=self.namespace, pod=self.pod_name, container=self.spec.primary_container
+        )
 
     # ---- lifecycle thread ----
     def _run(self) -> None:
@@ -90,10 +92,17 @@ class KubernetesReplica(Replica):
         from kubernetes import client
 
         api, spec = self.backend.api, self.spec
-        labels = {LABEL_MANAGED_BY: MANAGED_BY, LABEL_INSTANCE: self.backend.instance, LABEL_REPLICA: _label_value(spec.name),
-                  **{k: _label_value(v) for k, v in spec.labels.items()}}
-        secret = client.V1Secret(metadata=client.V1ObjectMeta(name=self.secret_name, namespace=self.namespace, labels=labels),
-                                 string_data={TOKEN_KEY: spec.token}, type="Opaque")
+        labels = {
+            LABEL_MANAGED_BY: MANAGED_BY,
+            LABEL_INSTANCE: self.backend.instance,
+            LABEL_REPLICA: _label_value(spec.name),
+            **{k: _label_value(v) for k, v in spec.labels.items()},
+        }
+        secret = client.V1Secret(
+            metadata=client.V1ObjectMeta(name=self.secret_name, namespace=self.namespace, labels=labels),
+            string_data={TOKEN_KEY: spec.token},
+            type="Opaque",
+        )
         api.create_namespaced_secret(self.namespace, secret)
         pod = self.backend.pod_manifest(spec, self.pod_name, self.secret_name, labels, self.namespace)
         created = api.create_namespaced_pod(self.namespace, pod)
@@ -101,14 +110,17 @@ class KubernetesReplica(Replica):
         if uid:  # the Secret goes away with its pod
             owner = client.V1OwnerReference(api_version="v1", kind="Pod", name=self.pod_name, uid=uid)
             try:
-                api.patch_namespaced_secret(self.secret_name, self.namespace, {"metadata": {"ownerReferences": [owner.to_dict()]}})
+                api.patch_namespaced_secret(
+                    self.secret_name, self.namespace, {"metadata": {"ownerReferences": [owner.to_dict()]}}
+                )
             except Exception:  # the pod exists but the start failed: delete it too, or nothing ever would
                 try:
                     api.delete_namespaced_pod(self.pod_name, self.namespace, grace_period_seconds=0)
                 except Exception as e:
                     if _status(e) != 404:
-                        logging.getLogger(__name__).warning("replica pod %s/%s may be left running: %s",
-                                                            self.namespace, self.pod_name, _api_reason(e))
+                        logging.getLogger(__name__).warning(
+                            "replica pod %s/%s may be left running: %s", self.namespace, self.pod_name, _api_reason(e)
+                        )
                 raise
 
     def _delete_pod(self, grace: int) -> None:
@@ -155,7 +167,12 @@ def pod_death(pod: Any, container: str):
             detail = f" ({term.message.strip()})" if term.message else ""
             return f"container {container} terminated: {reason}, exit code {term.exit_code}{detail}", term.exit_code
         waiting = cs.state.waiting if cs.state is not None else None
-        if waiting is not None and waiting.reason in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerError"):
+        if waiting is not None and waiting.reason in (
+            "ErrImagePull",
+            "ImagePullBackOff",
+            "InvalidImageName",
+            "CreateContainerError",
+        ):
             return f"container {container} cannot start: {waiting.reason}: {waiting.message or ''}".rstrip(": "), None
     if status.phase in ("Failed", "Succeeded"):
         return f"pod {status.phase.lower()}: {status.reason or ''} {status.message or ''}".strip(), None
@@ -177,9 +194,15 @@ class KubernetesBackend(ReplicaBackend):
     ready_timeout_s: float = 600.0
     """A pod may take minutes to be ready: scheduling, node scale-up, pulling a large (GPU) image."""
 
-    def __init__(self, api: Any = None, namespace: str = "default", poll_interval: float = 1.0,
-                 log_template: str = "k8s://{namespace}/{pod}/{container}", instance: Optional[str] = None,
-                 ready_timeout_s: Optional[float] = None):
+    def __init__(
+        self,
+        api: Any = None,
+        namespace: str = "default",
+        poll_interval: float = 1.0,
+        log_template: str = "k8s://{namespace}/{pod}/{container}",
+        instance: Optional[str] = None,
+        ready_timeout_s: Optional[float] = None,
+    ):
         if api is None:
             from kubernetes import client, config
 
@@ -198,14 +221,18 @@ class KubernetesBackend(ReplicaBackend):
 
     @classmethod
     def from_env(cls) -> "KubernetesBackend":
-        backend = cls(namespace=os.environ.get("FLYTE_ACTOR_K8S_NAMESPACE", "default"),
-                      poll_interval=float(os.environ.get("FLYTE_ACTOR_K8S_POLL_S", "1.0")),
-                      log_template=os.environ.get("FLYTE_ACTOR_K8S_LOG_TEMPLATE", "k8s://{namespace}/{pod}/{container}"),
-                      ready_timeout_s=float(os.environ.get(READY_TIMEOUT_ENV, cls.ready_timeout_s)))
+        backend = cls(
+            namespace=os.environ.get("FLYTE_ACTOR_K8S_NAMESPACE", "default"),
+            poll_interval=float(os.environ.get("FLYTE_ACTOR_K8S_POLL_S", "1.0")),
+            log_template=os.environ.get("FLYTE_ACTOR_K8S_LOG_TEMPLATE", "k8s://{namespace}/{pod}/{container}"),
+            ready_timeout_s=float(os.environ.get(READY_TIMEOUT_ENV, cls.ready_timeout_s)),
+        )
         try:
             backend.delete_orphans()
         except Exception as e:  # e.g. no cluster-wide list permission: serve anyway, say what is left running
-            logging.getLogger(__name__).warning("could not delete replica pods of previous connector instances: %s", _api_reason(e))
+            logging.getLogger(__name__).warning(
+                "could not delete replica pods of previous connector instances: %s", _api_reason(e)
+            )
         return backend
 
     def start(self, spec: ReplicaSpec) -> Replica:
@@ -223,7 +250,9 @@ class KubernetesBackend(ReplicaBackend):
                 pass
         return len(pods)
 
-    def pod_manifest(self, spec: ReplicaSpec, pod_name: str, secret_name: str, labels: Dict[str, str], namespace: str) -> dict:
+    def pod_manifest(
+        self, spec: ReplicaSpec, pod_name: str, secret_name: str, labels: Dict[str, str], namespace: str
+    ) -> dict:
         """The replica pod: the environment's pod spec (image, resources, env) with the worker as its command."""
         pod_spec = copy.deepcopy(spec.pod_spec) if spec.pod_spec else {"containers": [{"name": spec.primary_container}]}
         containers = pod_spec.setdefault("containers", [])
@@ -236,16 +265,21 @@ class KubernetesBackend(ReplicaBackend):
         primary.pop("args", None)
         env = [e for e in primary.get("env") or [] if e.get("name") not in spec.env and e.get("name") != TOKEN_ENV]
         env += [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
-        env += [{"name": "FLYTE_ACTOR_REPLICA_NAME", "value": spec.name},
-                {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": TOKEN_KEY}}}]
+        env += [
+            {"name": "FLYTE_ACTOR_REPLICA_NAME", "value": spec.name},
+            {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": TOKEN_KEY}}},
+        ]
         primary["env"] = env
         primary["ports"] = [{"name": "actor-control", "containerPort": WORKER_PORT}]
         primary["readinessProbe"] = {"tcpSocket": {"port": WORKER_PORT}, "periodSeconds": 1}
         pod_spec["restartPolicy"] = "Never"
         if spec.service_account:
             pod_spec["serviceAccountName"] = spec.service_account
-        metadata: Dict[str, Any] = {"name": pod_name, "namespace": namespace,
-                                    "labels": {**{k: _label_value(v) for k, v in getattr(spec, "pod_labels", {}).items()}, **labels}}
+        metadata: Dict[str, Any] = {
+            "name": pod_name,
+            "namespace": namespace,
+            "labels": {**{k: _label_value(v) for k, v in getattr(spec, "pod_labels", {}).items()}, **labels},
+        }
         annotations = dict(getattr(spec, "pod_annotations", {}) or {})
         if annotations:
             metadata["annotations"] = annotations

@@ -27,9 +27,12 @@ class MapPlan(_shared.MapPlan):
 
 def item_args(args: Sequence[str], inputs_path: str, output_prefix: str, index: int) -> List[str]:
     """The subtask's rendered container args with --inputs and --output-prefix (and checkpoints) made per item."""
-    per_item = {"--inputs": lambda _: inputs_path, "--output-prefix": lambda _: output_prefix,
-                "--checkpoint-path": lambda v: f"{v.rstrip('/')}/{index}" if v and v != '""' else v,
-                "--prev-checkpoint": lambda v: f"{v.rstrip('/')}/{index}" if v and v != '""' else v}
+    per_item = {
+        "--inputs": lambda _: inputs_path,
+        "--output-prefix": lambda _: output_prefix,
+        "--checkpoint-path": lambda v: f"{v.rstrip('/')}/{index}" if v and v != '""' else v,
+        "--prev-checkpoint": lambda v: f"{v.rstrip('/')}/{index}" if v and v != '""' else v,
+    }
     out = list(args)
     i = 0
     while i < len(out):

@@ -23,7 +23,6 @@ from plugin_backend import metrics, store
 from plugin_backend.map_plan import MapPlan, item_args
 from plugin_backend.template import ActorTemplate
 
-
 log = logging.getLogger(__name__)
 
 WINDOW_PER_REPLICA = int(os.environ.get("FLYTE_ACTOR_MAP_WINDOW_PER_REPLICA", "2"))
@@ -34,8 +33,15 @@ coordinator, few enough that other executions of the environment interleave FIFO
 class MapRun:
     """One map execution's progress. `phase` is running | succeeded | failed | aborted."""
 
-    def __init__(self, execution_id: str, template: ActorTemplate, plan: MapPlan, record: store.ExecutionRecord,
-                 env: Dict[str, str], pool_of: Callable[[], ReplicaPool]):
+    def __init__(
+        self,
+        execution_id: str,
+        template: ActorTemplate,
+        plan: MapPlan,
+        record: store.ExecutionRecord,
+        env: Dict[str, str],
+        pool_of: Callable[[], ReplicaPool],
+    ):
         self.execution_id, self.template, self.plan, self.record, self.env = execution_id, template, plan, record, env
         self._pool_of = pool_of
         self.n = plan.size
@@ -67,8 +73,13 @@ class MapRun:
     def progress(self) -> Dict[str, int]:
         """Read from GetTask's thread while the coordinator runs: only counters, never a dict iteration."""
         failed = len(self.errors)
-        return {"total": self.n, "succeeded": len(self.results) - failed, "failed": failed, "running": len(self.inflight),
-                "resumed": self.resumed}
+        return {
+            "total": self.n,
+            "succeeded": len(self.results) - failed,
+            "failed": failed,
+            "running": len(self.inflight),
+            "resumed": self.resumed,
+        }
 
     # ---- coordinator thread ----
     def _run(self) -> None:
@@ -76,7 +87,10 @@ class MapRun:
             for i, kind in self.record.finished_items(self.n).items():
                 self.results[i] = kind
                 if kind == "error":
-                    self.errors[i] = read_error_document(self.record.item_prefix(i)) or {"message": "failed", "recoverable": False}
+                    self.errors[i] = read_error_document(self.record.item_prefix(i)) or {
+                        "message": "failed",
+                        "recoverable": False,
+                    }
             self.resumed = len(self.results)
             pending = self._pending
             pending.extend(i for i in range(self.n) if i not in self.results)
@@ -136,7 +150,12 @@ class MapRun:
             self.errors[i] = execution.error or {"message": "failed", "recoverable": False}
         elif state is ExecutionState.REPLICA_DIED:
             self.results[i] = "error"
-            self.errors[i] = {"code": "ReplicaDied", "message": f"{execution.death}", "origin": "SYSTEM", "recoverable": True}
+            self.errors[i] = {
+                "code": "ReplicaDied",
+                "message": f"{execution.death}",
+                "origin": "SYSTEM",
+                "recoverable": True,
+            }
         # CANCELLED while aborting: the map ends aborted
 
     def _decided(self) -> bool:
@@ -151,8 +170,10 @@ class MapRun:
         if len(failed) > self.n - need:
             first = failed[0]
             err = self.errors[first]
-            msg = (f"{len(failed)} of {self.n} items failed; min_success_ratio={spec.min_success_ratio} needs {need} "
-                   f"successes. Item {first}: {err.get('code', '')}: {err.get('message', '')}")
+            msg = (
+                f"{len(failed)} of {self.n} items failed; min_success_ratio={spec.min_success_ratio} needs {need} "
+                f"successes. Item {first}: {err.get('code', '')}: {err.get('message', '')}"
+            )
             self._finish("failed", msg, recoverable=all(self.errors[i].get("recoverable") for i in failed))
             return True
         if len(self.results) == self.n:
@@ -171,10 +192,15 @@ class MapRun:
             m.ParseFromString(data or b"")
             results.append(m)
         outputs = MapPlan.gather(self.template.output_names, results)
-        store.write_bytes(self.record.path("outputs.pb"), outputs.SerializeToString(), atomic=True)  # it means SUCCEEDED
+        store.write_bytes(
+            self.record.path("outputs.pb"), outputs.SerializeToString(), atomic=True
+        )  # it means SUCCEEDED
         self.outputs = outputs
         failed = len(self.errors)
-        self._finish("succeeded", f"{self.n - failed} of {self.n} items succeeded" + (f", {failed} failed (none)" if failed else ""))
+        self._finish(
+            "succeeded",
+            f"{self.n - failed} of {self.n} items succeeded" + (f", {failed} failed (none)" if failed else ""),
+        )
 
     def _finish(self, phase: str, message: str, recoverable: bool = False) -> None:
         """Decides the map. A failure goes to storage first (a restarted connector must answer what GetTask
@@ -184,8 +210,10 @@ class MapRun:
         try:
             if phase == "failed":
                 origin = "SYSTEM" if recoverable else "USER"
-                write_error_document(self.record.prefix, {"code": "MapItemsFailed", "message": message, "origin": origin,
-                                                          "recoverable": recoverable})
+                write_error_document(
+                    self.record.prefix,
+                    {"code": "MapItemsFailed", "message": message, "origin": origin, "recoverable": recoverable},
+                )
         except Exception:
             log.exception("map %s: could not write its error document under %s", self.execution_id, self.record.prefix)
         finally:
@@ -207,8 +235,10 @@ class MapRun:
                 log.exception("map %s: could not cancel item %s", self.execution_id, item_id)
             pool.forget(item_id)
 
-        threads = [threading.Thread(target=cancel, args=(item_id,), name=f"cancel-{item_id}", daemon=True)
-                   for item_id in list(self.inflight)]
+        threads = [
+            threading.Thread(target=cancel, args=(item_id,), name=f"cancel-{item_id}", daemon=True)
+            for item_id in list(self.inflight)
+        ]
         for th in threads:
             th.start()
         deadline = time.monotonic() + self.CANCEL_GRACE_S + 3.0  # the cancel request's own timeout, then the grace

@@ -41,5 +41,7 @@ class ActorResourceMeta(ResourceMeta):
         except Exception as e:
             raise InvalidResourceMeta(f"resource meta is not an actor execution's ({e})") from None
         if meta.v != META_VERSION:
-            raise InvalidResourceMeta(f"resource meta version {meta.v} is unknown; this connector reads version {META_VERSION}")
+            raise InvalidResourceMeta(
+                f"resource meta version {meta.v} is unknown; this connector reads version {META_VERSION}"
+            )
         return meta

@@ -41,8 +41,12 @@ class PoolCollector:
         size = GaugeMetricFamily(f"{PREFIX}pool_size", "Configured replicas of a pool", labels=["env", "pool"])
         replicas = GaugeMetricFamily(f"{PREFIX}replicas", "Replicas by state", labels=["env", "pool", "state"])
         pools = GaugeMetricFamily(f"{PREFIX}pools", "Live pools")
-        dispatches = CounterMetricFamily(f"{PREFIX}dispatches", "Dispatches to a replica, warm or cold (its first)", labels=["env", "pool", "kind"])
-        deaths = CounterMetricFamily(f"{PREFIX}replica_deaths", "Replicas that died (crash, signal, OOM, lost pod)", labels=["env", "pool"])
+        dispatches = CounterMetricFamily(
+            f"{PREFIX}dispatches", "Dispatches to a replica, warm or cold (its first)", labels=["env", "pool", "kind"]
+        )
+        deaths = CounterMetricFamily(
+            f"{PREFIX}replica_deaths", "Replicas that died (crash, signal, OOM, lost pod)", labels=["env", "pool"]
+        )
         executions = GaugeMetricFamily(f"{PREFIX}executions_tracked", "Executions the connector answers from memory")
         live = service.manager.pools() if service is not None else []
         for p in live:

@@ -110,14 +110,25 @@ class PoolManager(PoolRegistry):
     def __init__(self, backend: Optional[ReplicaBackend] = None, state_dir: Optional[str] = None):
         super().__init__()
         self.backend = backend or backend_from_env()
-        self.state_dir = state_dir or os.environ.get(STATE_DIR_ENV) or os.path.join(
-            tempfile.gettempdir(), f"flyte-actor-connector-{os.getpid()}")
+        self.state_dir = (
+            state_dir
+            or os.environ.get(STATE_DIR_ENV)
+            or os.path.join(tempfile.gettempdir(), f"flyte-actor-connector-{os.getpid()}")
+        )
         self.log_dir = os.path.join(self.state_dir, "logs")
 
     def pool_for(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
-        return self._pool(key.digest, lambda: ReplicaPool(
-            key.digest, self.backend, self._spec_maker(key, template), template.replica_count,
-            template.ttl_seconds, name=template.env_name))
+        return self._pool(
+            key.digest,
+            lambda: ReplicaPool(
+                key.digest,
+                self.backend,
+                self._spec_maker(key, template),
+                template.replica_count,
+                template.ttl_seconds,
+                name=template.env_name,
+            ),
+        )
 
     def find(self, key: PoolKey) -> Optional[ReplicaPool]:
         """The live pool for a key, without creating one."""
@@ -128,8 +139,12 @@ class PoolManager(PoolRegistry):
         if template.command.distribution:  # fast-registered code unpacks into a directory of this pool's own
             cwd = os.path.join(self.state_dir, "pools", key.digest)
             os.makedirs(cwd, exist_ok=True)
-        labels = {"flyte-actor/env": template.env_name, "flyte-actor/env-key": template.env_key,
-                  "flyte-actor/pool": key.digest, "flyte-actor/code": key.code}
+        labels = {
+            "flyte-actor/env": template.env_name,
+            "flyte-actor/env-key": template.env_key,
+            "flyte-actor/pool": key.digest,
+            "flyte-actor/code": key.code,
+        }
         env = dict(template.container_env)
         tmpdir = self._replica_tmpdir()
         if tmpdir:
@@ -137,10 +152,21 @@ class PoolManager(PoolRegistry):
         pod_spec = replica_pod_spec(template, env)
 
         def make_spec(name: str, token: str) -> ReplicaSpec:
-            return PodReplicaSpec(name=name, token=token, env=env, labels=labels, cwd=cwd, image=template.image,
-                                  log_dir=self.log_dir, pod_spec=pod_spec, namespace=key.namespace,
-                                  service_account=key.service_account, primary_container=template.primary_container_name,
-                                  pod_labels=dict(template.pod_labels), pod_annotations=dict(template.pod_annotations))
+            return PodReplicaSpec(
+                name=name,
+                token=token,
+                env=env,
+                labels=labels,
+                cwd=cwd,
+                image=template.image,
+                log_dir=self.log_dir,
+                pod_spec=pod_spec,
+                namespace=key.namespace,
+                service_account=key.service_account,
+                primary_container=template.primary_container_name,
+                pod_labels=dict(template.pod_labels),
+                pod_annotations=dict(template.pod_annotations),
+            )
 
         return make_spec
 

@@ -92,15 +92,29 @@ class ActorService:
         metrics.register(self)
 
     # ---- create ----
-    def create(self, task_template: TaskTemplate, output_prefix: str, inputs: Optional[LiteralMap],
-               task_execution_metadata: Optional[TaskExecutionMetadata], task_type: str) -> ActorResourceMeta:
+    def create(
+        self,
+        task_template: TaskTemplate,
+        output_prefix: str,
+        inputs: Optional[LiteralMap],
+        task_execution_metadata: Optional[TaskExecutionMetadata],
+        task_type: str,
+    ) -> ActorResourceMeta:
         template = parse_template(task_template, task_type)
         if template.needs_render:
             template = self._render(template, output_prefix, inputs)
         ident = identity_of(task_execution_metadata, template.task_name)
         key = PoolKey(ident.namespace, ident.service_account, template.env_key, template.code_version)
-        meta = ActorResourceMeta(ident.execution_id, output_prefix, task_type, template.env_name, template.env_key,
-                                 ident.namespace, ident.service_account, key.code)
+        meta = ActorResourceMeta(
+            ident.execution_id,
+            output_prefix,
+            task_type,
+            template.env_name,
+            template.env_key,
+            ident.namespace,
+            ident.service_account,
+            key.code,
+        )
         if len(meta.encode()) > MAX_META_BYTES:
             raise InvalidActorRequest(f"output prefix too long: the resource meta would exceed {MAX_META_BYTES} bytes")
         plan = MapPlan(inputs, template.map) if template.map is not None else None  # refuse bad inputs now
@@ -117,11 +131,17 @@ class ActorService:
             return entry.meta
         try:
             record = store.ExecutionRecord(output_prefix)
-            previous = record.create_request({
-                "execution_id": meta.execution_id, "kind": task_type, "created": time.time(),
-                "namespace": ident.namespace, "service_account": ident.service_account, "env": env,
-                "template": template.to_record(),
-            })
+            previous = record.create_request(
+                {
+                    "execution_id": meta.execution_id,
+                    "kind": task_type,
+                    "created": time.time(),
+                    "namespace": ident.namespace,
+                    "service_account": ident.service_account,
+                    "env": env,
+                    "template": template.to_record(),
+                }
+            )
             if previous is not None and previous.get("execution_id") == meta.execution_id:
                 # created before this process started (a restart): answer from storage, re-enqueue if never started
                 with self._lock:
@@ -129,7 +149,9 @@ class ActorService:
                 self._adopt(meta)
                 return meta
             if previous is not None:  # another execution's record under this prefix: never expected
-                raise InvalidActorRequest(f"output prefix {output_prefix} already holds execution {previous.get('execution_id')}")
+                raise InvalidActorRequest(
+                    f"output prefix {output_prefix} already holds execution {previous.get('execution_id')}"
+                )
             self._start(entry, env, plan, record)
         except BaseException:
             with self._lock:
@@ -146,10 +168,15 @@ class ActorService:
         inputs_path = store.join(output_prefix, store.INPUTS)
         data = inputs.to_flyte_idl().SerializeToString() if inputs is not None else b""
         store.write_bytes(inputs_path, data, atomic=True)
-        return template.rendered({"input": inputs_path, "outputprefix": output_prefix,
-                                  "rawoutputdataprefix": store.join(output_prefix, "raw"),
-                                  "checkpointoutputprefix": store.join(output_prefix, "_flytecheckpoints"),
-                                  "prevcheckpointprefix": '""'})
+        return template.rendered(
+            {
+                "input": inputs_path,
+                "outputprefix": output_prefix,
+                "rawoutputdataprefix": store.join(output_prefix, "raw"),
+                "checkpointoutputprefix": store.join(output_prefix, "_flytecheckpoints"),
+                "prevcheckpointprefix": '""',
+            }
+        )
 
     def _set_ready(self, entry: _Entry) -> None:
         with self._ready:
@@ -164,9 +191,13 @@ class ActorService:
     def _pool(self, entry: _Entry) -> ReplicaPool:
         return self.manager.pool_for(entry.key, entry.template)
 
-    def _start(self, entry: _Entry, env: Dict[str, str], plan: Optional[MapPlan], record: store.ExecutionRecord) -> None:
+    def _start(
+        self, entry: _Entry, env: Dict[str, str], plan: Optional[MapPlan], record: store.ExecutionRecord
+    ) -> None:
         if plan is not None:
-            entry.map_run = MapRun(entry.meta.execution_id, entry.template, plan, record, env, lambda: self._pool(entry)).start()
+            entry.map_run = MapRun(
+                entry.meta.execution_id, entry.template, plan, record, env, lambda: self._pool(entry)
+            ).start()
             return
         spec = ExecutionSpec(entry.meta.execution_id, entry.template.args, env)
 
@@ -175,7 +206,9 @@ class ActorService:
 
         for _ in range(3):
             try:
-                entry.execution = self._pool(entry).submit(spec, before_dispatch=mark_started, on_done=metrics.observe_done)
+                entry.execution = self._pool(entry).submit(
+                    spec, before_dispatch=mark_started, on_done=metrics.observe_done
+                )
                 return
             except PoolClosed:  # reaped between lookup and submit: the next lookup makes a new pool
                 continue
@@ -191,7 +224,12 @@ class ActorService:
         if entry.final is not None:
             return entry.final
         status = self._map_status(entry) if entry.map_run is not None else self._status(entry)
-        if status.phase in (TaskExecution.SUCCEEDED, TaskExecution.FAILED, TaskExecution.RETRYABLE_FAILED, TaskExecution.ABORTED):
+        if status.phase in (
+            TaskExecution.SUCCEEDED,
+            TaskExecution.FAILED,
+            TaskExecution.RETRYABLE_FAILED,
+            TaskExecution.ABORTED,
+        ):
             entry.final, entry.final_at = status, time.monotonic()
             pool = self.manager.find(entry.key)
             if entry.execution is not None and pool is not None:
@@ -221,11 +259,19 @@ class ActorService:
         if state is ExecutionState.QUEUED:
             stats = self._pool(entry).stats()
             if stats["starting"] and not stats["busy"] and not stats["idle"]:
-                return Status(TaskExecution.INITIALIZING, f"starting {stats['starting']} replica(s) of actor environment {entry.template.env_name}")
-            return Status(TaskExecution.QUEUED, f"queued for actor environment {entry.template.env_name}: "
-                                                f"{stats['queued']} queued, {stats['busy']} of {stats['replicas']} replicas busy")
+                return Status(
+                    TaskExecution.INITIALIZING,
+                    f"starting {stats['starting']} replica(s) of actor environment {entry.template.env_name}",
+                )
+            return Status(
+                TaskExecution.QUEUED,
+                f"queued for actor environment {entry.template.env_name}: "
+                f"{stats['queued']} queued, {stats['busy']} of {stats['replicas']} replicas busy",
+            )
         if state is ExecutionState.RUNNING:
-            return Status(TaskExecution.RUNNING, f"running on replica {e.replica} ({'warm' if e.warm else 'cold'})", links)
+            return Status(
+                TaskExecution.RUNNING, f"running on replica {e.replica} ({'warm' if e.warm else 'cold'})", links
+            )
         if state is ExecutionState.SUCCEEDED:
             return Status(TaskExecution.SUCCEEDED, f"succeeded on replica {e.replica}", links)
         if state is ExecutionState.FAILED:
@@ -233,9 +279,12 @@ class ActorService:
         if state is ExecutionState.CANCELLED:
             return Status(TaskExecution.ABORTED, "aborted", links)
         # REPLICA_DIED
-        return Status(TaskExecution.RETRYABLE_FAILED,
-                      f"replica died: {e.death or 'replica ' + str(e.replica) + ' vanished'} while running execution {e.id}; "
-                      f"a replacement replica serves the retry", links)
+        return Status(
+            TaskExecution.RETRYABLE_FAILED,
+            f"replica died: {e.death or 'replica ' + str(e.replica) + ' vanished'} while running execution {e.id}; "
+            f"a replacement replica serves the retry",
+            links,
+        )
 
     @staticmethod
     def _failure(error: dict, where: str, links: List[TaskLog]) -> Status:
@@ -248,7 +297,12 @@ class ActorService:
         links = _log_links(list(run.replicas.items()))
         info = run.progress()
         if run.phase == "running":
-            return Status(TaskExecution.RUNNING, f"{info['succeeded'] + info['failed']} of {run.n} items done", links, custom_info=info)
+            return Status(
+                TaskExecution.RUNNING,
+                f"{info['succeeded'] + info['failed']} of {run.n} items done",
+                links,
+                custom_info=info,
+            )
         if run.phase == "succeeded":
             return Status(TaskExecution.SUCCEEDED, run.message, links, outputs=run.outputs, custom_info=info)
         if run.phase == "aborted":
@@ -268,15 +322,21 @@ class ActorService:
             return Status(TaskExecution.ABORTED, "aborted")
         request = record.read_request()
         if request is None or request.get("execution_id") != meta.execution_id:
-            return Status(TaskExecution.RETRYABLE_FAILED, f"no record of execution {meta.execution_id} under {meta.output_prefix}; "
-                                                          "the connector lost it before queueing it")
+            return Status(
+                TaskExecution.RETRYABLE_FAILED,
+                f"no record of execution {meta.execution_id} under {meta.output_prefix}; "
+                "the connector lost it before queueing it",
+            )
         if meta.kind != ACTOR_MAP_TASK_TYPE:
             started = record.marker(store.STARTED)
             if started is not None:
                 replica = started.split("\n", 1)[0] or "?"
-                return Status(TaskExecution.RETRYABLE_FAILED,
-                              f"execution {meta.execution_id} was dispatched to replica {replica} but left no result: the connector "
-                              "restarted (or the replica died) while it ran; it is not run twice")
+                return Status(
+                    TaskExecution.RETRYABLE_FAILED,
+                    f"execution {meta.execution_id} was dispatched to replica {replica} but left no result: "
+                    "the connector "
+                    "restarted (or the replica died) while it ran; it is not run twice",
+                )
         template = ActorTemplate.from_record(request["template"])
         key = PoolKey(request["namespace"], request["service_account"], template.env_key, template.code_version)
         plan = None

@@ -29,7 +29,7 @@ def join(prefix: str, *parts: str) -> str:
 def local_path(path: str) -> Optional[str]:
     """The file system path of a local URI, or None for remote storage."""
     if path.startswith("file://"):
-        return path[len("file://"):]
+        return path[len("file://") :]
     return None if "://" in path else path
 
 
@@ -165,7 +165,7 @@ class ExecutionRecord:
             return done
         base = root.split("://", 1)[-1].rstrip("/")
         for f in files:
-            rel = f.split("://", 1)[-1][len(base) + 1:].split("/")
+            rel = f.split("://", 1)[-1][len(base) + 1 :].split("/")
             if len(rel) == 2 and rel[0].isdigit() and int(rel[0]) < n and rel[1] in ("outputs.pb", "error.pb"):
                 kind = "error" if rel[1] == "error.pb" else "outputs"
                 if done.get(int(rel[0])) != "error":

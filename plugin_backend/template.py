@@ -19,8 +19,15 @@ from flytekitplugins_actor.map_plan import required_successes
 from flytekitplugins_actor.replica.execution import ParsedCommand, parse_command
 from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidTaskTemplate
 
-__all__ = ["ACTOR_TASK_TYPE", "ACTOR_MAP_TASK_TYPE", "DEFAULT_TTL_SECONDS", "SUPPORTED_TYPE_VERSION", "ActorTemplate",
-           "MapSpec", "parse_template"]
+__all__ = [
+    "ACTOR_TASK_TYPE",
+    "ACTOR_MAP_TASK_TYPE",
+    "DEFAULT_TTL_SECONDS",
+    "SUPPORTED_TYPE_VERSION",
+    "ActorTemplate",
+    "MapSpec",
+    "parse_template",
+]
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class ActorTemplate:
 
     def rendered(self, values: Dict[str, str]) -> "ActorTemplate":
         """This template with its args' placeholders replaced by `values` (keys as in {{.input}}: 'input', ...)."""
+
         def sub(m: "re.Match[str]") -> str:
             return values[m.group(1).lower()]
 
@@ -93,20 +101,46 @@ class ActorTemplate:
     def from_record(cls, record: Dict[str, Any]) -> "ActorTemplate":
         m = record.get("map")
         map_spec = None if m is None else MapSpec(**{f: tuple(v) if isinstance(v, list) else v for f, v in m.items()})
-        fields_ = {f: tuple(record[f]) if f in ("input_names", "output_names") else record[f]
-                   for f in _RECORD_FIELDS if f in record}  # records of older connectors lack the pod fields
+        fields_ = {
+            f: tuple(record[f]) if f in ("input_names", "output_names") else record[f]
+            for f in _RECORD_FIELDS
+            if f in record
+        }  # records of older connectors lack the pod fields
         return cls(command=parse_command(record["args"]), map=map_spec, **fields_)
 
 
-_RECORD_FIELDS = ("task_type", "task_name", "env_name", "env_key", "image", "replica_count", "ttl_seconds", "args",
-                  "container_env", "input_names", "output_names", "resources", "pod_spec", "pod_labels", "pod_annotations",
-                  "primary_container_name", "accelerator", "interruptible")
+_RECORD_FIELDS = (
+    "task_type",
+    "task_name",
+    "env_name",
+    "env_key",
+    "image",
+    "replica_count",
+    "ttl_seconds",
+    "args",
+    "container_env",
+    "input_names",
+    "output_names",
+    "resources",
+    "pod_spec",
+    "pod_labels",
+    "pod_annotations",
+    "primary_container_name",
+    "accelerator",
+    "interruptible",
+)
 _PLACEHOLDER = re.compile(r"\{\{\s*\.(\w+)\s*\}\}")
 RENDERABLE = ("input", "outputprefix", "rawoutputdataprefix", "checkpointoutputprefix", "prevcheckpointprefix")
 """The placeholders the connector renders itself in a pod template's args (see ActorTemplate.rendered)."""
 GPU_RESOURCE = "nvidia.com/gpu"
-_RESOURCE_NAMES = {"cpu": "cpu", "memory": "memory", "gpu": GPU_RESOURCE, "ephemeral_storage": "ephemeral-storage",
-                   "ephemeral-storage": "ephemeral-storage", "storage": "ephemeral-storage"}
+_RESOURCE_NAMES = {
+    "cpu": "cpu",
+    "memory": "memory",
+    "gpu": GPU_RESOURCE,
+    "ephemeral_storage": "ephemeral-storage",
+    "ephemeral-storage": "ephemeral-storage",
+    "storage": "ephemeral-storage",
+}
 _MAP_FIELDS = ("mapped_inputs", "bound_inputs", "subtask", "concurrency", "min_success_ratio")
 
 
@@ -131,10 +165,16 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
     if template.type != task_type:
         raise _refuse(template, f"this connector serves task type {task_type!r} here")
     if template.task_type_version != SUPPORTED_TYPE_VERSION:
-        raise _refuse(template, f"task type version {template.task_type_version} is unknown; this connector serves version {SUPPORTED_TYPE_VERSION}")
+        raise _refuse(
+            template,
+            f"task type version {template.task_type_version} is unknown; "
+            f"this connector serves version {SUPPORTED_TYPE_VERSION}",
+        )
     custom: Any = template.custom
     if not custom:
-        raise _refuse(template, "custom is missing: an actor task carries its ExecutionEnv ({name, version, type, spec}) there")
+        raise _refuse(
+            template, "custom is missing: an actor task carries its ExecutionEnv ({name, version, type, spec}) there"
+        )
     if not isinstance(custom, dict):
         raise _refuse(template, f"custom must be an ExecutionEnv object, got {type(custom).__name__}")
     if custom.get("type") != "actor":
@@ -162,23 +202,37 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
     elif pod is not None and isinstance(pod.pod_spec, dict):
         where = f"its pod template's primary container {primary_name!r}"
         pod_spec = copy.deepcopy(pod.pod_spec)
-        primary = next((c for c in pod_spec.get("containers") or [] if isinstance(c, dict) and c.get("name") == primary_name), None)
+        primary = next(
+            (c for c in pod_spec.get("containers") or [] if isinstance(c, dict) and c.get("name") == primary_name), None
+        )
         if primary is None:
-            raise _refuse(template, f"its k8s_pod has no primary container named {primary_name!r} (config.primary_container_name)")
+            raise _refuse(
+                template, f"its k8s_pod has no primary container named {primary_name!r} (config.primary_container_name)"
+            )
         args = [str(a) for a in [*(primary.pop("command", None) or []), *(primary.pop("args", None) or [])]]
         container_image = primary.get("image")
-        container_env = {str(e["name"]): str(e["value"]) for e in primary.get("env") or []
-                         if isinstance(e, dict) and e.get("name") and e.get("value") is not None}
+        container_env = {
+            str(e["name"]): str(e["value"])
+            for e in primary.get("env") or []
+            if isinstance(e, dict) and e.get("name") and e.get("value") is not None
+        }
         resources = _k8s_resources(primary.get("resources"))
     else:
-        raise _refuse(template, "it has no container and no k8s_pod: an actor execution runs the task's pyflyte-execute command")
+        raise _refuse(
+            template, "it has no container and no k8s_pod: an actor execution runs the task's pyflyte-execute command"
+        )
     if not args:
         raise _refuse(template, f"{where} has no args")
     placeholders = {m.group(1).lower() for a in args for m in _PLACEHOLDER.finditer(a)}
     if placeholders and container is not None:
-        raise _refuse(template, "its container args still hold {{.placeholders}}: propeller renders them before CreateTask")
+        raise _refuse(
+            template, "its container args still hold {{.placeholders}}: propeller renders them before CreateTask"
+        )
     if placeholders - set(RENDERABLE):
-        raise _refuse(template, f"{where} args hold placeholders the connector cannot render: {sorted(placeholders - set(RENDERABLE))}")
+        raise _refuse(
+            template,
+            f"{where} args hold placeholders the connector cannot render: {sorted(placeholders - set(RENDERABLE))}",
+        )
     try:  # placeholders are rendered once the output prefix is known; they stand in for paths here
         command = parse_command([_PLACEHOLDER.sub("x", a) for a in args] if placeholders else args)
     except Exception as e:  # click usage errors, ValueError
@@ -186,8 +240,13 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
     image = spec.get("container_image") or container_image
     if not isinstance(image, str) or not image:
         raise _refuse(template, "no container image in custom.spec.container_image or the container")
-    pod_labels = {str(k): str(v) for k, v in ((pod.metadata.labels if pod is not None and pod.metadata else None) or {}).items()}
-    pod_annotations = {str(k): str(v) for k, v in ((pod.metadata.annotations if pod is not None and pod.metadata else None) or {}).items()}
+    pod_labels = {
+        str(k): str(v) for k, v in ((pod.metadata.labels if pod is not None and pod.metadata else None) or {}).items()
+    }
+    pod_annotations = {
+        str(k): str(v)
+        for k, v in ((pod.metadata.annotations if pod is not None and pod.metadata else None) or {}).items()
+    }
     secrets = template.security_context.secrets if template.security_context is not None else None
     if secrets:  # what propeller puts on a task's pod for flyte's secret-injecting pod webhook
         pod_labels[SECRETS_POD_LABEL] = "true"

@@ -1,4 +1,5 @@
-"""Every example in examples/ through a real `pyflyte run` subprocess, on local warm replicas, with its documented result.
+"""Every example in examples/ through a real `pyflyte run` subprocess, on local warm replicas, with its documented
+result.
 
 Each run gets its own TMPDIR (so the replica logs of that run alone are under $TMPDIR/flyte-actor-logs/<driver
 pid>/) and the session gets its own HOME (so flytekit's local cache and config never leak in from the user).
@@ -58,11 +59,19 @@ def run_example(tmp_path, home):
         env = {**os.environ, "TMPDIR": str(tmpdir), "HOME": home, "COLUMNS": "300", "PYTHONDONTWRITEBYTECODE": "1"}
         env.pop("PYTHONPATH", None)
         started = time.monotonic()
-        proc = subprocess.run([PYFLYTE, "run", prefix + filename, workflow, *args], cwd=cwd, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [PYFLYTE, "run", prefix + filename, workflow, *args],
+            cwd=cwd,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         seconds = time.monotonic() - started
         logs = [open(p).read() for p in sorted(glob.glob(str(tmpdir / "flyte-actor-logs" / "*" / "*.log")))]
-        assert proc.returncode == 0, f"pyflyte run {filename} {workflow} failed:\n{proc.stdout}\n{proc.stderr}\n" + "\n".join(logs)
+        assert proc.returncode == 0, (
+            f"pyflyte run {filename} {workflow} failed:\n{proc.stdout}\n{proc.stderr}\n" + "\n".join(logs)
+        )
         return Run(proc.stdout, proc.stderr, seconds, logs)
 
     return run

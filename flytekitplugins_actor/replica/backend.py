@@ -155,12 +155,30 @@ class LocalProcessReplica(Replica):
         self._log_path = os.path.join(log_dir, f"{spec.name}.log")
         ready_r, ready_w = os.pipe()
         env = {**os.environ, **spec.env, TOKEN_ENV: spec.token, "FLYTE_ACTOR_REPLICA_NAME": spec.name}
-        cmd = [sys.executable, "-m", "flytekitplugins_actor.replica.worker", "--host", "127.0.0.1", "--port", "0",
-               "--name", spec.name, "--ready-fd", str(ready_w), "--watch-stdin"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "flytekitplugins_actor.replica.worker",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--name",
+            spec.name,
+            "--ready-fd",
+            str(ready_w),
+            "--watch-stdin",
+        ]
         with open(self._log_path, "ab") as log:
             self.process = subprocess.Popen(
-                cmd, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, env=env,
-                cwd=spec.cwd or os.getcwd(), pass_fds=(ready_w,), start_new_session=True,
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=spec.cwd or os.getcwd(),
+                pass_fds=(ready_w,),
+                start_new_session=True,
             )
         os.close(ready_w)
         threading.Thread(target=self._watch, args=(ready_r,), name=f"watch-{spec.name}", daemon=True).start()

@@ -40,8 +40,16 @@ class ExecutionSpec:
         return cached
 
 
-def identity_env(project: str, domain: str, name: str, task_project: str, task_domain: str, task_name: str,
-                 task_version: str, attempt: int = 0) -> Dict[str, str]:
+def identity_env(
+    project: str,
+    domain: str,
+    name: str,
+    task_project: str,
+    task_domain: str,
+    task_name: str,
+    task_version: str,
+    attempt: int = 0,
+) -> Dict[str, str]:
     """The FLYTE_INTERNAL_* identity env propeller gives a task pod; a replica sets it per execution."""
     return {
         "FLYTE_INTERNAL_EXECUTION_PROJECT": project,
@@ -71,9 +79,14 @@ class ParsedCommand:
 
 
 _EXECUTE_OPTIONS = {
-    "--inputs": "inputs", "--output-prefix": "output_prefix", "--raw-output-data-prefix": "raw_output_data_prefix",
-    "--checkpoint-path": "checkpoint_path", "--prev-checkpoint": "prev_checkpoint", "--resolver": "resolver",
-    "--dynamic-addl-distro": "distribution", "--dynamic-dest-dir": "dest_dir",
+    "--inputs": "inputs",
+    "--output-prefix": "output_prefix",
+    "--raw-output-data-prefix": "raw_output_data_prefix",
+    "--checkpoint-path": "checkpoint_path",
+    "--prev-checkpoint": "prev_checkpoint",
+    "--resolver": "resolver",
+    "--dynamic-addl-distro": "distribution",
+    "--dynamic-dest-dir": "dest_dir",
 }
 _FAST_OPTIONS = {"--additional-distribution": "distribution", "--dest-dir": "dest_dir"}
 
@@ -85,7 +98,7 @@ def _parse_options(args: List[str], options: Dict[str, str], command: str) -> Tu
     while i < len(args):
         arg = args[i]
         if arg == "--":
-            return found, args[i + 1:]
+            return found, args[i + 1 :]
         if not arg.startswith("--"):
             return found, args[i:]
         name, eq, value = arg.partition("=")
@@ -139,7 +152,12 @@ class ExecutionOutcome:
     exception: Optional[BaseException] = None
 
     def to_wire(self) -> Dict[str, Any]:
-        return {"execution_id": self.execution_id, "state": self.state, "error": self.error, "duration_s": self.duration_s}
+        return {
+            "execution_id": self.execution_id,
+            "state": self.state,
+            "error": self.error,
+            "duration_s": self.duration_s,
+        }
 
 
 class ReplicaRuntime:
@@ -180,7 +198,7 @@ class ReplicaRuntime:
         cmd = spec.parsed()
         saved_env = {k: os.environ.get(k) for k in spec.env}
         saved_tempdir = tempfile.tempdir
-        scratch = tempfile.mkdtemp(prefix=f"actor-exec-")
+        scratch = tempfile.mkdtemp(prefix="actor-exec-")
         self.current, self.last_exception = spec, None
         outcome: Optional[ExecutionOutcome] = None
         try:
@@ -193,7 +211,9 @@ class ReplicaRuntime:
             raw, ckpt, prev = normalize_inputs(cmd.raw_output_data_prefix, cmd.checkpoint_path, cmd.prev_checkpoint)
             # flytekit makes its working dirs under the current context's sandbox: point it into scratch
             ctx = FlyteContextManager.current_context()
-            sandbox = ctx.new_builder().with_file_access(FileAccessProvider(local_sandbox_dir=scratch, raw_output_prefix=raw))
+            sandbox = ctx.new_builder().with_file_access(
+                FileAccessProvider(local_sandbox_dir=scratch, raw_output_prefix=raw)
+            )
             with FlyteContextManager.with_context(sandbox):
                 _execute_task(
                     inputs=cmd.inputs,
@@ -208,7 +228,9 @@ class ReplicaRuntime:
                     dynamic_dest_dir=cmd.dest_dir,
                 )
         except KeyboardInterrupt:
-            outcome = ExecutionOutcome(spec.execution_id, "cancelled", error=_error("ABORTED", "execution was cancelled", "USER", False))
+            outcome = ExecutionOutcome(
+                spec.execution_id, "cancelled", error=_error("ABORTED", "execution was cancelled", "USER", False)
+            )
         except SystemExit as e:
             message = f"task called sys.exit({e.code!r}); a replica survives it, but the execution fails"
             outcome = self._fail(spec, cmd, _error("SystemExit", message, "USER", False), e)
@@ -235,7 +257,9 @@ class ReplicaRuntime:
         outcome.duration_s = time.perf_counter() - started
         return outcome, lambda: shutil.rmtree(scratch, ignore_errors=True)
 
-    def _fail(self, spec: ExecutionSpec, cmd: ParsedCommand, error: Dict[str, Any], exc: BaseException) -> ExecutionOutcome:
+    def _fail(
+        self, spec: ExecutionSpec, cmd: ParsedCommand, error: Dict[str, Any], exc: BaseException
+    ) -> ExecutionOutcome:
         try:
             write_error_document(cmd.output_prefix, error)
         except Exception as e:  # the outcome still reports the failure; storage trouble is added to it
@@ -280,7 +304,9 @@ def _parse_error_document(data: bytes) -> Dict[str, Any]:
     doc = errors_pb2.ErrorDocument()
     doc.ParseFromString(data)
     e = doc.error
-    return _error(e.code, e.message, "USER" if e.origin == 1 else "SYSTEM", e.kind == errors_pb2.ContainerError.RECOVERABLE)
+    return _error(
+        e.code, e.message, "USER" if e.origin == 1 else "SYSTEM", e.kind == errors_pb2.ContainerError.RECOVERABLE
+    )
 
 
 def _engine_dir_error(scratch: str) -> Optional[Dict[str, Any]]:
@@ -306,7 +332,7 @@ def read_error_document(output_prefix: str) -> Optional[Dict[str, Any]]:
             fa.get_data(path, os.path.join(d, "error.pb"))
             data = open(os.path.join(d, "error.pb"), "rb").read()
     else:
-        local = path[len("file://"):] if path.startswith("file://") else path
+        local = path[len("file://") :] if path.startswith("file://") else path
         try:
             with open(local, "rb") as f:
                 data = f.read()

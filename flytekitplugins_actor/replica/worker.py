@@ -9,6 +9,7 @@ The main thread executes; a server thread per connection answers the control pro
 
 from __future__ import annotations
 
+import _thread
 import argparse
 import base64
 import collections
@@ -20,7 +21,6 @@ import socket
 import socketserver
 import sys
 import threading
-import _thread
 from typing import Any, Callable, Dict, List, Optional
 
 from flytekitplugins_actor.replica.execution import RUNTIME, ExecutionOutcome, ExecutionSpec
@@ -79,7 +79,11 @@ class Worker:
         op = msg.get("op")
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
-            return {"ok": False, "code": "INVALID_ARGUMENT", "error": f"unknown op {op!r}; expected submit, status, wait, cancel or health"}
+            return {
+                "ok": False,
+                "code": "INVALID_ARGUMENT",
+                "error": f"unknown op {op!r}; expected submit, status, wait, cancel or health",
+            }
         try:
             return {"ok": True, **handler(msg)}
         except (KeyError, TypeError, ValueError) as e:
@@ -112,7 +116,11 @@ class Worker:
             }
 
     def op_submit(self, msg: Dict[str, Any]) -> Dict[str, Any]:
-        spec = ExecutionSpec(execution_id=str(msg["execution_id"]), args=[str(a) for a in msg["args"]], env={str(k): str(v) for k, v in (msg.get("env") or {}).items()})
+        spec = ExecutionSpec(
+            execution_id=str(msg["execution_id"]),
+            args=[str(a) for a in msg["args"]],
+            env={str(k): str(v) for k, v in (msg.get("env") or {}).items()},
+        )
         spec.parsed()  # refuse a malformed command now, not on the main thread
         with self._lock:
             known = self._state_of(spec.execution_id)
@@ -121,7 +129,10 @@ class Worker:
             if self.stopping:
                 raise ValueError("replica is stopping")
             if self._running is not None or self._accepted:
-                raise ValueError(f"replica is busy with {self._running or next(iter(self._accepted))}; it runs one execution at a time")
+                raise ValueError(
+                    f"replica is busy with {self._running or next(iter(self._accepted))}; "
+                    "it runs one execution at a time"
+                )
             self._accepted[spec.execution_id] = spec
         self._queue.put(spec)
         return {"execution_id": spec.execution_id, "state": "accepted"}
@@ -134,14 +145,27 @@ class Worker:
         execution_id = str(msg["execution_id"])
         timeout = msg.get("timeout")
         with self._lock:
-            self._lock.wait_for(lambda: execution_id in self._outcomes or self._state_of(execution_id)["state"] == "unknown", timeout)
+            self._lock.wait_for(
+                lambda: execution_id in self._outcomes or self._state_of(execution_id)["state"] == "unknown", timeout
+            )
             return self._state_of(execution_id, bool(msg.get("include_exception")))
 
     def op_cancel(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         execution_id = str(msg["execution_id"])
         with self._lock:
             if self._accepted.pop(execution_id, None) is not None:
-                self._record(ExecutionOutcome(execution_id, "cancelled", error={"code": "ABORTED", "message": "cancelled before it started", "origin": "USER", "recoverable": False}))
+                self._record(
+                    ExecutionOutcome(
+                        execution_id,
+                        "cancelled",
+                        error={
+                            "code": "ABORTED",
+                            "message": "cancelled before it started",
+                            "origin": "USER",
+                            "recoverable": False,
+                        },
+                    )
+                )
             elif self._running == execution_id and execution_id not in self._cancelled:
                 self._cancelled.add(execution_id)  # seen by the main thread even if the signal lands late
                 _thread.interrupt_main(CANCEL_SIGNAL)
@@ -190,7 +214,11 @@ class Worker:
                     _CANCEL_ARMED[0] = False
             except KeyboardInterrupt:  # a cancel that landed around the task, not in it
                 outcome = ExecutionOutcome(spec.execution_id, "cancelled", error=dict(_CANCELLED))
-            print(f"[actor-replica {self.name}] execution {spec.execution_id} {outcome.state} in {outcome.duration_s:.4f}s", flush=True)
+            print(
+                f"[actor-replica {self.name}] execution {spec.execution_id} {outcome.state} "
+                f"in {outcome.duration_s:.4f}s",
+                flush=True,
+            )
             with self._lock:
                 self._running = None
                 self._cancelled.discard(spec.execution_id)
@@ -201,7 +229,6 @@ class Worker:
                     cleanups.pop(0)()
             if self.stopping:
                 return
-
 
 
 def _run_all(cleanups: List[Callable[[], None]]) -> None:
@@ -256,7 +283,9 @@ def main(argv: Optional[list] = None) -> None:
     parser.add_argument("--host", default=os.environ.get("FLYTE_ACTOR_HOST", "0.0.0.0"))
     parser.add_argument("--port", type=int, default=int(os.environ.get("FLYTE_ACTOR_PORT", "8777")))
     parser.add_argument("--name", default=os.environ.get("FLYTE_ACTOR_REPLICA_NAME", socket.gethostname()))
-    parser.add_argument("--ready-fd", type=int, default=None, help="write {host, port, pid} as JSON here once listening")
+    parser.add_argument(
+        "--ready-fd", type=int, default=None, help="write {host, port, pid} as JSON here once listening"
+    )
     parser.add_argument("--watch-stdin", action="store_true", help="exit when stdin reaches EOF (parent died)")
     args = parser.parse_args(argv)
 

@@ -26,7 +26,10 @@ def add(a: int, b: int) -> int:
 
 @env.task
 def echo_identity() -> str:
-    return "/".join(os.environ.get(k, "") for k in ("FLYTE_INTERNAL_EXECUTION_ID", "FLYTE_INTERNAL_TASK_NAME", "FLYTE_ATTEMPT_NUMBER"))
+    return "/".join(
+        os.environ.get(k, "")
+        for k in ("FLYTE_INTERNAL_EXECUTION_ID", "FLYTE_INTERNAL_TASK_NAME", "FLYTE_ATTEMPT_NUMBER")
+    )
 
 
 @env.task
@@ -108,9 +111,9 @@ def pid_short_ttl() -> int:
 
 # An environment configured by a pod template (as examples/pod_template.py): flytekit then serializes no
 # `container` but a k8s_pod whose primary container holds the args, image, env and resources.
-from kubernetes.client.models import V1Container, V1EnvVar, V1PodSpec, V1ResourceRequirements, V1Toleration  # noqa: E402
 from flytekit import PodTemplate, Resources, Secret  # noqa: E402
 from flytekit.extras.accelerators import T4  # noqa: E402
+from kubernetes.client.models import V1Container, V1EnvVar, V1PodSpec, V1ResourceRequirements, V1Toleration  # noqa: E402
 
 pod_template = PodTemplate(
     primary_container_name="main",
@@ -118,16 +121,26 @@ pod_template = PodTemplate(
     annotations={"example.com/note": "from-pod-template"},
     pod_spec=V1PodSpec(
         containers=[
-            V1Container(name="main", env=[V1EnvVar(name="COMP_KEY_EX", value="compile_time")],
-                        resources=V1ResourceRequirements(requests={"cpu": "1", "memory": "1Gi"}, limits={"cpu": "1", "memory": "1Gi"})),
+            V1Container(
+                name="main",
+                env=[V1EnvVar(name="COMP_KEY_EX", value="compile_time")],
+                resources=V1ResourceRequirements(
+                    requests={"cpu": "1", "memory": "1Gi"}, limits={"cpu": "1", "memory": "1Gi"}
+                ),
+            ),
             V1Container(name="sidecar", image="busybox:1.36", args=["sleep", "infinity"]),
         ],
         tolerations=[V1Toleration(key="dedicated", operator="Equal", value="ml", effect="NoSchedule")],
         node_selector={"pool": "ml"},
     ),
 )
-env_pod = ActorEnvironment(name="conn-pod", replica_count=1, ttl_seconds=300, pod_template=pod_template,
-                           environment={"ENV_KEY": "from-environment"})
+env_pod = ActorEnvironment(
+    name="conn-pod",
+    replica_count=1,
+    ttl_seconds=300,
+    pod_template=pod_template,
+    environment={"ENV_KEY": "from-environment"},
+)
 
 
 @env_pod.task
@@ -141,9 +154,16 @@ def check_set() -> str:
     return os.getenv("RUN_KEY_EX", "")
 
 
-env_gpu = ActorEnvironment(name="conn-gpu", replica_count=1, ttl_seconds=300,
-                           requests=Resources(cpu="2", mem="4Gi", gpu="1"), limits=Resources(mem="8Gi"),
-                           accelerator=T4, secret_requests=[Secret(group="db", key="password")], interruptible=True)
+env_gpu = ActorEnvironment(
+    name="conn-gpu",
+    replica_count=1,
+    ttl_seconds=300,
+    requests=Resources(cpu="2", mem="4Gi", gpu="1"),
+    limits=Resources(mem="8Gi"),
+    accelerator=T4,
+    secret_requests=[Secret(group="db", key="password")],
+    interruptible=True,
+)
 
 
 @env_gpu.task

@@ -25,8 +25,12 @@ from flytekit.tools.translator import get_serializable
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 VENV_BIN = os.path.join(ROOT, ".venv", "bin")
-TERMINAL = {execution_pb2.TaskExecution.SUCCEEDED, execution_pb2.TaskExecution.FAILED,
-            execution_pb2.TaskExecution.RETRYABLE_FAILED, execution_pb2.TaskExecution.ABORTED}
+TERMINAL = {
+    execution_pb2.TaskExecution.SUCCEEDED,
+    execution_pb2.TaskExecution.FAILED,
+    execution_pb2.TaskExecution.RETRYABLE_FAILED,
+    execution_pb2.TaskExecution.ABORTED,
+}
 PHASE = execution_pb2.TaskExecution
 
 
@@ -62,15 +66,33 @@ class ConnectorServer:
 
     def start(self, timeout: float = 60.0) -> "ConnectorServer":
         self.port, self.metrics_port = free_port(), free_port()
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([HERE, ROOT, os.environ.get("PYTHONPATH", "")]),
-               "FLYTE_ACTOR_STATE_DIR": self.state_dir, **self.extra_env}
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([HERE, ROOT, os.environ.get("PYTHONPATH", "")]),
+            "FLYTE_ACTOR_STATE_DIR": self.state_dir,
+            **self.extra_env,
+        }
         self.starts += 1
         self.log_path = os.path.join(self.workdir, f"connector-{self.starts}.log")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [os.path.join(VENV_BIN, "pyflyte"), "serve", "connector", "--port", str(self.port),
-                 "--prometheus_port", str(self.metrics_port), "--worker", "4"],
-                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.workdir, start_new_session=True)
+                [
+                    os.path.join(VENV_BIN, "pyflyte"),
+                    "serve",
+                    "connector",
+                    "--port",
+                    str(self.port),
+                    "--prometheus_port",
+                    str(self.metrics_port),
+                    "--worker",
+                    "4",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.workdir,
+                start_new_session=True,
+            )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = agent_pb2_grpc.AsyncAgentServiceStub(self.channel)
         self.metadata_stub = agent_pb2_grpc.AgentMetadataServiceStub(self.channel)
@@ -133,9 +155,17 @@ def literal_map(task, **values) -> literals_pb2.LiteralMap:
 class Attempt:
     """One task execution attempt: its paths, metadata and the CreateTask request propeller would send."""
 
-    def __init__(self, base: str, task, inputs: literals_pb2.LiteralMap, exec_name: Optional[str] = None,
-                 retry: int = 0, namespace: str = "flytesnacks-development", service_account: str = "default",
-                 template: Optional[tasks_pb2.TaskTemplate] = None):
+    def __init__(
+        self,
+        base: str,
+        task,
+        inputs: literals_pb2.LiteralMap,
+        exec_name: Optional[str] = None,
+        retry: int = 0,
+        namespace: str = "flytesnacks-development",
+        service_account: str = "default",
+        template: Optional[tasks_pb2.TaskTemplate] = None,
+    ):
         self.exec_name = exec_name or f"e{uuid.uuid4().hex[:10]}"
         self.dir = os.path.join(base, self.exec_name, "n0", str(retry))
         os.makedirs(self.dir, exist_ok=True)
@@ -144,10 +174,13 @@ class Attempt:
             f.write(inputs.SerializeToString())
         tt = tasks_pb2.TaskTemplate()
         tt.CopyFrom(template if template is not None else serialize(task))
-        render = {"{{.input}}": self.input_path, "{{.outputPrefix}}": self.dir,
-                  "{{.rawOutputDataPrefix}}": os.path.join(self.dir, "raw"),
-                  "{{.checkpointOutputPrefix}}": os.path.join(self.dir, "checkpoint"),
-                  "{{.prevCheckpointPrefix}}": '""'}
+        render = {
+            "{{.input}}": self.input_path,
+            "{{.outputPrefix}}": self.dir,
+            "{{.rawOutputDataPrefix}}": os.path.join(self.dir, "raw"),
+            "{{.checkpointOutputPrefix}}": os.path.join(self.dir, "checkpoint"),
+            "{{.prevCheckpointPrefix}}": '""',
+        }
         if tt.HasField("container"):
             args = []
             for a in tt.container.args:
@@ -158,19 +191,31 @@ class Attempt:
             tt.container.args.extend(args)
         self.template = tt
         self.inputs = inputs
-        task_id = identifier_pb2.Identifier(resource_type=identifier_pb2.TASK, project="flytesnacks", domain="development",
-                                            name=tt.id.name or "t", version="v1")
+        task_id = identifier_pb2.Identifier(
+            resource_type=identifier_pb2.TASK,
+            project="flytesnacks",
+            domain="development",
+            name=tt.id.name or "t",
+            version="v1",
+        )
         tei = identifier_pb2.TaskExecutionIdentifier(
-            task_id=task_id, retry_attempt=retry,
+            task_id=task_id,
+            retry_attempt=retry,
             node_execution_id=identifier_pb2.NodeExecutionIdentifier(
-                node_id="n0", execution_id=identifier_pb2.WorkflowExecutionIdentifier(
-                    project="flytesnacks", domain="development", name=self.exec_name)))
-        self.metadata = agent_pb2.TaskExecutionMetadata(task_execution_id=tei, namespace=namespace,
-                                                        k8s_service_account=service_account)
+                node_id="n0",
+                execution_id=identifier_pb2.WorkflowExecutionIdentifier(
+                    project="flytesnacks", domain="development", name=self.exec_name
+                ),
+            ),
+        )
+        self.metadata = agent_pb2.TaskExecutionMetadata(
+            task_execution_id=tei, namespace=namespace, k8s_service_account=service_account
+        )
 
     def request(self) -> agent_pb2.CreateTaskRequest:
-        return agent_pb2.CreateTaskRequest(inputs=self.inputs, template=self.template, output_prefix=self.dir,
-                                           task_execution_metadata=self.metadata)
+        return agent_pb2.CreateTaskRequest(
+            inputs=self.inputs, template=self.template, output_prefix=self.dir, task_execution_metadata=self.metadata
+        )
 
     def outputs(self) -> literals_pb2.LiteralMap:
         with open(os.path.join(self.dir, "outputs.pb"), "rb") as f:
@@ -187,18 +232,23 @@ class Propeller:
         return self.server.stub.CreateTask(attempt.request(), timeout=timeout).resource_meta
 
     def get(self, meta: bytes, task_type: str = "actor") -> agent_pb2.Resource:
-        req = agent_pb2.GetTaskRequest(task_type=task_type, resource_meta=meta,
-                                       task_category=agent_pb2.TaskCategory(name=task_type, version=0))
+        req = agent_pb2.GetTaskRequest(
+            task_type=task_type, resource_meta=meta, task_category=agent_pb2.TaskCategory(name=task_type, version=0)
+        )
         return self.server.stub.GetTask(req, timeout=10.0).resource
 
     def delete(self, meta: bytes, task_type: str = "actor") -> None:
-        req = agent_pb2.DeleteTaskRequest(task_type=task_type, resource_meta=meta,
-                                          task_category=agent_pb2.TaskCategory(name=task_type, version=0))
+        req = agent_pb2.DeleteTaskRequest(
+            task_type=task_type, resource_meta=meta, task_category=agent_pb2.TaskCategory(name=task_type, version=0)
+        )
         self.server.stub.DeleteTask(req, timeout=15.0)
 
     def wait(self, meta: bytes, task_type: str = "actor", timeout: float = 60.0, phases=TERMINAL) -> agent_pb2.Resource:
-        return wait_for(lambda: (lambda r: r if r.phase in phases else None)(self.get(meta, task_type)), timeout,
-                        f"phase in {sorted(PHASE.Phase.Name(p) for p in phases)}")
+        return wait_for(
+            lambda: (lambda r: r if r.phase in phases else None)(self.get(meta, task_type)),
+            timeout,
+            f"phase in {sorted(PHASE.Phase.Name(p) for p in phases)}",
+        )
 
 
 def output_value(outputs: literals_pb2.LiteralMap, name: str, python_type):

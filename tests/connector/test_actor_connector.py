@@ -4,11 +4,10 @@ import os
 import signal
 import time
 
+import actor_tasks as t
 import grpc
 import pytest
 from flyteidl.admin import agent_pb2
-
-import actor_tasks as t
 from harness import PHASE, Attempt, literal_map, output_value, serialize, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -32,7 +31,7 @@ def test_success_writes_outputs_and_links_the_replica_log(propeller, base):
     assert r.phase == PHASE.SUCCEEDED, r.message
     assert output_value(a.outputs(), "o0", int) == 3
     assert r.log_links and r.log_links[0].uri.startswith("file://")
-    assert os.path.exists(r.log_links[0].uri[len("file://"):])
+    assert os.path.exists(r.log_links[0].uri[len("file://") :])
 
 
 def test_identity_env_is_derived_from_the_task_execution_id(propeller, base):
@@ -83,7 +82,10 @@ def test_create_is_idempotent_per_attempt(propeller, base):
 
 def test_busy_replica_queues_executions_fifo(propeller, base):
     counter, gate = os.path.join(base, "count"), os.path.join(base, "gate")
-    attempts = [Attempt(base, t.wait_for_file, literal_map(t.wait_for_file, path=gate, counter=counter, label=l)) for l in "ABC"]
+    attempts = [
+        Attempt(base, t.wait_for_file, literal_map(t.wait_for_file, path=gate, counter=counter, label=lbl))
+        for lbl in "ABC"
+    ]
     first = propeller.create(attempts[0])
     propeller.wait(first, phases={PHASE.RUNNING})
     started = time.monotonic()
@@ -129,7 +131,7 @@ def test_replica_exit_is_retryable_and_replaced(propeller, base):
 
 def _replica_pid(resource):
     """The pid of the replica GetTask says runs the execution, from the 'listening ... (pid N)' line of its log."""
-    log = resource.log_links[0].uri[len("file://"):]
+    log = resource.log_links[0].uri[len("file://") :]
     first = open(log).read().split("listening on")[-1]
     return int(first.split("(pid ")[1].split(")")[0])
 
@@ -169,16 +171,20 @@ def _invalid(template_edit):
         tt = serialize(t.add)
         template_edit(tt)
         return Attempt(base, t.add, literal_map(t.add, a=1, b=1), template=tt)
+
     return edit
 
 
-@pytest.mark.parametrize("edit, expected", [
-    (_invalid(lambda tt: tt.ClearField("custom")), "custom is missing"),
-    (_invalid(lambda tt: setattr(tt, "task_type_version", 7)), "version 7 is unknown"),
-    (_invalid(lambda tt: tt.ClearField("container")), "no container"),
-    (_invalid(lambda tt: tt.custom["spec"].update({"replica_count": "many"})), "replica_count"),
-    (_invalid(lambda tt: tt.custom.update({"type": "pod"})), "custom.type"),
-])
+@pytest.mark.parametrize(
+    "edit, expected",
+    [
+        (_invalid(lambda tt: tt.ClearField("custom")), "custom is missing"),
+        (_invalid(lambda tt: setattr(tt, "task_type_version", 7)), "version 7 is unknown"),
+        (_invalid(lambda tt: tt.ClearField("container")), "no container"),
+        (_invalid(lambda tt: tt.custom["spec"].update({"replica_count": "many"})), "replica_count"),
+        (_invalid(lambda tt: tt.custom.update({"type": "pod"})), "custom.type"),
+    ],
+)
 def test_invalid_templates_are_refused_with_invalid_argument(propeller, base, edit, expected):
     with pytest.raises(grpc.RpcError) as e:
         propeller.create(edit(base))
@@ -198,9 +204,18 @@ def test_metrics_expose_pools_queues_dispatches_and_deaths(server, propeller, ba
     a = Attempt(base, t.add, literal_map(t.add, a=1, b=1))
     assert propeller.wait(propeller.create(a)).phase == PHASE.SUCCEEDED
     text = server.metrics()
-    for name in ("flyte_actor_queue_depth{", "flyte_actor_pool_size{", 'flyte_actor_replicas{', 'state="busy"', 'state="idle"',
-                 'flyte_actor_dispatches_total{', 'kind="warm"', 'kind="cold"', "flyte_actor_replica_deaths_total{",
-                 "flyte_actor_dispatch_latency_seconds_bucket{"):
+    for name in (
+        "flyte_actor_queue_depth{",
+        "flyte_actor_pool_size{",
+        "flyte_actor_replicas{",
+        'state="busy"',
+        'state="idle"',
+        "flyte_actor_dispatches_total{",
+        'kind="warm"',
+        'kind="cold"',
+        "flyte_actor_replica_deaths_total{",
+        "flyte_actor_dispatch_latency_seconds_bucket{",
+    ):
         assert name in text, name
 
 

@@ -3,11 +3,11 @@
 import functools
 import os
 
-import pytest
-
 import actor_tasks as t
-from flytekitplugins_actor.actor_map import map as actor_map
+import pytest
 from harness import PHASE, Attempt, literal_map, output_value, wait_for
+
+from flytekitplugins_actor.actor_map import map as actor_map
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -23,8 +23,11 @@ def test_map_fans_out_over_two_replicas_in_order(propeller, base):
     blocking = actor_map(functools.partial(t.square, counter=counter, gate=gate))
     warm = Attempt(base, blocking, literal_map(blocking, x=[100, 101]))
     warm_meta = propeller.create(warm)
-    wait_for(lambda: os.path.exists(counter) and len(open(counter).read().splitlines()) == 2, 60,
-             "both items running at once, one per replica")
+    wait_for(
+        lambda: os.path.exists(counter) and len(open(counter).read().splitlines()) == 2,
+        60,
+        "both items running at once, one per replica",
+    )
     open(gate, "w").close()
     assert propeller.wait(warm_meta, task_type="actor_map").phase == PHASE.SUCCEEDED
     m = actor_map(t.where)
@@ -75,8 +78,11 @@ def test_delete_aborts_a_running_map(propeller, base):
     m = actor_map(functools.partial(t.square, counter=counter, gate=gate), concurrency=2)
     a = Attempt(base, m, literal_map(m, x=[100, 101, 102, 103]))
     meta = propeller.create(a)
-    wait_for(lambda: os.path.exists(counter) and len(open(counter).read().splitlines()) == 2, 60,
-             "two items running (concurrency=2)")
+    wait_for(
+        lambda: os.path.exists(counter) and len(open(counter).read().splitlines()) == 2,
+        60,
+        "two items running (concurrency=2)",
+    )
     assert propeller.get(meta, task_type="actor_map").phase == PHASE.RUNNING
     propeller.delete(meta, task_type="actor_map")
     propeller.delete(meta, task_type="actor_map")

@@ -5,11 +5,11 @@ items that were mid-flight at the kill (proved with side-effect counter files th
 import functools
 import os
 
-import pytest
-
 import actor_tasks as t
-from flytekitplugins_actor.actor_map import map as actor_map
+import pytest
 from harness import PHASE, Attempt, ConnectorServer, Propeller, literal_map, output_value, wait_for
+
+from flytekitplugins_actor.actor_map import map as actor_map
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -69,9 +69,14 @@ def test_map_resumes_after_a_connector_sigkill_without_rerunning_finished_items(
     a = Attempt(base, m, literal_map(m, x=xs))
     meta = propeller.create(a)
     items = os.path.join(a.dir, "items")
-    wait_for(lambda: all(os.path.exists(os.path.join(items, str(i), "outputs.pb")) for i in range(4))
-             and {"100", "101"} <= {line.split()[1] for line in _lines(counter)}, 60,
-             "items 0-3 finished and items 4-5 running")
+    wait_for(
+        lambda: (
+            all(os.path.exists(os.path.join(items, str(i), "outputs.pb")) for i in range(4))
+            and {"100", "101"} <= {line.split()[1] for line in _lines(counter)}
+        ),
+        60,
+        "items 0-3 finished and items 4-5 running",
+    )
 
     server.kill()
     server.start()

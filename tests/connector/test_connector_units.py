@@ -2,13 +2,13 @@
 
 import functools
 
+import actor_tasks as t
 import pytest
 from flyteidl.core import literals_pb2
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
-
-import actor_tasks as t
-from flytekitplugins_actor.actor_map import map as actor_map
 from harness import Attempt, literal_map
+
+from flytekitplugins_actor.actor_map import map as actor_map
 from plugin_backend.errors import InvalidActorRequest, InvalidResourceMeta, InvalidTaskTemplate
 from plugin_backend.identity import identity_of
 from plugin_backend.map_plan import MapPlan, item_args
@@ -25,17 +25,26 @@ def _template(task, base, **inputs):
 
 def test_union_sdk_shape_is_accepted(tmp_path):
     a, tt = _template(t.add, str(tmp_path), a=1, b=2)
-    tt.custom["spec"] = {"container_image": "img", "replica_count": 2.0, "ttl_seconds": 30.0, "parallelism": 1.0, "backlog_length": 5.0}
+    tt.custom["spec"] = {
+        "container_image": "img",
+        "replica_count": 2.0,
+        "ttl_seconds": 30.0,
+        "parallelism": 1.0,
+        "backlog_length": 5.0,
+    }
     parsed = parse_template(tt, "actor")
     assert parsed.replica_count == 2 and parsed.ttl_seconds == 30 and parsed.image == "img"
 
 
-@pytest.mark.parametrize("spec, expected", [
-    ({"replica_count": 0}, "replica_count=0"),
-    ({"replica_count": True}, "replica_count=True"),
-    ({"ttl_seconds": -1}, "ttl_seconds=-1"),
-    ({"parallelism": 0}, "parallelism=0"),
-])
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ({"replica_count": 0}, "replica_count=0"),
+        ({"replica_count": True}, "replica_count=True"),
+        ({"ttl_seconds": -1}, "ttl_seconds=-1"),
+        ({"parallelism": 0}, "parallelism=0"),
+    ],
+)
 def test_malformed_spec_is_refused(tmp_path, spec, expected):
     a, tt = _template(t.add, str(tmp_path), a=1, b=2)
     tt.custom["spec"].update(spec)
@@ -55,7 +64,9 @@ def test_map_template_needs_a_map_spec(tmp_path):
 
 
 def test_resource_meta_is_small_and_self_describing(tmp_path):
-    meta = ActorResourceMeta("e" * 80, "s3://bucket/" + "p" * 400, "actor_map", "env-name", "k" * 15, "ns-" * 20, "sa" * 30, "c" * 12)
+    meta = ActorResourceMeta(
+        "e" * 80, "s3://bucket/" + "p" * 400, "actor_map", "env-name", "k" * 15, "ns-" * 20, "sa" * 30, "c" * 12
+    )
     data = meta.encode()
     assert len(data) < 1024
     assert ActorResourceMeta.decode(data) == meta
@@ -82,9 +93,18 @@ def test_map_plan_splits_and_gathers_in_order(tmp_path):
     plan = MapPlan(a.inputs, parse_template(tt, "actor_map").map)
     assert plan.size == 3
     item = plan.item_inputs(1)
-    assert item.literals["x"].scalar.primitive.integer == 6 and item.literals["counter"].scalar.primitive.string_value == "c"
-    outs = [literals_pb2.LiteralMap(literals={"o0": literals_pb2.Literal(scalar=literals_pb2.Scalar(
-        primitive=literals_pb2.Primitive(integer=v)))}) for v in (25, 49)]
+    assert (
+        item.literals["x"].scalar.primitive.integer == 6
+        and item.literals["counter"].scalar.primitive.string_value == "c"
+    )
+    outs = [
+        literals_pb2.LiteralMap(
+            literals={
+                "o0": literals_pb2.Literal(scalar=literals_pb2.Scalar(primitive=literals_pb2.Primitive(integer=v)))
+            }
+        )
+        for v in (25, 49)
+    ]
     gathered = MapPlan.gather(["o0"], [outs[0], None, outs[1]])
     lits = gathered.literals["o0"].collection.literals
     assert [lits[0].scalar.primitive.integer, lits[2].scalar.primitive.integer] == [25, 49]
@@ -102,15 +122,40 @@ def test_mapped_lists_of_different_lengths_are_refused(tmp_path):
 
 
 def test_item_args_rewrite_inputs_outputs_and_checkpoints_only():
-    args = ["pyflyte-fast-execute", "--additional-distribution", "s3://d.tgz", "--dest-dir", ".", "--",
-            "pyflyte-execute", "--inputs", "s3://x/inputs.pb", "--output-prefix", "s3://x", "--raw-output-data-prefix", "s3://raw",
-            "--checkpoint-path", "s3://ck", "--prev-checkpoint", '""', "--resolver", "r", "--", "task-module", "m", "task-name", "t"]
+    args = [
+        "pyflyte-fast-execute",
+        "--additional-distribution",
+        "s3://d.tgz",
+        "--dest-dir",
+        ".",
+        "--",
+        "pyflyte-execute",
+        "--inputs",
+        "s3://x/inputs.pb",
+        "--output-prefix",
+        "s3://x",
+        "--raw-output-data-prefix",
+        "s3://raw",
+        "--checkpoint-path",
+        "s3://ck",
+        "--prev-checkpoint",
+        '""',
+        "--resolver",
+        "r",
+        "--",
+        "task-module",
+        "m",
+        "task-name",
+        "t",
+    ]
     out = item_args(args, "s3://x/items/4/inputs.pb", "s3://x/items/4", 4)
     assert out[out.index("--inputs") + 1] == "s3://x/items/4/inputs.pb"
     assert out[out.index("--output-prefix") + 1] == "s3://x/items/4"
     assert out[out.index("--checkpoint-path") + 1] == "s3://ck/4"
     assert out[out.index("--prev-checkpoint") + 1] == '""'
-    assert out[out.index("--raw-output-data-prefix") + 1] == "s3://raw" and out[-4:] == args[-4:] and out[:6] == args[:6]
+    assert (
+        out[out.index("--raw-output-data-prefix") + 1] == "s3://raw" and out[-4:] == args[-4:] and out[:6] == args[:6]
+    )
 
 
 def test_template_record_round_trips_for_restarts(tmp_path):
@@ -142,8 +187,16 @@ class _FakePool:
         e = Execution(spec=spec)
         if i in self.runs:
             prefix = spec.args[spec.args.index("--output-prefix") + 1]
-            store.write_bytes(store.join(prefix, "outputs.pb"), literals_pb2.LiteralMap(literals={"o0": literals_pb2.Literal(
-                scalar=literals_pb2.Scalar(primitive=literals_pb2.Primitive(integer=i * i)))}).SerializeToString())
+            store.write_bytes(
+                store.join(prefix, "outputs.pb"),
+                literals_pb2.LiteralMap(
+                    literals={
+                        "o0": literals_pb2.Literal(
+                            scalar=literals_pb2.Scalar(primitive=literals_pb2.Primitive(integer=i * i))
+                        )
+                    }
+                ).SerializeToString(),
+            )
             e.state = ExecutionState.SUCCEEDED
         else:
             e.state = ExecutionState.CANCELLED
@@ -194,8 +247,16 @@ def _stored_execution(tmp_path):
 
     a, tt = _template(t.add, str(tmp_path), a=1, b=2)
     template = parse_template(tt, "actor")
-    store.ExecutionRecord(a.dir).create_request({"execution_id": "x1", "kind": "actor", "namespace": "ns", "service_account": "sa",
-                                                 "env": {}, "template": template.to_record()})
+    store.ExecutionRecord(a.dir).create_request(
+        {
+            "execution_id": "x1",
+            "kind": "actor",
+            "namespace": "ns",
+            "service_account": "sa",
+            "env": {},
+            "template": template.to_record(),
+        }
+    )
     meta = ActorResourceMeta("x1", a.dir, "actor", template.env_name, template.env_key, "ns", "sa", "c")
     return ActorService(PoolManager(backend=object(), state_dir=str(tmp_path / "state"))), meta
 
@@ -238,8 +299,9 @@ def test_delete_forgets_the_cancelled_execution_in_its_pool(tmp_path, mocker):
 
     pool.cancel = cancel
     mocker.patch.object(svc.manager, "pool_for", return_value=pool)
-    svc._entries["x1"] = _Entry(meta, PoolKey("ns", "sa", template.env_key, template.code_version), template,
-                                execution=execution, ready=True)
+    svc._entries["x1"] = _Entry(
+        meta, PoolKey("ns", "sa", template.env_key, template.code_version), template, execution=execution, ready=True
+    )
     svc.delete(meta)
     assert pool.forgotten == ["x1"]  # a never-idle pool does not keep it
     assert svc.get(meta).phase == TaskExecution.ABORTED
@@ -277,8 +339,15 @@ def test_pod_template_task_parses_from_its_primary_container_and_round_trips(tmp
     assert parsed.needs_render and parsed.primary_container_name == "main"
     assert parsed.container_env["COMP_KEY_EX"] == "compile_time"
     assert all("args" not in c for c in parsed.pod_spec["containers"] if c["name"] == "main")  # records stay small
-    rendered = parsed.rendered({"input": "/in.pb", "outputprefix": "/out", "rawoutputdataprefix": "/raw",
-                                "checkpointoutputprefix": "/ck", "prevcheckpointprefix": '""'})
+    rendered = parsed.rendered(
+        {
+            "input": "/in.pb",
+            "outputprefix": "/out",
+            "rawoutputdataprefix": "/raw",
+            "checkpointoutputprefix": "/ck",
+            "prevcheckpointprefix": '""',
+        }
+    )
     assert rendered.command.inputs == "/in.pb" and not rendered.needs_render
     assert ActorTemplate.from_record(json.loads(json.dumps(rendered.to_record()))) == rendered
     a.template.config["primary_container_name"] = "nope"

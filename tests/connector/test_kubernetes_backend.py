@@ -14,15 +14,24 @@ pytestmark = pytest.mark.timeout(30)
 
 
 def _pod(phase="Pending", ip=None, ready=False, terminated=None, waiting=None):
-    state = client.V1ContainerState(terminated=terminated, waiting=waiting,
-                                    running=client.V1ContainerStateRunning() if phase == "Running" and not terminated else None)
+    state = client.V1ContainerState(
+        terminated=terminated,
+        waiting=waiting,
+        running=client.V1ContainerStateRunning() if phase == "Running" and not terminated else None,
+    )
     return client.V1Pod(
         metadata=client.V1ObjectMeta(name="p", uid="uid-1"),
         status=client.V1PodStatus(
-            phase=phase, pod_ip=ip,
+            phase=phase,
+            pod_ip=ip,
             conditions=[client.V1PodCondition(type="Ready", status="True" if ready else "False")],
-            container_statuses=[client.V1ContainerStatus(name="primary", ready=ready, restart_count=0, image="img",
-                                                         image_id="", state=state)]))
+            container_statuses=[
+                client.V1ContainerStatus(
+                    name="primary", ready=ready, restart_count=0, image="img", image_id="", state=state
+                )
+            ],
+        ),
+    )
 
 
 @pytest.fixture
@@ -39,10 +48,25 @@ def backend(api):
 
 
 def _spec(**kw):
-    base = dict(name="env-a-1", token="sekret", env={"A": "1"}, labels={"flyte-actor/env": "env-a"}, image="ghcr.io/x/img:1",
-                pod_spec={"containers": [{"name": "primary", "image": "old", "resources": {"limits": {"memory": "1Gi"}},
-                                          "args": ["pyflyte-execute"]}]},
-                namespace="team-a", service_account="sa-a")
+    base = dict(
+        name="env-a-1",
+        token="sekret",
+        env={"A": "1"},
+        labels={"flyte-actor/env": "env-a"},
+        image="ghcr.io/x/img:1",
+        pod_spec={
+            "containers": [
+                {
+                    "name": "primary",
+                    "image": "old",
+                    "resources": {"limits": {"memory": "1Gi"}},
+                    "args": ["pyflyte-execute"],
+                }
+            ]
+        },
+        namespace="team-a",
+        service_account="sa-a",
+    )
     base.update(kw)
     return ReplicaSpec(**base)
 
@@ -81,7 +105,9 @@ def test_oom_killed_container_is_a_named_death(backend, api):
     api.read_namespaced_pod.return_value = _pod("Running", ip="10.1.2.3", ready=True)
     replica = backend.start(_spec())
     assert replica.wait_ready(5) is ReplicaState.READY
-    api.read_namespaced_pod.return_value = _pod("Failed", terminated=client.V1ContainerStateTerminated(exit_code=137, reason="OOMKilled"))
+    api.read_namespaced_pod.return_value = _pod(
+        "Failed", terminated=client.V1ContainerStateTerminated(exit_code=137, reason="OOMKilled")
+    )
     death = replica.wait_dead(5)
     assert death is not None and "OOMKilled" in death.reason and death.exit_code == 137
     assert "replica env-a-1" in str(death)
@@ -89,7 +115,9 @@ def test_oom_killed_container_is_a_named_death(backend, api):
 
 
 def test_image_pull_failure_is_a_death_before_ready(backend, api):
-    api.read_namespaced_pod.return_value = _pod(waiting=client.V1ContainerStateWaiting(reason="ImagePullBackOff", message="not found"))
+    api.read_namespaced_pod.return_value = _pod(
+        waiting=client.V1ContainerStateWaiting(reason="ImagePullBackOff", message="not found")
+    )
     replica = backend.start(_spec())
     assert replica.wait_ready(5) is ReplicaState.DEAD
     assert "ImagePullBackOff" in replica.death.reason
@@ -136,10 +164,10 @@ def test_orphans_of_a_previous_connector_are_deleted(backend, api, mocker):
 
 def test_pools_start_replica_pods_in_the_executions_namespace_and_service_account(api, backend, tmp_path):
     """PoolManager -> KubernetesBackend: the pool key's namespace and service account become the pod's."""
-    from harness import Attempt, literal_map, wait_for
-    from flytekit.models.task import TaskTemplate
-
     import actor_tasks as t
+    from flytekit.models.task import TaskTemplate
+    from harness import Attempt, literal_map, wait_for
+
     from flytekitplugins_actor.replica.execution import ExecutionSpec
     from plugin_backend.pools import PoolKey, PoolManager
     from plugin_backend.template import parse_template
@@ -161,9 +189,9 @@ def test_pools_start_replica_pods_in_the_executions_namespace_and_service_accoun
 
 def _pod_for(task, api, backend, tmp_path, **inputs):
     """CreateTask-like: parse and (for a pod template) render the template, start its pool, return the pod made."""
-    from harness import Attempt, literal_map, wait_for
     from flytekit.models.literals import LiteralMap
     from flytekit.models.task import TaskTemplate
+    from harness import Attempt, literal_map, wait_for
 
     from flytekitplugins_actor.replica.execution import ExecutionSpec
     from plugin_backend.pools import PoolKey, PoolManager
@@ -206,7 +234,9 @@ def test_pod_template_environment_pods_carry_the_pod_templates_spec_and_resource
     assert len(json.dumps(template.to_record())) < 4096  # the request record stays small
 
 
-def test_container_environment_pods_carry_requests_limits_gpus_secrets_and_interruptible(api, backend, tmp_path, monkeypatch):
+def test_container_environment_pods_carry_requests_limits_gpus_secrets_and_interruptible(
+    api, backend, tmp_path, monkeypatch
+):
     import actor_tasks as t
 
     monkeypatch.setenv("FLYTE_ACTOR_K8S_INTERRUPTIBLE_TOLERATIONS", json.dumps([{"key": "spot", "operator": "Exists"}]))
@@ -214,8 +244,10 @@ def test_container_environment_pods_carry_requests_limits_gpus_secrets_and_inter
     _, pod = _pod_for(t.gpu_task, api, backend, tmp_path)
     c = pod["spec"]["containers"][0]
     assert c["name"] == "primary"
-    assert c["resources"] == {"requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
-                              "limits": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"}}
+    assert c["resources"] == {
+        "requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
+        "limits": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
+    }
     assert pod["spec"]["nodeSelector"] == {"k8s.amazonaws.com/accelerator": "nvidia-tesla-t4", "lifecycle": "spot"}
     assert pod["spec"]["tolerations"] == [{"key": "spot", "operator": "Exists"}]
     assert pod["metadata"]["labels"]["inject-flyte-secrets"] == "true"  # flyte's pod webhook injects the secret

@@ -4,8 +4,9 @@ import json
 import os
 import sys
 
+from sdk_map_tasks import barrier_env, barrier_pid  # noqa: F401
+
 from flytekitplugins_actor import map as actor_map
-from sdk_map_tasks import barrier_pid, barrier_env  # noqa: F401
 
 if __name__ == "__main__":
     barrier_dir = sys.argv[1]

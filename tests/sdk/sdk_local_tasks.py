@@ -80,13 +80,22 @@ def wf_boom() -> int:
 # ---- env vars from `environment` and the pod template's primary container ----
 pod_template = PodTemplate(
     primary_container_name="primary",
-    pod_spec=V1PodSpec(containers=[V1Container(
-        name="primary",
-        env=[V1EnvVar(name="SDK_POD_VAR", value="compile_time"), V1EnvVar(name="SDK_OVERLAP", value="from-pod")],
-    )]),
+    pod_spec=V1PodSpec(
+        containers=[
+            V1Container(
+                name="primary",
+                env=[
+                    V1EnvVar(name="SDK_POD_VAR", value="compile_time"),
+                    V1EnvVar(name="SDK_OVERLAP", value="from-pod"),
+                ],
+            )
+        ]
+    ),
 )
 with_env = ActorEnvironment(
-    name="sdk-local-env", ttl_seconds=300, pod_template=pod_template,
+    name="sdk-local-env",
+    ttl_seconds=300,
+    pod_template=pod_template,
     environment={"SDK_ENV_VAR": "from-environment", "SDK_OVERLAP": "from-environment"},
 )
 
@@ -170,7 +179,8 @@ def lazy_pid() -> int:
 
 @basic.task
 def overlap_probe(probe_dir: str, me: str, hold: float) -> int:
-    """Marks itself running, watches `hold` seconds for another execution running at the same time; returns pid, or -1 if it saw one."""
+    """Marks itself running, watches `hold` seconds for another execution running at the same time;
+    returns pid, or -1 if it saw one."""
     from sdk_helpers import saw_overlap
 
     return -1 if saw_overlap(probe_dir, me, hold) else os.getpid()

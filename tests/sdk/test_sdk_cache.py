@@ -7,12 +7,10 @@ import threading
 import pytest
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
-
-import flytekitplugins_actor
-from flytekitplugins_actor import actor_cache
-from flytekitplugins_actor.replica.execution import RUNTIME
 from sdk_helpers import wait_until
 
+from flytekitplugins_actor import actor_cache
+from flytekitplugins_actor.replica.execution import RUNTIME
 
 
 def _in_cache_wrapper(thread: threading.Thread) -> bool:
@@ -241,7 +239,7 @@ def test_plain_memoization_outside_an_actor():
     @actor_cache
     def square(x, power=2):
         calls.append((x, power))
-        return x ** power
+        return x**power
 
     assert square(3) == 9 and square(3) == 9
     assert square(3, power=3) == 27 and square(3, power=3) == 27

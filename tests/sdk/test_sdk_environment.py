@@ -48,7 +48,10 @@ def test_name_of_the_wrong_type_is_refused():
 
 
 # ---- replica_count ----
-@pytest.mark.parametrize("value,exc", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    "value,exc",
+    [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError), ("2", TypeError), (None, TypeError)],
+)
 def test_replica_count_must_be_an_int_of_at_least_one(value, exc):
     _raises(exc, "replica_count", value, ["int", ">= 1"], replica_count=value)
 
@@ -75,7 +78,9 @@ def test_ttl_seconds_none_means_the_documented_default():
 
 
 # ---- environment ----
-@pytest.mark.parametrize("value", [{"A": 1}, {"A": None}, {1: "a"}, {"A": b"x"}], ids=["int-value", "none-value", "int-key", "bytes-value"])
+@pytest.mark.parametrize(
+    "value", [{"A": 1}, {"A": None}, {1: "a"}, {"A": b"x"}], ids=["int-value", "none-value", "int-key", "bytes-value"]
+)
 def test_environment_must_map_str_to_str(value):
     with pytest.raises(TypeError) as info:
         ActorEnvironment(name="ok", environment=value)
@@ -126,16 +131,26 @@ def test_empty_container_image_is_refused():
 def test_a_fully_specified_environment_is_accepted():
     pt = PodTemplate(primary_container_name="primary", pod_spec=V1PodSpec(containers=[V1Container(name="primary")]))
     env = ActorEnvironment(
-        name="full", container_image="ghcr.io/x/y:1", replica_count=3, ttl_seconds=60, environment={"A": "1"},
-        requests=Resources(cpu="1", mem="1Gi"), limits=Resources(cpu="2"), accelerator=T4,
-        secret_requests=[Secret(group="g", key="k")], pod_template=pt, interruptible=True,
+        name="full",
+        container_image="ghcr.io/x/y:1",
+        replica_count=3,
+        ttl_seconds=60,
+        environment={"A": "1"},
+        requests=Resources(cpu="1", mem="1Gi"),
+        limits=Resources(cpu="2"),
+        accelerator=T4,
+        secret_requests=[Secret(group="g", key="k")],
+        pod_template=pt,
+        interruptible=True,
     )
     assert env.replica_count == 3 and env.environment["A"] == "1"
     assert env.secret_requests == (Secret(group="g", key="k"),)
 
 
 # ---- immutability ----
-@pytest.mark.parametrize("field,value", [("name", "other"), ("replica_count", 5), ("ttl_seconds", 1), ("environment", {})])
+@pytest.mark.parametrize(
+    "field,value", [("name", "other"), ("replica_count", 5), ("ttl_seconds", 1), ("environment", {})]
+)
 def test_fields_cannot_be_reassigned(field, value):
     env = ActorEnvironment(name="frozen", environment={"A": "1"})
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -177,7 +192,14 @@ def test_bare_decorator_makes_an_actor_task():
 
 
 def test_decorator_with_per_task_arguments():
-    @ENV.task(cache=True, cache_version="7", retries=3, timeout=datetime.timedelta(minutes=5), docs=Documentation(short_description="Doubles."), cache_serialize=True)
+    @ENV.task(
+        cache=True,
+        cache_version="7",
+        retries=3,
+        timeout=datetime.timedelta(minutes=5),
+        docs=Documentation(short_description="Doubles."),
+        cache_serialize=True,
+    )
     def f(x: int) -> int:
         return 2 * x
 
@@ -200,9 +222,15 @@ def test_decorator_with_a_cache_object():
 
 
 def test_decorator_passes_the_environment_shape_to_the_task():
-    env = ActorEnvironment(name="shaped", container_image="ghcr.io/x/y:1", environment={"A": "1"},
-                           requests=Resources(cpu="1"), limits=Resources(cpu="2"),
-                           secret_requests=[Secret(group="g", key="k")], interruptible=True)
+    env = ActorEnvironment(
+        name="shaped",
+        container_image="ghcr.io/x/y:1",
+        environment={"A": "1"},
+        requests=Resources(cpu="1"),
+        limits=Resources(cpu="2"),
+        secret_requests=[Secret(group="g", key="k")],
+        interruptible=True,
+    )
 
     @env.task
     def f() -> None:
@@ -230,6 +258,7 @@ def test_decorator_passes_the_environment_shape_to_the_task():
 )
 def test_environment_owned_arguments_are_refused_per_task(arg, value):
     with pytest.raises(TypeError) as info:
+
         @ENV.task(**{arg: value})
         def f() -> None:
             pass
@@ -246,6 +275,7 @@ def test_environment_owned_argument_refused_even_with_allowed_ones():
 
 def test_async_def_is_not_supported():
     with pytest.raises(TypeError) as info:
+
         @ENV.task
         async def f() -> int:
             return 1
@@ -256,6 +286,7 @@ def test_async_def_is_not_supported():
 
 def test_async_def_is_not_supported_with_arguments():
     with pytest.raises(TypeError, match="not supported"):
+
         @ENV.task(retries=1)
         async def f() -> int:
             return 1

@@ -8,12 +8,12 @@ import subprocess
 import sys
 
 import pytest
-
 import sdk_local_tasks as t
+from sdk_helpers import HERE, REPO, VENV_BIN, pid_alive, subprocess_env, wait_until
+
 import flytekitplugins_actor
 from flytekitplugins_actor import map as actor_map_of
 from flytekitplugins_actor.local import local_pools
-from sdk_helpers import HERE, REPO, VENV_BIN, pid_alive, subprocess_env, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -162,15 +162,24 @@ def test_a_busy_replica_is_not_torn_down_by_its_ttl():
 # ---- scripts and pyflyte run, in their own driver processes ----
 
 
-@pytest.mark.parametrize("cwd", [
-    "elsewhere",
-    "script-dir",
-])
+@pytest.mark.parametrize(
+    "cwd",
+    [
+        "elsewhere",
+        "script-dir",
+    ],
+)
 @pytest.mark.timeout(90)
 def test_task_defined_in_main_runs_by_cloudpickle(tmp_path, cwd):
     cwd = str(tmp_path) if cwd == "elsewhere" else HERE
-    p = subprocess.run([sys.executable, os.path.join(HERE, "sdk_main_script.py")], capture_output=True, text=True,
-                       env=subprocess_env(), cwd=cwd, timeout=80)
+    p = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sdk_main_script.py")],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=cwd,
+        timeout=80,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     out = json.loads(p.stdout.strip().splitlines()[-1])
     m = re.fullmatch(r"HELLO FROM __MAIN__! actor pid=(\d+)", out["result"])
@@ -183,8 +192,14 @@ def test_task_defined_in_main_runs_by_cloudpickle(tmp_path, cwd):
 
 @pytest.mark.timeout(90)
 def test_pyflyte_run_executes_on_a_child_replica(tmp_path):
-    p = subprocess.Popen([os.path.join(VENV_BIN, "pyflyte"), "run", os.path.join(HERE, "sdk_local_tasks.py"), "wf_pids"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=REPO)
+    p = subprocess.Popen(
+        [os.path.join(VENV_BIN, "pyflyte"), "run", os.path.join(HERE, "sdk_local_tasks.py"), "wf_pids"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO,
+    )
     out, err = p.communicate(timeout=80)
     assert p.returncode == 0, err[-3000:]
     nums = [int(n) for n in re.findall(r"\b\d+\b", out)]
@@ -196,8 +211,14 @@ def test_pyflyte_run_executes_on_a_child_replica(tmp_path):
 
 @pytest.mark.timeout(90)
 def test_pyflyte_run_pod_template_example(tmp_path):
-    p = subprocess.run([os.path.join(VENV_BIN, "pyflyte"), "run", os.path.join(HERE, "sdk_local_tasks.py"), "wf_pod_template"],
-                       capture_output=True, text=True, env=subprocess_env(), cwd=REPO, timeout=80)
+    p = subprocess.run(
+        [os.path.join(VENV_BIN, "pyflyte"), "run", os.path.join(HERE, "sdk_local_tasks.py"), "wf_pod_template"],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=REPO,
+        timeout=80,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     assert "compile_time" in p.stdout and "run_time" in p.stdout, p.stdout
 
@@ -206,8 +227,15 @@ def test_pyflyte_run_pod_template_example(tmp_path):
 def test_replicas_exit_when_the_driver_is_killed(tmp_path):
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    p = subprocess.Popen([sys.executable, os.path.join(HERE, "sdk_driver_script.py"), str(barrier)], stdin=subprocess.PIPE,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=subprocess_env(), cwd=str(tmp_path))
+    p = subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "sdk_driver_script.py"), str(barrier)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(),
+        cwd=str(tmp_path),
+    )
     try:
         line = p.stdout.readline()
         assert line, p.stderr.read()[-3000:] if p.poll() is not None else "driver printed nothing"
@@ -217,8 +245,11 @@ def test_replicas_exit_when_the_driver_is_killed(tmp_path):
         assert all(pid_alive(x) for x in pids)
         p.kill()  # SIGKILL: no atexit, no cleanup in the driver
         p.wait(10)
-        wait_until(lambda: not any(pid_alive(x) for x in pids), 15,
-                   message=lambda: f"replicas outlived their driver: {[x for x in pids if pid_alive(x)]}")
+        wait_until(
+            lambda: not any(pid_alive(x) for x in pids),
+            15,
+            message=lambda: f"replicas outlived their driver: {[x for x in pids if pid_alive(x)]}",
+        )
     finally:
         if p.poll() is None:
             p.kill()
@@ -249,8 +280,14 @@ def test_pyflyte_run_of_a_package_module_imports_the_same_way_in_the_replica(tmp
     )
     env = subprocess_env()
     env["PYTHONPATH"] = REPO  # not proj/: the replica must get it from the driver
-    p = subprocess.Popen([os.path.join(VENV_BIN, "pyflyte"), "run", "proj/pkg/flow.py", "wf", "--x", "4"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=str(tmp_path))
+    p = subprocess.Popen(
+        [os.path.join(VENV_BIN, "pyflyte"), "run", "proj/pkg/flow.py", "wf", "--x", "4"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=str(tmp_path),
+    )
     out, err = p.communicate(timeout=80)
     assert p.returncode == 0, err[-3000:]
     m = re.search(r"12 pkg\.flow (\d+)", out)

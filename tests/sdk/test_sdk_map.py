@@ -5,8 +5,8 @@ import os
 
 import flytekit
 import pytest
-
 import sdk_map_tasks as m
+
 from flytekitplugins_actor import MapFailed
 from flytekitplugins_actor import map as actor_map
 

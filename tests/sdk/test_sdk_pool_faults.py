@@ -7,16 +7,16 @@ import threading
 import uuid
 
 import pytest
+import sdk_worker_tasks as tasks
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.core.type_engine import TypeEngine
 from flytekit.core.utils import write_proto_to_file
+from sdk_helpers import pid_alive, wait_until
 
-import sdk_worker_tasks as tasks
 from flytekitplugins_actor.pool import ExecutionState, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaBackend, ReplicaSpec, ReplicaState
 from flytekitplugins_actor.replica.execution import ExecutionSpec
 from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient
-from sdk_helpers import pid_alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -29,9 +29,22 @@ def execution(tmp, task, **inputs) -> ExecutionSpec:
     os.makedirs(d)
     lm = TypeEngine.dict_to_literal_map(FlyteContextManager.current_context(), inputs, task.python_interface.inputs)
     write_proto_to_file(lm.to_flyte_idl(), os.path.join(d, "inputs.pb"))
-    args = ["pyflyte-execute", "--inputs", os.path.join(d, "inputs.pb"), "--output-prefix", os.path.join(d, "out"),
-            "--raw-output-data-prefix", os.path.join(d, "raw"), "--resolver", RESOLVER, "--",
-            "task-module", task.task_function.__module__, "task-name", task.task_function.__name__]
+    args = [
+        "pyflyte-execute",
+        "--inputs",
+        os.path.join(d, "inputs.pb"),
+        "--output-prefix",
+        os.path.join(d, "out"),
+        "--raw-output-data-prefix",
+        os.path.join(d, "raw"),
+        "--resolver",
+        RESOLVER,
+        "--",
+        "task-module",
+        task.task_function.__module__,
+        "task-name",
+        task.task_function.__name__,
+    ]
     return ExecutionSpec(execution_id, args, {})
 
 
@@ -41,7 +54,9 @@ def make_pool(tmp, backend=None, size=1, ttl=300):
     def make_spec(name, token):
         return ReplicaSpec(name=name, token=token, env=env, cwd=os.getcwd(), log_dir=os.path.join(str(tmp), "logs"))
 
-    return ReplicaPool(f"k-{uuid.uuid4().hex[:6]}", backend or LocalProcessBackend(), make_spec, size, ttl, name="faults")
+    return ReplicaPool(
+        f"k-{uuid.uuid4().hex[:6]}", backend or LocalProcessBackend(), make_spec, size, ttl, name="faults"
+    )
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import re
 import typing
 from collections import OrderedDict
 
-import flytekit
 import pytest
 from flyteidl.core import execution_envs_pb2
 from flytekit import PodTemplate, Resources, Secret, task, workflow
@@ -13,7 +12,7 @@ from flytekit.configuration import ImageConfig, SerializationSettings
 from flytekit.extras.accelerators import A100, T4
 from flytekit.tools.translator import get_serializable
 from google.protobuf import json_format
-from kubernetes.client import V1Container, V1EnvVar, V1PodSpec, V1Toleration
+from kubernetes.client import V1Container, V1EnvVar, V1PodSpec
 
 import flytekitplugins_actor
 from flytekitplugins_actor import ActorEnvironment
@@ -32,7 +31,9 @@ def pod_template(env_value="pv", args=None, node_selector=None, image=None):
         primary_container_name="primary",
         labels={"team": "ml"},
         pod_spec=V1PodSpec(
-            containers=[V1Container(name="primary", image=image, args=args, env=[V1EnvVar(name="POD_VAR", value=env_value)])],
+            containers=[
+                V1Container(name="primary", image=image, args=args, env=[V1EnvVar(name="POD_VAR", value=env_value)])
+            ],
             node_selector=node_selector or {"pool": "cpu"},
         ),
     )
@@ -184,7 +185,10 @@ def test_two_tasks_of_one_environment_share_the_key():
 
 def test_an_equal_environment_defined_twice_has_the_same_key():
     assert ActorEnvironment(**BASE).key() == ENV.key()
-    assert ActorEnvironment(name="p", pod_template=pod_template()).key() == ActorEnvironment(name="p", pod_template=pod_template()).key()
+    assert (
+        ActorEnvironment(name="p", pod_template=pod_template()).key()
+        == ActorEnvironment(name="p", pod_template=pod_template()).key()
+    )
 
 
 VARIANTS = {
@@ -245,7 +249,9 @@ def to_strs(xs: typing.List[int]) -> typing.List[str]:
 
 @workflow
 def map_wf(xs: typing.List[int]) -> typing.List[typing.Optional[str]]:
-    return flytekitplugins_actor.map(functools.partial(concat, b="!"), concurrency=2, min_success_ratio=0.5)(a=to_strs(xs=xs))
+    return flytekitplugins_actor.map(functools.partial(concat, b="!"), concurrency=2, min_success_ratio=0.5)(
+        a=to_strs(xs=xs)
+    )
 
 
 def test_map_serializes_as_one_actor_map_task_node():
@@ -257,7 +263,11 @@ def test_map_serializes_as_one_actor_map_task_node():
     node = map_nodes[0]
     assert node.array_node is None
     assert all(n.array_node is None for n in nodes)
-    tasks = {spec.template.id.name: spec.template for spec in mapping.values() if hasattr(spec, "template") and hasattr(spec.template, "type")}
+    tasks = {
+        spec.template.id.name: spec.template
+        for spec in mapping.values()
+        if hasattr(spec, "template") and hasattr(spec.template, "type")
+    }
     t = tasks[node.task_node.reference_id.name]
     assert t.type == "actor_map"
     # no other task of the workflow is an actor subtask registered for an ArrayNode
@@ -307,8 +317,9 @@ def test_map_refuses_non_actor_tasks_and_bad_arguments():
         flytekitplugins_actor.map(functools.partial(add_one, x=1))
 
 
-
-IMAGE_IN_POD_TEMPLATE = ActorEnvironment(name="pod-image", pod_template=pod_template(image="ghcr.io/x/from-pod-template:3"))
+IMAGE_IN_POD_TEMPLATE = ActorEnvironment(
+    name="pod-image", pod_template=pod_template(image="ghcr.io/x/from-pod-template:3")
+)
 
 
 @IMAGE_IN_POD_TEMPLATE.task

@@ -7,16 +7,16 @@ import sys
 import uuid
 
 import pytest
+import sdk_worker_tasks as tasks
 from flyteidl.core import errors_pb2, literals_pb2
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.core.type_engine import TypeEngine
 from flytekit.core.utils import load_proto_from_file, write_proto_to_file
 from flytekit.models.literals import LiteralMap
+from sdk_helpers import pid_alive, wait_until
 
-import sdk_worker_tasks as tasks
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
 from flytekitplugins_actor.replica.protocol import AuthenticationError, ReplicaClient, recv_message, send_message
-from sdk_helpers import pid_alive, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -32,7 +32,10 @@ class Worker:
         self.tmpdir = os.path.join(tmp, "replica-tmp")
         os.makedirs(self.tmpdir)
         spec = ReplicaSpec(
-            name=f"wt-{uuid.uuid4().hex[:6]}", token=self.token, log_dir=os.path.join(tmp, "logs"), cwd=os.getcwd(),
+            name=f"wt-{uuid.uuid4().hex[:6]}",
+            token=self.token,
+            log_dir=os.path.join(tmp, "logs"),
+            cwd=os.getcwd(),
             env={"PYTHONPATH": os.pathsep.join(os.path.abspath(p or ".") for p in sys.path), "TMPDIR": self.tmpdir},
         )
         self.replica = LocalProcessBackend().start(spec)
@@ -51,9 +54,23 @@ class Worker:
         lm = TypeEngine.dict_to_literal_map(ctx, inputs, task.python_interface.inputs if task else {})
         write_proto_to_file(lm.to_flyte_idl(), os.path.join(d, "inputs.pb"))
         out = os.path.join(d, "out")
-        args = [*prefix, "pyflyte-execute", "--inputs", os.path.join(d, "inputs.pb"), "--output-prefix", out,
-                "--raw-output-data-prefix", os.path.join(d, "raw"), "--resolver", RESOLVER, "--",
-                "task-module", module or task.task_function.__module__, "task-name", name or task.task_function.__name__]
+        args = [
+            *prefix,
+            "pyflyte-execute",
+            "--inputs",
+            os.path.join(d, "inputs.pb"),
+            "--output-prefix",
+            out,
+            "--raw-output-data-prefix",
+            os.path.join(d, "raw"),
+            "--resolver",
+            RESOLVER,
+            "--",
+            "task-module",
+            module or task.task_function.__module__,
+            "task-name",
+            name or task.task_function.__name__,
+        ]
         return execution_id, args, out
 
     def run(self, task, env=None, **inputs):
@@ -122,8 +139,13 @@ def test_worker_refuses_to_start_without_a_token(tmp_path):
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "FLYTE_ACTOR_TOKEN"}
-    p = subprocess.run([sys.executable, "-m", "flytekitplugins_actor.replica.worker", "--port", "0"],
-                       env=env, capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "flytekitplugins_actor.replica.worker", "--port", "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode != 0
     assert "FLYTE_ACTOR_TOKEN" in p.stderr
 
@@ -140,9 +162,11 @@ def test_malformed_frames_close_the_connection_and_the_worker_survives(worker):
     import struct
 
     host, port = worker.replica.address.rsplit(":", 1)
-    for payload in (struct.pack("!I", 65 * 1024 * 1024) + b"x",  # over the 64 MiB limit
-                    struct.pack("!I", 3) + b"[1]",  # JSON, but not an object
-                    struct.pack("!I", 5) + b"nope!"):  # not JSON
+    for payload in (
+        struct.pack("!I", 65 * 1024 * 1024) + b"x",  # over the 64 MiB limit
+        struct.pack("!I", 3) + b"[1]",  # JSON, but not an object
+        struct.pack("!I", 5) + b"nope!",
+    ):  # not JSON
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(payload)
             assert s.recv(1) == b""  # closed without a reply
@@ -309,8 +333,11 @@ def test_per_execution_temp_dirs_are_removed(worker):
     for p in paths:
         assert p.startswith(worker.tmpdir)  # it really was the replica's temp area
     # cleanup runs right after the outcome is reported (off the caller's critical path): wait for it
-    wait_until(lambda: sorted(os.listdir(worker.tmpdir)) == before, 10,
-               message=lambda: f"temp dirs leaked: {sorted(set(os.listdir(worker.tmpdir)) ^ set(before))}")
+    wait_until(
+        lambda: sorted(os.listdir(worker.tmpdir)) == before,
+        10,
+        message=lambda: f"temp dirs leaked: {sorted(set(os.listdir(worker.tmpdir)) ^ set(before))}",
+    )
     assert not any(os.path.exists(p) for p in paths)
 
 
@@ -395,7 +422,9 @@ def test_fast_registered_code_is_activated_once_and_other_versions_are_refused(t
         reply, out = run(v2)  # other code: refused, never run with v1's modules
         assert reply["state"] == "failed"
         err = error_doc(out)
-        assert err.code == "CodeVersionMismatch" and err.origin == 2 and err.kind == errors_pb2.ContainerError.RECOVERABLE
+        assert (
+            err.code == "CodeVersionMismatch" and err.origin == 2 and err.kind == errors_pb2.ContainerError.RECOVERABLE
+        )
         assert v1 in err.message and v2 in err.message
         assert w.request("health")["code_version"] == v1
     finally:
