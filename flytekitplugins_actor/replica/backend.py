@@ -26,6 +26,17 @@ class ReplicaState(enum.Enum):
     DEAD = "dead"
 
 
+class DeathCause(enum.Enum):
+    """Whose fault a replica's death is: it decides whether its execution may be dispatched again."""
+
+    TASK = "task"
+    """The replica's own process ended it (exit code, signal, OOM kill): the execution that ran there failed."""
+    INFRASTRUCTURE = "infrastructure"
+    """The platform took it away (node lost, evicted, preempted, pod deleted by someone else): not the task's fault."""
+    START = "start"
+    """It never became ready (image pull, config error, crash at start-up)."""
+
+
 @dataclass(frozen=True)
 class ReplicaDeath:
     """Why a replica is gone: a first-class state, not a None. `reason` reads like 'killed by signal SIGKILL'."""
@@ -33,6 +44,7 @@ class ReplicaDeath:
     replica: str
     reason: str
     exit_code: Optional[int] = None
+    cause: DeathCause = DeathCause.TASK
 
     def __str__(self) -> str:
         return f"replica {self.replica} {self.reason}"
