@@ -18,13 +18,13 @@ from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
+from flytekitplugins_actor.map_plan import MapPlan
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
 from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_document
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
 from plugin_backend.identity import identity_of
-from plugin_backend.map_plan import MapPlan
-from plugin_backend.map_run import MapRun
+from plugin_backend.map_run import MapRun, plan_of
 from plugin_backend.meta import MAX_META_BYTES, ActorResourceMeta
 from plugin_backend.pools import PoolKey, PoolManager
 from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ActorTemplate, parse_template
@@ -117,7 +117,7 @@ class ActorService:
         )
         if len(meta.encode()) > MAX_META_BYTES:
             raise InvalidActorRequest(f"output prefix too long: the resource meta would exceed {MAX_META_BYTES} bytes")
-        plan = MapPlan(inputs, template.map) if template.map is not None else None  # refuse bad inputs now
+        plan = plan_of(inputs, template.map) if template.map is not None else None  # refuse bad inputs now
         env = {**template.container_env, **ident.env}
         with self._lock:
             entry = self._entries.get(meta.execution_id)
@@ -342,7 +342,7 @@ class ActorService:
         plan = None
         if template.map is not None:
             data = store.read_bytes(template.command.inputs)
-            plan = MapPlan(literals_pb2.LiteralMap.FromString(data or b""), template.map)
+            plan = plan_of(literals_pb2.LiteralMap.FromString(data or b""), template.map)
         with self._lock:
             if meta.execution_id in self._entries:
                 return None

@@ -11,7 +11,7 @@ from harness import Attempt, literal_map
 from flytekitplugins_actor.actor_map import map as actor_map
 from plugin_backend.errors import InvalidActorRequest, InvalidResourceMeta, InvalidTaskTemplate
 from plugin_backend.identity import identity_of
-from plugin_backend.map_plan import MapPlan, item_args
+from plugin_backend.map_run import item_args, plan_of
 from plugin_backend.meta import ActorResourceMeta
 from plugin_backend.template import parse_template
 
@@ -57,7 +57,7 @@ def test_map_template_needs_a_map_spec(tmp_path):
     a, tt = _template(m, str(tmp_path), x=[1, 2])
     parsed = parse_template(tt, "actor_map")
     assert parsed.map.mapped_inputs == ("x",) and set(parsed.map.bound_inputs) == {"counter", "gate"}
-    assert parsed.map.concurrency == 3 and parsed.map.min_successes(4) == 2
+    assert parsed.map.concurrency == 3 and parsed.map.required_successes(4) == 2
     del tt.custom["spec"]["map"]
     with pytest.raises(InvalidTaskTemplate, match="spec.map is missing"):
         parse_template(tt, "actor_map")
@@ -90,7 +90,7 @@ def test_execution_id_is_stable_per_attempt_and_distinct_across_retries(tmp_path
 def test_map_plan_splits_and_gathers_in_order(tmp_path):
     m = actor_map(functools.partial(t.square, counter="c", gate=""))
     a, tt = _template(m, str(tmp_path), x=[5, 6, 7])
-    plan = MapPlan(a.inputs, parse_template(tt, "actor_map").map)
+    plan = plan_of(a.inputs, parse_template(tt, "actor_map").map)
     assert plan.size == 3
     item = plan.item_inputs(1)
     assert (
@@ -105,7 +105,7 @@ def test_map_plan_splits_and_gathers_in_order(tmp_path):
         )
         for v in (25, 49)
     ]
-    gathered = MapPlan.gather(["o0"], [outs[0], None, outs[1]])
+    gathered = plan.gather(["o0"], [outs[0], None, outs[1]])
     lits = gathered.literals["o0"].collection.literals
     assert [lits[0].scalar.primitive.integer, lits[2].scalar.primitive.integer] == [25, 49]
     assert lits[1].scalar.HasField("none_type")
@@ -118,7 +118,7 @@ def test_mapped_lists_of_different_lengths_are_refused(tmp_path):
     for name, n in (("a", 2), ("b", 3)):
         inputs.literals[name].collection.literals.extend([literals_pb2.Literal()] * n)
     with pytest.raises(InvalidActorRequest, match="different lengths"):
-        MapPlan(inputs, MapSpec(("a", "b"), (), "s"))
+        plan_of(inputs, MapSpec(("a", "b"), (), "s"))
 
 
 def test_item_args_rewrite_inputs_outputs_and_checkpoints_only():
@@ -218,7 +218,7 @@ def _map_run(tmp_path, pool, x, write_error=None):
     m = actor_map(functools.partial(t.square, counter="", gate=""))
     a, tt = _template(m, str(tmp_path), x=x)
     template = parse_template(tt, "actor_map")
-    return MapRun("m1", template, MapPlan(a.inputs, template.map), store.ExecutionRecord(a.dir), {}, lambda: pool)
+    return MapRun("m1", template, plan_of(a.inputs, template.map), store.ExecutionRecord(a.dir), {}, lambda: pool)
 
 
 def test_map_items_cancelled_under_the_map_are_dispatched_again(tmp_path):
@@ -232,9 +232,11 @@ def test_map_items_cancelled_under_the_map_are_dispatched_again(tmp_path):
 
 
 def test_map_failure_is_decided_even_when_its_error_document_cannot_be_written(tmp_path, mocker):
+    from flytekitplugins_actor.map_model import MapDecision, MapPhase
+
     run = _map_run(tmp_path, _FakePool(), [2])
     mocker.patch("plugin_backend.map_run.write_error_document", side_effect=OSError("storage down"))
-    run._finish("failed", "1 of 1 items failed", recoverable=True)
+    run._conclude(MapDecision(MapPhase.FAILED, "1 of 1 items failed", recoverable=True))
     assert run.phase == "failed" and run.message == "1 of 1 items failed" and run.recoverable
 
 

@@ -46,9 +46,42 @@ def test_min_success_ratio_tolerates_failures_with_none():
 def test_below_min_success_ratio_raises_map_failed():
     with pytest.raises(MapFailed) as info:
         actor_map(functools.partial(m.fail_on, bad=2), min_success_ratio=1.0)(x=[1, 2, 3])
-    msg = str(info.value)
-    assert "2 of 3" in msg and "item 1" in msg and "item 2 is bad" in msg
-    assert isinstance(info.value.__cause__, ValueError)
+    # the map model's one message, as the connector words it too
+    assert str(info.value) == (
+        "map(sdk_map_tasks.fail_on): 1 of 3 items failed; min_success_ratio=1.0 needs 3 successes. "
+        "Item 1 failed: ValueError: item 2 is bad"
+    )
+    assert isinstance(info.value.__cause__, ValueError) and not info.value.recoverable
+
+
+@pytest.mark.timeout(60)
+def test_a_map_that_cannot_meet_its_ratio_fails_fast_and_cancels_its_items_in_flight(tmp_path):
+    # before: the local driver ran every item before deciding, so items that never end hung it
+    with pytest.raises(MapFailed, match=r"1 of 6 items failed; .* Item 0 failed: ValueError: item 0 fails first"):
+        actor_map(functools.partial(m.fail_or_hold, marks=str(tmp_path)))(x=list(range(6)))
+    running = {f.split("-")[1] for f in os.listdir(tmp_path) if f.startswith("running-")}
+    cancelled = {f.split("-")[1] for f in os.listdir(tmp_path) if f.startswith("cancelled-")}
+    assert running and running == cancelled  # every item that started was cancelled before MapFailed was raised
+    assert len(running) < 5  # and dispatching stopped: never more than the window was sent
+    assert actor_map(m.add)(x=[1, 2], y=[1, 1]) == [2, 3]  # the pool serves the next map
+
+
+def test_sys_exit_in_one_item_is_one_failed_item():
+    # before: SystemExit escaped `except Exception` and ended the whole driver
+    assert actor_map(functools.partial(m.exit_on, bad=2), min_success_ratio=0.5)(x=[1, 2, 3]) == [10, None, 30]
+    with pytest.raises(MapFailed, match=r"Item 1 failed: SystemExit: 3") as info:
+        actor_map(functools.partial(m.exit_on, bad=2))(x=[1, 2, 3])
+    assert isinstance(info.value.__cause__, SystemExit)
+
+
+def test_in_process_mode_runs_map_items_in_the_driver(monkeypatch):
+    # before: FLYTE_ACTOR_IN_PROCESS=1 was ignored by map and items still ran on replicas
+    monkeypatch.setenv("FLYTE_ACTOR_IN_PROCESS", "1")
+    assert actor_map(m.driver_pid)(x=[1, 2, 3]) == [os.getpid()] * 3
+    assert actor_map(functools.partial(m.exit_on, bad=2), min_success_ratio=0.5)(x=[1, 2, 3]) == [10, None, 30]
+    # in-process, flytekit prefixes the task's exception as in any local run of a plain task
+    with pytest.raises(MapFailed, match=r"(?s)1 of 3 items failed; .* Item 1 failed: ValueError: .*item 2 is bad"):
+        actor_map(functools.partial(m.fail_on, bad=2))(x=[1, 2, 3])
 
 
 def test_partially_bound_inputs_go_to_every_item():
