@@ -12,6 +12,7 @@ import concurrent.futures
 import contextvars
 import os
 import signal
+import sys
 import threading
 import uuid
 from typing import Dict, List, Optional, Tuple
@@ -33,7 +34,7 @@ from flytekitplugins_actor.map_model import (
 )
 from flytekitplugins_actor.map_plan import MapPlan
 
-INTERRUPT_GRACE_S = 1.0
+INTERRUPT_GRACE_S = float(os.environ.get("FLYTE_ACTOR_MAP_INTERRUPT_GRACE_S", "1.0"))
 """On Ctrl-C, how long an item may take to honour its cancel before its replica is stopped."""
 
 INTERRUPT_EXIT_CODE = 130
@@ -42,6 +43,17 @@ INTERRUPT_EXIT_CODE = 130
 _CANCEL_ROUNDS = 3
 
 _ItemResult = Tuple[int, Optional[literals_pb2.LiteralMap], Optional[BaseException]]
+
+
+def _tell(line: str) -> None:
+    """A line for the person who pressed Ctrl-C, on stderr whatever the log level (`pyflyte run` shows only
+    CRITICAL log records by default), and in the log."""
+    logger.info(line)
+    try:
+        sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed stderr must not stop the cleanup
+        pass
 
 
 class MapInterrupted(KeyboardInterrupt):
@@ -69,7 +81,7 @@ class _SigintGuard:
     def _on_sigint(self, signum, frame) -> None:
         self.count += 1
         if self.count > 1:
-            logger.error(f"{self.what}: second Ctrl-C, exiting at once (replicas exit with the driver)")
+            _tell(f"{self.what}: second Ctrl-C, exiting at once (replicas exit with the driver)")
             os._exit(INTERRUPT_EXIT_CODE)
         raise KeyboardInterrupt
 
@@ -173,7 +185,7 @@ class LocalMapRun:
         from flytekitplugins_actor.local import local_pools
 
         env, n = self.task.task_config, len(inflight)
-        logger.error(
+        _tell(
             f"{self.what}: Ctrl-C: cancelling {n} item(s) in flight, dispatching no more ({len(self.tally.pending)} "
             f"never started) and stopping the replicas of {env.name}; Ctrl-C again to exit at once"
         )
@@ -181,9 +193,7 @@ class LocalMapRun:
         pool = local_pools().get(env.key())
         if pool is not None:
             pool.shutdown(grace_seconds=INTERRUPT_GRACE_S)
-        logger.error(
-            f"{self.what}: interrupted by Ctrl-C after {self.tally.done} of {self.tally.n} items; replicas stopped"
-        )
+        _tell(f"{self.what}: interrupted by Ctrl-C after {self.tally.done} of {self.tally.n} items; replicas stopped")
 
     def _cancel(self, inflight: Dict[concurrent.futures.Future, int], grace: float) -> None:
         """Cancels the items in flight and waits until their threads have returned."""

@@ -88,8 +88,8 @@ def fail_or_hold(x: int, marks: str) -> int:
     """Item 0 fails at once; the others mark themselves running and run until cancelled (marking that too)."""
     if x == 0:
         raise ValueError("item 0 fails first")
-    open(os.path.join(marks, f"running-{x}"), "w").close()
-    try:
+    try:  # marked inside the try: a cancel that lands at once still leaves its mark
+        open(os.path.join(marks, f"running-{x}"), "w").close()
         while True:
             time.sleep(0.02)
     except KeyboardInterrupt:  # the replica's cancel
