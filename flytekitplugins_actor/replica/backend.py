@@ -78,6 +78,8 @@ class Replica(abc.ABC):
         self._address: Optional[str] = None
         self._death: Optional[ReplicaDeath] = None
         self._death_callbacks: List = []
+        self.waiting_reason: Optional[str] = None
+        """Why a starting replica waits, as its platform says (e.g. the scheduler's Unschedulable message)."""
 
     def add_death_callback(self, fn) -> None:
         """Calls fn(death) once the replica is dead (at once if it already is)."""
@@ -110,11 +112,11 @@ class Replica(abc.ABC):
                 self._address, self._state = address, ReplicaState.READY
             self._cond.notify_all()
 
-    def _set_dead(self, reason: str, exit_code: Optional[int] = None) -> None:
+    def _set_dead(self, reason: str, exit_code: Optional[int] = None, cause: DeathCause = DeathCause.TASK) -> None:
         with self._cond:
             if self._death is not None:
                 return
-            self._death = ReplicaDeath(self.name, reason, exit_code)
+            self._death = ReplicaDeath(self.name, reason, exit_code, cause)
             self._state = ReplicaState.DEAD
             callbacks, self._death_callbacks = self._death_callbacks, []
             self._cond.notify_all()

@@ -303,9 +303,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 since = int(rv)
             last_bookmark = time.monotonic()
-            for event in store.watch(res, ns, selector, since, cluster._stopping.is_set, timeout):
-                if event is not None:
-                    since, kind, obj = event
+            for since, kind, obj in store.watch(res, ns, selector, since, cluster._stopping.is_set, timeout):
+                if kind is not None:
                     self._chunk({"type": kind, "object": obj})
                 if bookmarks and time.monotonic() - last_bookmark >= cluster.bookmark_interval:
                     last_bookmark = time.monotonic()
@@ -315,7 +314,7 @@ class _Handler(BaseHTTPRequestHandler):
                             "object": {
                                 "kind": KINDS[res],
                                 "apiVersion": "v1",
-                                "metadata": {"resourceVersion": str(store.rv)},
+                                "metadata": {"resourceVersion": str(since)},
                             },
                         }
                     )

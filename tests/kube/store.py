@@ -295,8 +295,9 @@ class Store:
     # ---- watch ----
     def watch(
         self, resource: str, ns: Optional[str], selector: str, since: int, stop: Callable[[], bool], timeout: float
-    ) -> Iterator[Optional[Tuple[int, str, dict]]]:
-        """Yields (rv, type, object) after `since`; yields None on every idle wake-up (for bookmarks)."""
+    ) -> Iterator[Tuple[int, Optional[str], Optional[dict]]]:
+        """Yields (rv, type, object) after `since`, and (rv, None, None) on every idle wake-up: the version the watch
+        has seen up to (events of other objects included), which is what a bookmark carries."""
         match = parse_selector(selector)
         last = since
         import time
@@ -311,7 +312,7 @@ class Store:
                     self.cond.wait(min(0.5, max(0.0, deadline - time.monotonic())))
                     batch = [e for e in self.events if e[0] > last]
             if not batch:
-                yield None
+                yield last, None, None
                 continue
             for rv, kind, res, n, obj in batch:
                 last = rv
