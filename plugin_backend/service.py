@@ -19,6 +19,7 @@ from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
+from flytekitplugins_actor.replica.backend import ReplicaState
 from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_document
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
@@ -257,6 +258,9 @@ class ActorService:
         links = _log_links([(e.replica, e.log_uri)]) if e.replica else []
         state = e.state
         if state is ExecutionState.QUEUED:
+            waiting = self._waiting_for_resources(entry)
+            if waiting is not None:
+                return waiting
             stats = self._pool(entry).stats()
             if stats["starting"] and not stats["busy"] and not stats["idle"]:
                 return Status(
@@ -284,6 +288,26 @@ class ActorService:
             f"replica died: {e.death or 'replica ' + str(e.replica) + ' vanished'} while running execution {e.id}; "
             f"a replacement replica serves the retry",
             links,
+        )
+
+    def _waiting_for_resources(self, entry: _Entry) -> Optional[Status]:
+        """WAITING_FOR_RESOURCES with the platform's reason (e.g. the scheduler's Unschedulable message) while
+        every replica that could take the execution is still starting and one of them says why it waits."""
+        pool = self.manager.find(entry.key)
+        if pool is None:
+            return None
+        replicas = pool.replicas
+        if any(r.state is ReplicaState.READY for r in replicas):
+            return None
+        reasons = [
+            (r.name, r.waiting_reason) for r in replicas if r.state is ReplicaState.STARTING and r.waiting_reason
+        ]
+        if not reasons:
+            return None
+        name, reason = reasons[0]
+        return Status(
+            TaskExecution.WAITING_FOR_RESOURCES,
+            f"waiting for resources: replica {name} of actor environment {entry.template.env_name}: {reason}",
         )
 
     @staticmethod

@@ -47,6 +47,7 @@ class Cluster:
         self.tokens = {token: self.user, self.admin_token: ADMIN}  # the admin (tests) is not subject to RBAC
         self.quotas: Dict[str, Dict[str, str]] = {}
         self.requests: collections.Counter = collections.Counter()  # (verb, resource) -> count
+        self.refused: list = []  # the messages of requests RBAC refused
         self.bookmark_interval = 60.0
         env = base_env if base_env is not None else {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
         self.kubelet = Kubelet(self.store, workdir, env)
@@ -234,7 +235,11 @@ class _Handler(BaseHTTPRequestHandler):
                 raise ApiError(401, "Unauthorized", "Unauthorized")
             if user != ADMIN:
                 cluster.requests[(verb, res)] += 1
-                cluster.rbac.check(verb, res, ns, user)
+                try:
+                    cluster.rbac.check(verb, res, ns, user)
+                except ApiError as e:
+                    cluster.refused.append(e.message)
+                    raise
             if verb == "watch":
                 return self._watch(res, ns, query)
             if verb == "list":
