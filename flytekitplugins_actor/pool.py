@@ -243,6 +243,17 @@ class ReplicaPool:
         self._start_replicas(to_start)
         return execution
 
+    def adopt(self, token: str, replicas: List[Replica]) -> None:
+        """Serves with replicas a previous process started for this pool (same key), and with their token: a
+        restarted connector's pool is warm at once. Replicas beyond the pool's size are stopped."""
+        with self._cond:
+            self.token = token
+            keep = replicas[: max(0, self.size - len(self._slots))]
+            for replica in keep:
+                self._slots.append(_Slot(self, replica))
+        for replica in replicas[len(keep) :]:
+            replica.terminate(0)
+
     def get(self, execution_id: str) -> Optional[Execution]:
         with self._cond:
             return self._executions.get(execution_id)

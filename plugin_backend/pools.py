@@ -67,17 +67,22 @@ class PoolManager(PoolRegistry):
         self.log_dir = os.path.join(self.state_dir, "logs")
 
     def pool_for(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
-        return self._pool(
+        return self._pool(key.digest, lambda: self._new_pool(key, template))
+
+    def _new_pool(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
+        """A pool for the key, adopting the live replicas a previous connector left for it (Kubernetes pods)."""
+        pool = ReplicaPool(
             key.digest,
-            lambda: ReplicaPool(
-                key.digest,
-                self.backend,
-                self._spec_maker(key, template),
-                template.replica_count,
-                template.ttl_seconds,
-                name=template.env_name,
-            ),
+            self.backend,
+            self._spec_maker(key, template),
+            template.replica_count,
+            template.ttl_seconds,
+            name=template.env_name,
         )
+        token, replicas = self.backend.live_replicas(key.digest)
+        if token is not None and replicas:
+            pool.adopt(token, replicas)
+        return pool
 
     def find(self, key: PoolKey) -> Optional[ReplicaPool]:
         """The live pool for a key, without creating one."""

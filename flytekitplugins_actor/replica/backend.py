@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from flytekitplugins_actor.replica.protocol import TOKEN_ENV
 
@@ -147,6 +147,11 @@ class ReplicaBackend(abc.ABC):
     @abc.abstractmethod
     def start(self, spec: ReplicaSpec) -> Replica:
         """Starts a replica without waiting for it to be ready."""
+
+    def live_replicas(self, pool_key: str) -> "Tuple[Optional[str], List[Replica]]":
+        """The token and the live replicas a previous process left for a pool, for the pool to adopt (a restarted
+        connector's warm pools). None and no replicas by default: local replicas die with their parent."""
+        return None, []
 
 
 def describe_exit(returncode: int) -> str:

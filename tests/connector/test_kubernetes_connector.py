@@ -190,6 +190,20 @@ def test_an_idle_pool_past_its_ttl_leaves_no_pod_and_no_secret(cluster, propelle
     assert not cluster.secrets(NAMESPACE, "flyte-actor/env=k8s-ttl")
 
 
+def test_a_connector_killed_and_restarted_adopts_its_warm_pods(cluster, server, propeller, base):
+    _, _, r = _run(propeller, base, k.add, a=1, b=1)
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    (pod,) = _ready_pods(cluster, "k8s-main")
+    creates, token_reads = cluster.requests[("create", "pods")], cluster.requests[("get", "secrets")]
+    server.kill()  # SIGKILL: no cleanup runs; the replica pods stay
+    server.start()
+    a, _, r = _run(propeller, base, k.host)
+    assert r.phase == PHASE.SUCCEEDED, r.message + server.log()
+    assert output_value(a.outputs(), "o0", str).split("/")[2] == pod["metadata"]["name"]  # the same, warm pod
+    assert cluster.requests[("create", "pods")] == creates
+    assert cluster.requests[("get", "secrets")] == token_reads + 1  # it read the pool token from the pod's Secret
+
+
 def test_the_connector_makes_no_request_beyond_deploys_role(cluster):
     """Every request above passed the stand-in's RBAC (a missing verb fails there with 403); none was refused."""
     assert set(cluster.requests) <= {
