@@ -35,6 +35,7 @@ from plugin_backend.pod_spec import (
     PRIMARY_ANNOTATION,
     TOKEN_KEY,
     WORKER_PORT,
+    PodDefaults,
     replica_pod,
     token_secret,
 )
@@ -128,6 +129,7 @@ class KubernetesReplica(Replica):
             self._die(f"pod is being deleted by someone else{why}", None, DeathCause.INFRASTRUCTURE, delete=False)
             return
         primary = self.spec.primary_container
+        self.waiting_reason = None  # recomputed from each state: a scheduled pod no longer waits for the scheduler
         for cs in status.get("containerStatuses") or []:
             if cs["name"] != primary:
                 continue
@@ -171,7 +173,7 @@ class KubernetesReplica(Replica):
             return
         ready = _condition(pod, "Ready")
         if ready is not None and ready.get("status") == "True" and status.get("podIP"):
-            self.waiting_reason, self._not_ready_since = None, None
+            self._not_ready_since = None
             self._was_ready = True
             self._set_ready(f"{status['podIP']}:{WORKER_PORT}")
         elif self._was_ready and self._not_ready_since is None:
@@ -325,6 +327,9 @@ class KubernetesBackend(ReplicaBackend):
 
     @classmethod
     def from_env(cls) -> "KubernetesBackend":
+        """The connector's backend: settings from FLYTE_ACTOR_K8S_* (a malformed pod default is refused now, not
+        at the first pod), then the inventory of the replica pods a previous connector left for adoption."""
+        PodDefaults.from_env()
         backend = cls(
             namespace=os.environ.get("FLYTE_ACTOR_K8S_NAMESPACE", "default"),
             log_template=os.environ.get("FLYTE_ACTOR_K8S_LOG_TEMPLATE", "k8s://{namespace}/{pod}/{container}"),

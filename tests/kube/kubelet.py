@@ -97,15 +97,17 @@ class Kubelet:
         )
 
     def pid(self, pod_name: str) -> Optional[int]:
-        run = self._run_of(pod_name)
-        return run.proc.pid if run.proc is not None else None
+        """The pid of the pod's primary container process; None before it runs (or if it never will)."""
+        run = self._run_of(pod_name, required=False)
+        return run.proc.pid if run is not None and run.proc is not None else None
 
     def log(self, pod_name: str) -> str:
-        run = self._run_of(pod_name)
+        """What the pod's primary container printed so far ('' before it runs)."""
+        run = self._run_of(pod_name, required=False)
         try:
             with open(run.log_path, errors="replace") as f:
                 return f.read()
-        except OSError:
+        except (AttributeError, OSError):
             return ""
 
     def _pod(self, name: str) -> dict:
@@ -114,10 +116,13 @@ class Kubelet:
             raise KeyError(f"no pod {name}")
         return pods[0]
 
-    def _run_of(self, pod_name: str) -> _Run:
+    def _run_of(self, pod_name: str, required: bool = True) -> Optional[_Run]:
         uid = self._pod(pod_name)["metadata"]["uid"]
         with self._lock:
-            return self._runs[uid]
+            run = self._runs.get(uid)
+        if run is None and required:
+            raise KeyError(f"pod {pod_name} is not running on the node yet")
+        return run
 
     # ---- the loop ----
     def _loop(self) -> None:
