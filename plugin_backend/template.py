@@ -150,9 +150,10 @@ def _refuse(template: TaskTemplate, reason: str) -> InvalidTaskTemplate:
 
 
 def _int(template: TaskTemplate, spec: dict, key: str, default: Optional[int], minimum: int) -> Optional[int]:
-    value = spec.get(key, default)
+    """An integer field of custom.spec; missing or null means `default` (Union's SDK writes unset fields as null)."""
+    value = spec.get(key)
     if value is None:
-        return None
+        return default
     if isinstance(value, float) and value.is_integer():  # a protobuf Struct carries numbers as doubles
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -189,6 +190,7 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
     replica_count = _int(template, spec, "replica_count", 1, 1)
     ttl_seconds = _int(template, spec, "ttl_seconds", DEFAULT_TTL_SECONDS, 0)
     _int(template, spec, "parallelism", 1, 1)  # validated; a replica runs one execution at a time
+    _int(template, spec, "backlog_length", None, 0)  # validated; Union's SDK sends it (null when unset), unused here
     container = template.container
     pod = template.k8s_pod
     primary_name = (template.config or {}).get("primary_container_name") or "primary"
