@@ -303,8 +303,8 @@ class ActorService:
                 links,
                 custom_info=info,
             )
-        if run.phase == "succeeded":
-            return Status(TaskExecution.SUCCEEDED, run.message, links, outputs=run.outputs, custom_info=info)
+        if run.phase == "succeeded":  # outputs by reference: propeller reads outputs.pb (an answer has a 4 MiB limit)
+            return Status(TaskExecution.SUCCEEDED, run.message, links, custom_info=info)
         if run.phase == "aborted":
             return Status(TaskExecution.ABORTED, run.message, links, custom_info=info)
         phase = TaskExecution.RETRYABLE_FAILED if run.recoverable else TaskExecution.FAILED

@@ -25,6 +25,11 @@ def add(a: int, b: int) -> int:
 
 
 @env.task
+def echo(s: str) -> str:
+    return s
+
+
+@env.task
 def echo_identity() -> str:
     return "/".join(
         os.environ.get(k, "")
