@@ -14,7 +14,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from flytekit.models.task import TaskTemplate
 
-from flytekitplugins_actor.constants import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, DEFAULT_TTL_SECONDS
+from flytekitplugins_actor.constants import (
+    ACTOR_MAP_TASK_TYPE,
+    ACTOR_SYNC_TASK_TYPE,
+    ACTOR_TASK_TYPE,
+    DEFAULT_TTL_SECONDS,
+)
 from flytekitplugins_actor.map_plan import required_successes
 from flytekitplugins_actor.replica.execution import ParsedCommand, parse_command
 from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidTaskTemplate
@@ -22,6 +27,7 @@ from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidTaskTemplate
 __all__ = [
     "ACTOR_TASK_TYPE",
     "ACTOR_MAP_TASK_TYPE",
+    "ACTOR_SYNC_TASK_TYPE",
     "DEFAULT_TTL_SECONDS",
     "SUPPORTED_TYPE_VERSION",
     "ActorTemplate",
@@ -162,7 +168,7 @@ def _int(template: TaskTemplate, spec: dict, key: str, default: Optional[int], m
 
 
 def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
-    """Validates a template for `task_type` ("actor" or "actor_map"); raises InvalidTaskTemplate naming the problem."""
+    """Validates a template for `task_type` (actor, actor_sync or actor_map); raises InvalidTaskTemplate naming why."""
     if template.type != task_type:
         raise _refuse(template, f"this connector serves task type {task_type!r} here")
     if template.task_type_version != SUPPORTED_TYPE_VERSION:
