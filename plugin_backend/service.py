@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from flyteidl.core import literals_pb2
 from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
+from flytekit.loggers import logger
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
@@ -102,6 +103,11 @@ class ActorService:
         task_execution_metadata: Optional[TaskExecutionMetadata],
         task_type: str,
     ) -> ActorResourceMeta:
+        if not isinstance(output_prefix, str) or not output_prefix.strip():
+            raise InvalidActorRequest(
+                f"output_prefix={output_prefix!r} is invalid: the attempt's output prefix (where its request record, "
+                "outputs.pb and error.pb live) must be a non-empty path or URI"
+            )
         template = parse_template(task_template, task_type)
         if template.needs_render:
             template = self._render(template, output_prefix, inputs)
@@ -438,11 +444,7 @@ class ActorService:
         if entry is not None:
             self._wait_ready(entry)
         if entry is None or entry.final is None:
-            try:
-                if not record.has_outputs() and not record.has_error():
-                    record.mark(store.ABORTED, str(time.time()))
-            except OSError:
-                pass
+            self._mark_aborted(meta, record)
         if entry is None:
             return
         if entry.map_run is not None:
@@ -455,6 +457,19 @@ class ActorService:
                 # cancelled, or its replica had to be restarted to stop it: either way, what propeller asked for
                 entry.final, entry.final_at = Status(TaskExecution.ABORTED, "aborted by DeleteTask"), time.monotonic()
             _forget_when_done(pool, entry.execution)  # the entry keeps it; the pool (maybe never idle) must not
+
+    @staticmethod
+    def _mark_aborted(meta: ActorResourceMeta, record: store.ExecutionRecord) -> None:
+        """Records the abort for a restarted connector, only under a prefix holding this execution's request and
+        no result: DeleteTask never creates directories or writes where its request points at random."""
+        try:
+            request = record.read_request()
+            if request is None or request.get("execution_id") != meta.execution_id:
+                return
+            if not record.has_outputs() and not record.has_error():
+                record.mark(store.ABORTED, str(time.time()), make_dirs=False)
+        except OSError:  # storage trouble: the in-memory abort still happens; a restart would re-queue it
+            logger.exception("DeleteTask %s: could not record the abort under %s", meta.execution_id, record.prefix)
 
     # ---- housekeeping ----
     def _gc(self) -> None:
