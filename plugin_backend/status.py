@@ -1,0 +1,44 @@
+"""What GetTask (or ExecuteTaskSync) answers about an execution, before it becomes a flytekit Resource."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional, Tuple
+
+from flyteidl.core import literals_pb2
+from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
+
+TERMINAL_PHASES = (TaskExecution.SUCCEEDED, TaskExecution.FAILED, TaskExecution.RETRYABLE_FAILED, TaskExecution.ABORTED)
+
+
+@dataclass(frozen=True)
+class Status:
+    """A phase, its message (the console shows it), log links, inline outputs (sync answers only) and custom info."""
+
+    phase: int
+    message: str = ""
+    log_links: List[TaskLog] = field(default_factory=list)
+    outputs: Optional[literals_pb2.LiteralMap] = None
+    custom_info: Optional[dict] = None
+
+    @property
+    def terminal(self) -> bool:
+        return self.phase in TERMINAL_PHASES
+
+
+def log_links(replicas: List[Tuple[str, Optional[str]]]) -> List[TaskLog]:
+    """One log link per replica that ran (part of) the execution; a bare path becomes a file:// URI."""
+    links = []
+    for name, uri in replicas:
+        if uri:
+            if "://" not in uri:
+                uri = f"file://{uri}"
+            links.append(TaskLog(uri=uri, name=f"Actor replica {name}", message_format=TaskLog.UNKNOWN))
+    return links
+
+
+def failure(error: dict, where: str, links: List[TaskLog]) -> Status:
+    """A failed execution's status from its error document: RETRYABLE_FAILED when the error is recoverable."""
+    phase = TaskExecution.RETRYABLE_FAILED if error.get("recoverable") else TaskExecution.FAILED
+    code = error.get("code") or "Error"
+    return Status(phase, f"[{code}] {where}: {error.get('message', 'unknown error')}", links)
