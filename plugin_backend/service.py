@@ -19,7 +19,8 @@ from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
-from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_document
+from flytekitplugins_actor.replica.error import ExecutionError, read_error_document
+from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
 from plugin_backend.identity import identity_of
@@ -275,7 +276,7 @@ class ActorService:
         if state is ExecutionState.SUCCEEDED:
             return Status(TaskExecution.SUCCEEDED, f"succeeded on replica {e.replica}", links)
         if state is ExecutionState.FAILED:
-            return self._failure(e.error or {}, f"on replica {e.replica}", links)
+            return self._failure(e.error, f"on replica {e.replica}", links)
         if state is ExecutionState.CANCELLED:
             return Status(TaskExecution.ABORTED, "aborted", links)
         # REPLICA_DIED
@@ -287,10 +288,11 @@ class ActorService:
         )
 
     @staticmethod
-    def _failure(error: dict, where: str, links: List[TaskLog]) -> Status:
-        phase = TaskExecution.RETRYABLE_FAILED if error.get("recoverable") else TaskExecution.FAILED
-        code = error.get("code") or "Error"
-        return Status(phase, f"[{code}] {where}: {error.get('message', 'unknown error')}", links)
+    def _failure(error: Optional[ExecutionError], where: str, links: List[TaskLog]) -> Status:
+        if error is None:
+            return Status(TaskExecution.FAILED, f"[Error] {where}: unknown error", links)
+        phase = TaskExecution.RETRYABLE_FAILED if error.recoverable else TaskExecution.FAILED
+        return Status(phase, f"[{error.code or 'Error'}] {where}: {error.message}", links)
 
     def _map_status(self, entry: _Entry) -> Status:
         run = entry.map_run
@@ -315,7 +317,7 @@ class ActorService:
         """Answers for an execution this process did not create, from storage; re-enqueues or resumes if it must."""
         record = store.ExecutionRecord(meta.output_prefix)
         if record.has_error():
-            return self._failure(read_error_document(meta.output_prefix) or {}, "recorded in error.pb", [])
+            return self._failure(read_error_document(meta.output_prefix), "recorded in error.pb", [])
         if record.has_outputs():
             return Status(TaskExecution.SUCCEEDED, "succeeded (answered from storage)")
         if record.marker(store.ABORTED) is not None:
