@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional
 
+from flytekit.loggers import logger
+
 from flytekitplugins_actor.replica.backend import Replica, ReplicaBackend, ReplicaDeath, ReplicaSpec, ReplicaState
 from flytekitplugins_actor.replica.error import ExecutionError
 from flytekitplugins_actor.replica.execution import ExecutionSpec
@@ -481,15 +483,22 @@ class PoolRegistry:
 
     def _reap_forever(self) -> None:
         while not self._stop.wait(self.reap_interval_s):
-            self.reap()
+            try:
+                self.reap()
+            except Exception:  # never let one round's failure end the reaper: no pool would be torn down again
+                logger.exception("actor pool reaper: a reaping round failed; carrying on")
 
     def reap(self) -> int:
-        """Tears down pools idle past their ttl; returns how many."""
+        """Tears down pools idle past their ttl; returns how many. A pool that cannot be checked or stopped is
+        logged and skipped: one bad pool never keeps the others alive."""
         with self._lock:
-            closed = [k for k, p in self._pools.items() if p.close_if_expired()]
+            closed = [k for k, p in self._pools.items() if _closes(p)]
             pools = [self._pools.pop(k) for k in closed]
         for p in pools:
-            p.shutdown()
+            try:
+                p.shutdown()
+            except Exception:
+                logger.exception("actor pool reaper: could not shut down pool %s (%s)", p.name, p.key)
         self.reaped += len(pools)
         return len(pools)
 
@@ -511,3 +520,12 @@ class PoolRegistry:
             pools, self._pools = list(self._pools.values()), {}
         for p in pools:
             p.shutdown(grace_seconds=1.0)
+
+
+def _closes(pool: ReplicaPool) -> bool:
+    """pool.close_if_expired(), logging (not raising) a pool that cannot say, so the reaper carries on."""
+    try:
+        return pool.close_if_expired()
+    except Exception:
+        logger.exception("actor pool reaper: cannot check pool %s (%s) for expiry; skipping it", pool.name, pool.key)
+        return False
