@@ -84,7 +84,7 @@ class SingleRun(Run):
         if state is ExecutionState.SUCCEEDED:
             return Status(TaskExecution.SUCCEEDED, f"succeeded on replica {e.replica}", links)
         if state is ExecutionState.FAILED:
-            return failure(e.error or {}, f"on replica {e.replica}", links)
+            return failure(e.error, f"on replica {e.replica}", links)
         if state is ExecutionState.CANCELLED:
             return Status(TaskExecution.ABORTED, "aborted", links)
         # REPLICA_DIED

@@ -20,7 +20,8 @@ from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
 from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
-from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_document
+from flytekitplugins_actor.replica.error import read_error_document
+from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
 from plugin_backend.identity import identity_of
@@ -309,7 +310,7 @@ class ActorService:
         """Answers for an execution this process did not create, from storage; re-enqueues or resumes if it must."""
         record = store.ExecutionRecord(meta.output_prefix)
         if record.has_error():
-            return failure(read_error_document(meta.output_prefix) or {}, "recorded in error.pb", [])
+            return failure(read_error_document(meta.output_prefix), "recorded in error.pb", [])
         if record.has_outputs():
             return Status(TaskExecution.SUCCEEDED, "succeeded (answered from storage)")
         if record.marker(store.ABORTED) is not None:

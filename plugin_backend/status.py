@@ -8,6 +8,8 @@ from typing import List, Optional, Tuple
 from flyteidl.core import literals_pb2
 from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
 
+from flytekitplugins_actor.replica.error import ExecutionError
+
 TERMINAL_PHASES = (TaskExecution.SUCCEEDED, TaskExecution.FAILED, TaskExecution.RETRYABLE_FAILED, TaskExecution.ABORTED)
 
 
@@ -37,8 +39,9 @@ def log_links(replicas: List[Tuple[str, Optional[str]]]) -> List[TaskLog]:
     return links
 
 
-def failure(error: dict, where: str, links: List[TaskLog]) -> Status:
-    """A failed execution's status from its error document: RETRYABLE_FAILED when the error is recoverable."""
-    phase = TaskExecution.RETRYABLE_FAILED if error.get("recoverable") else TaskExecution.FAILED
-    code = error.get("code") or "Error"
-    return Status(phase, f"[{code}] {where}: {error.get('message', 'unknown error')}", links)
+def failure(error: Optional[ExecutionError], where: str, links: List[TaskLog]) -> Status:
+    """A failed execution's status from its error: RETRYABLE_FAILED when the error is recoverable."""
+    if error is None:
+        return Status(TaskExecution.FAILED, f"[Error] {where}: unknown error", links)
+    phase = TaskExecution.RETRYABLE_FAILED if error.recoverable else TaskExecution.FAILED
+    return Status(phase, f"[{error.code or 'Error'}] {where}: {error.message}", links)

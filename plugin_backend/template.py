@@ -21,7 +21,7 @@ from flytekitplugins_actor.constants import (
     DEFAULT_TTL_SECONDS,
 )
 from flytekitplugins_actor.map_plan import required_successes
-from flytekitplugins_actor.replica.execution import ParsedCommand, parse_command
+from flytekitplugins_actor.replica.command import ExecutionCommand
 from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidTaskTemplate
 
 __all__ = [
@@ -62,7 +62,7 @@ class ActorTemplate:
     replica_count: int
     ttl_seconds: int
     args: List[str]
-    command: ParsedCommand
+    command: ExecutionCommand
     container_env: Dict[str, str] = field(default_factory=dict)
     input_names: Tuple[str, ...] = ()
     output_names: Tuple[str, ...] = ()
@@ -90,7 +90,7 @@ class ActorTemplate:
             return values[m.group(1).lower()]
 
         args = [_PLACEHOLDER.sub(sub, a) for a in self.args]
-        return replace(self, args=args, command=parse_command(args))
+        return replace(self, args=args, command=ExecutionCommand.parse(args))
 
     @property
     def code_version(self) -> str:
@@ -112,7 +112,7 @@ class ActorTemplate:
             for f in _RECORD_FIELDS
             if f in record
         }  # records of older connectors lack the pod fields
-        return cls(command=parse_command(record["args"]), map=map_spec, **fields_)
+        return cls(command=ExecutionCommand.parse(record["args"]), map=map_spec, **fields_)
 
 
 _RECORD_FIELDS = (
@@ -242,7 +242,7 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
             f"{where} args hold placeholders the connector cannot render: {sorted(placeholders - set(RENDERABLE))}",
         )
     try:  # placeholders are rendered once the output prefix is known; they stand in for paths here
-        command = parse_command([_PLACEHOLDER.sub("x", a) for a in args] if placeholders else args)
+        command = ExecutionCommand.parse([_PLACEHOLDER.sub("x", a) for a in args] if placeholders else args)
     except Exception as e:  # click usage errors, ValueError
         raise _refuse(template, f"{where} args are not a pyflyte-execute command: {e}") from None
     image = spec.get("container_image") or container_image
