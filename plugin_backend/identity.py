@@ -14,7 +14,7 @@ from typing import Dict, Optional
 
 from flytekit.models.task import TaskExecutionMetadata
 
-from flytekitplugins_actor.replica.execution import identity_env as _env
+from flytekitplugins_actor.replica.identity import identity_env as _env
 
 LOCAL_NAMESPACE = "local"
 NAMESPACE_ENV = "FLYTE_ACTOR_K8S_NAMESPACE"

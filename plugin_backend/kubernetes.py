@@ -95,6 +95,7 @@ class KubernetesReplica(Replica):
         self._was_ready = False
         self._not_ready_since: Optional[float] = None
         self._config_error_since: Optional[float] = None
+        self._deleting = False
 
     @property
     def log_uri(self) -> str:
@@ -105,8 +106,15 @@ class KubernetesReplica(Replica):
     def terminate(self, grace_seconds: float = 5.0) -> None:
         """Deletes the pod (the kubelet sends SIGTERM, SIGKILL after the grace); the supervisor makes the call."""
         self._terminate_requested = True
-        if self.state is not ReplicaState.DEAD:
-            self.backend._delete_later(self, int(grace_seconds))
+        self._delete(int(grace_seconds))
+
+    def _delete(self, grace: int) -> None:
+        """Asks for the pod's deletion, once: a dead replica's pod must not linger whoever noticed the death."""
+        with self._cond:
+            if self._deleting:
+                return
+            self._deleting = True
+        self.backend._delete_later(self, grace)
 
     # ---- state, from the watch and the clock ----
     def observe(self, pod: Optional[dict]) -> None:
@@ -199,7 +207,7 @@ class KubernetesReplica(Replica):
         self._set_dead(reason, exit_code, cause)
         self.backend._forget(self)
         if delete:
-            self.backend._delete_later(self, 0)
+            self._delete(0)
 
 
 class _NamespaceWatch:
@@ -383,6 +391,8 @@ class KubernetesBackend(ReplicaBackend):
             replica = self._replicas.get((namespace, pod_name))
         if replica is not None:
             replica.observe(pod)
+            if pod is None:
+                self._forget(replica)
         else:  # a pod of another connector, of a dead replica, or one waiting to be adopted
             self._update_unclaimed(namespace, pod_name, pod)
 
@@ -420,6 +430,7 @@ class KubernetesBackend(ReplicaBackend):
                 replica = self._replicas.get((namespace, name))
             if replica is not None:
                 replica.observe(None)
+                self._forget(replica)
 
     # ---- adoption ----
     def take_inventory(self) -> int:

@@ -12,10 +12,11 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
-from flytekitplugins_actor.pool import PoolRegistry, ReplicaPool
+from flytekitplugins_actor.pool import Execution, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaBackend, ReplicaSpec
+from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend.pod_spec import PodReplicaSpec, replica_pod_spec
 from plugin_backend.template import ActorTemplate
 
@@ -67,7 +68,12 @@ class PoolManager(PoolRegistry):
         self.log_dir = os.path.join(self.state_dir, "logs")
 
     def pool_for(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
+        """The pool for a key, created (no replica started yet) if there is none: for callers about to submit."""
         return self._pool(key.digest, lambda: self._new_pool(key, template))
+
+    def submit_for(self, key: PoolKey, template: ActorTemplate, spec: ExecutionSpec, **kwargs: Any) -> Execution:
+        """Submits to the key's pool, creating it if needed; a pool reaped meanwhile is replaced, not failed."""
+        return self.submit(key.digest, lambda: self._new_pool(key, template), spec, **kwargs)
 
     def _new_pool(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
         """A pool for the key, adopting the live replicas a previous connector left for it (Kubernetes pods)."""
