@@ -203,6 +203,24 @@ def test_pods_no_pool_claims_are_deleted_after_their_orphan_timeout(cluster, bac
         successor.shutdown()
 
 
+def test_a_replica_whose_connector_is_gone_exits_and_the_next_connector_removes_its_pod(cluster, backend):
+    spec = _spec()
+    spec.env[ORPHAN_TIMEOUT_ENV] = "2"  # ttl_seconds + margin, shortened
+    replica = backend.start(spec)
+    assert replica.wait_ready(30) is ReplicaState.READY
+    backend.shutdown()  # the connector is gone for good: nobody talks to the replica any more
+    wait_for(
+        lambda: cluster.pods()[0]["status"]["phase"] in ("Succeeded", "Failed"), 30, "the replica exiting on its own"
+    )
+    assert "no request from any pool" in cluster.kubelet.log(replica.pod_name)
+    successor = _backend(cluster)
+    try:
+        assert successor.take_inventory() == 0  # nothing to adopt: the finished pod is deleted, its Secret with it
+        wait_for(lambda: not cluster.pods() and not cluster.secrets(), 15, "the finished pod and its Secret deleted")
+    finally:
+        successor.shutdown()
+
+
 # ---- pods built from real task templates (strictly validated by the stand-in when created) ----
 
 
