@@ -204,6 +204,32 @@ def test_a_connector_killed_and_restarted_adopts_its_warm_pods(cluster, server, 
     assert cluster.requests[("get", "secrets")] == token_reads + 1  # it read the pool token from the pod's Secret
 
 
+def test_a_replica_busy_when_the_connector_died_is_not_adopted_and_its_execution_not_run_twice(
+    cluster, server, propeller, base
+):
+    gate = os.path.join(base, "gate")
+    a = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate))
+    meta = propeller.create(a)
+    propeller.wait(meta, phases={PHASE.RUNNING}, timeout=60)
+    (busy,) = _ready_pods(cluster, "k8s-faults")
+    server.kill()
+    server.start()
+    r = propeller.get(meta)  # answered from storage: it was dispatched and left no result
+    assert r.phase == PHASE.RETRYABLE_FAILED and "not run twice" in r.message, r.message
+    b = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate + "-open"))
+    open(gate + "-open", "w").close()
+    r = propeller.wait(propeller.create(b), timeout=60)
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    assert output_value(b.outputs(), "o0", str) != busy["status"]["podIP"]  # a new pod, not the busy one
+    wait_for(
+        lambda: busy["metadata"]["name"] not in {p["metadata"]["name"] for p in cluster.pods()},
+        15,
+        "the busy replica's pod deleted",
+    )
+    open(gate, "w").close()
+    assert not os.path.exists(os.path.join(a.dir, "outputs.pb"))  # the first attempt never completed after all
+
+
 def test_the_connector_makes_no_request_beyond_deploys_role(cluster):
     """Every request above passed the stand-in's RBAC (a missing verb fails there with 403); none was refused."""
     assert set(cluster.requests) <= {
