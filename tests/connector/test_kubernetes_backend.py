@@ -33,7 +33,7 @@ def cluster(tmp_path):
 
 def _backend(cluster, **kw) -> KubernetesBackend:
     api = client.CoreV1Api(config.new_client_from_config(cluster.kubeconfig))
-    kw = {"namespace": NAMESPACE, "not_ready_grace_s": 1.0, "config_error_grace_s": 1.0, **kw}
+    kw = {"namespace": NAMESPACE, "not_ready_grace_s": 1.0, "config_error_grace_s": 3.0, **kw}
     return KubernetesBackend(api=api, **kw)
 
 
