@@ -43,7 +43,7 @@ def saw_overlap(probe_dir: str, me: str, hold: float) -> bool:
     if seen:
         for f in os.listdir(probe_dir):
             if f.startswith("running-") and f != f"running-{me}":
-                open(os.path.join(probe_dir, f"saw-{f[len('running-'):]}"), "w").close()
+                open(os.path.join(probe_dir, f"saw-{f[len('running-') :]}"), "w").close()
     os.remove(mine)
     return seen
 
