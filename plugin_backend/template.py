@@ -14,7 +14,12 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from flytekit.models.task import TaskTemplate
 
-from flytekitplugins_actor.constants import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, DEFAULT_TTL_SECONDS
+from flytekitplugins_actor.constants import (
+    ACTOR_MAP_TASK_TYPE,
+    ACTOR_SYNC_TASK_TYPE,
+    ACTOR_TASK_TYPE,
+    DEFAULT_TTL_SECONDS,
+)
 from flytekitplugins_actor.map_plan import required_successes
 from flytekitplugins_actor.replica.command import ExecutionCommand
 from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidTaskTemplate
@@ -22,6 +27,7 @@ from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidTaskTemplate
 __all__ = [
     "ACTOR_TASK_TYPE",
     "ACTOR_MAP_TASK_TYPE",
+    "ACTOR_SYNC_TASK_TYPE",
     "DEFAULT_TTL_SECONDS",
     "SUPPORTED_TYPE_VERSION",
     "ActorTemplate",
@@ -150,9 +156,10 @@ def _refuse(template: TaskTemplate, reason: str) -> InvalidTaskTemplate:
 
 
 def _int(template: TaskTemplate, spec: dict, key: str, default: Optional[int], minimum: int) -> Optional[int]:
-    value = spec.get(key, default)
+    """An integer field of custom.spec; missing or null means `default` (Union's SDK writes unset fields as null)."""
+    value = spec.get(key)
     if value is None:
-        return None
+        return default
     if isinstance(value, float) and value.is_integer():  # a protobuf Struct carries numbers as doubles
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -161,7 +168,7 @@ def _int(template: TaskTemplate, spec: dict, key: str, default: Optional[int], m
 
 
 def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
-    """Validates a template for `task_type` ("actor" or "actor_map"); raises InvalidTaskTemplate naming the problem."""
+    """Validates a template for `task_type` (actor, actor_sync or actor_map); raises InvalidTaskTemplate naming why."""
     if template.type != task_type:
         raise _refuse(template, f"this connector serves task type {task_type!r} here")
     if template.task_type_version != SUPPORTED_TYPE_VERSION:
@@ -189,6 +196,7 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
     replica_count = _int(template, spec, "replica_count", 1, 1)
     ttl_seconds = _int(template, spec, "ttl_seconds", DEFAULT_TTL_SECONDS, 0)
     _int(template, spec, "parallelism", 1, 1)  # validated; a replica runs one execution at a time
+    _int(template, spec, "backlog_length", None, 0)  # validated; Union's SDK sends it (null when unset), unused here
     container = template.container
     pod = template.k8s_pod
     primary_name = (template.config or {}).get("primary_container_name") or "primary"
