@@ -12,6 +12,7 @@ import uuid
 import pytest
 import sdk_worker_tasks as tasks
 from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.python_auto_container import default_task_resolver
 from flytekit.core.type_engine import TypeEngine
 from flytekit.core.utils import write_proto_to_file
 from flytekit.loggers import logger
@@ -32,7 +33,7 @@ from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient
 
 pytestmark = pytest.mark.timeout(120)
 
-RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
+RESOLVER = default_task_resolver.location  # as flytekit renders it into a task's container args
 
 
 def execution(tmp, task, **inputs) -> ExecutionSpec:

@@ -10,6 +10,7 @@ import pytest
 import sdk_worker_tasks as tasks
 from flyteidl.core import errors_pb2, literals_pb2
 from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.python_auto_container import default_task_resolver
 from flytekit.core.type_engine import TypeEngine
 from flytekit.core.utils import load_proto_from_file, write_proto_to_file
 from flytekit.models.literals import LiteralMap
@@ -27,7 +28,7 @@ from flytekitplugins_actor.replica.protocol import (
 
 pytestmark = pytest.mark.timeout(120)
 
-RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
+RESOLVER = default_task_resolver.location  # as flytekit renders it into a task's container args
 
 
 class Worker:
