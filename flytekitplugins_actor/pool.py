@@ -651,11 +651,13 @@ class ReplicaPool:
                 with self._cond:
                     self.keepalives += 1
             except (ProtocolError, OSError) as e:
+                with self._cond:
+                    if slot not in self._slots or slot.busy or self._gone(slot):
+                        continue  # it went away or got work meanwhile: nothing to replace
+                    slot.lost = ReplicaDeath(slot.replica.name, f"failed its keepalive ({e})")
+                    self._cond.notify_all()
                 level = logger.error if isinstance(e, AuthenticationError) else logger.warning
                 level("pool %s: replica %s failed its keepalive (%s); replacing it", self.name, slot.replica.name, e)
-                with self._cond:
-                    slot.lost = slot.lost or ReplicaDeath(slot.replica.name, f"failed its keepalive ({e})")
-                    self._cond.notify_all()
                 slot.client.abort()
         self._supervisor.call_later(KEEPALIVE_S, self._keepalive)
 
