@@ -332,13 +332,18 @@ def test_a_replica_that_refuses_the_pool_token_fails_the_execution_clearly(tmp_p
 
 
 # ---- replicas the platform takes away ----
+def _running(pool, tmp_path):
+    """Submits a task that counts its runs, then waits for a release file; returns once it runs on a replica."""
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    e = pool.submit(execution(tmp_path, tasks.count_then_wait, path=str(runs), release=str(release)))
+    wait_until(lambda: runs.exists() and runs.read_text().count("run") == 1, 60)
+    return e, runs, release, pool.replicas[0]
+
+
 def test_an_execution_whose_replica_the_platform_took_runs_again_elsewhere(tmp_path):
     pool = make_pool(tmp_path, system_retries=1)
     try:
-        runs, release = tmp_path / "runs", tmp_path / "release"
-        e = pool.submit(execution(tmp_path, tasks.count_then_wait, path=str(runs), release=str(release)))
-        wait_until(lambda: runs.exists() and runs.read_text().count("run") == 1, 60)
-        first = pool.replicas[0]
+        e, runs, release, first = _running(pool, tmp_path)
         first.abandon("was evicted (node drained)", DeathCause.INFRASTRUCTURE)
         wait_until(lambda: runs.read_text().count("run") == 2, 60)  # dispatched again, to a new replica
         release.write_text("go")
@@ -351,23 +356,19 @@ def test_an_execution_whose_replica_the_platform_took_runs_again_elsewhere(tmp_p
 def test_the_system_retry_budget_ends_in_replica_died_naming_replica_and_cause(tmp_path):
     pool = make_pool(tmp_path, system_retries=0)
     try:
-        runs, release = tmp_path / "runs", tmp_path / "release"
-        e = pool.submit(execution(tmp_path, tasks.count_then_wait, path=str(runs), release=str(release)))
-        wait_until(runs.exists, 60)
-        replica = pool.replicas[0]
+        e, runs, _, replica = _running(pool, tmp_path)
         replica.abandon("was evicted (node drained)", DeathCause.INFRASTRUCTURE)
         assert e.wait(60) and e.state is ExecutionState.REPLICA_DIED
         assert e.death.replica == replica.name and e.death.cause is DeathCause.INFRASTRUCTURE
         assert "evicted" in str(e.death) and "infrastructure" in str(e.death) and "0 system retries" in str(e.death)
+        assert runs.read_text().count("run") == 1
     finally:
         pool.shutdown()
 
 
 def test_a_replica_that_dies_of_its_task_is_not_retried(pool, tmp_path):
-    runs, release = tmp_path / "runs", tmp_path / "release"
-    e = pool.submit(execution(tmp_path, tasks.count_then_wait, path=str(runs), release=str(release)))
-    wait_until(runs.exists, 60)
-    os.kill(pool.replicas[0].pid, signal.SIGKILL)  # e.g. the OOM killer: the task's doing
+    e, runs, _, replica = _running(pool, tmp_path)
+    os.kill(replica.pid, signal.SIGKILL)  # e.g. the OOM killer: the task's doing
     assert e.wait(60) and e.state is ExecutionState.REPLICA_DIED
     assert e.death.cause is DeathCause.TASK and "SIGKILL" in e.death.reason
     assert runs.read_text().count("run") == 1
