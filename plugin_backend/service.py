@@ -38,6 +38,8 @@ __all__ = ["ActorService", "Status", "TERMINAL_PHASES", "service"]
 KEEP_TERMINAL_S = 600.0
 """How long a finished execution is answered from memory; after that, from storage."""
 GC_INTERVAL_S = 5.0
+MAX_INLINE_OUTPUTS_BYTES = 1024 * 1024
+"""Sync answers carry outputs up to this size inline; larger ones go by reference (outputs.pb)."""
 
 
 @dataclass
@@ -223,9 +225,11 @@ class ActorService:
 
     @staticmethod
     def _sync_answer(meta: ActorResourceMeta, status: Status) -> Status:
+        """A terminal sync answer: outputs inline up to MAX_INLINE_OUTPUTS_BYTES; larger ones by reference (propeller
+        then reads outputs.pb, as for async tasks), so an answer never nears gRPC's 4 MiB limit."""
         if status.phase == TaskExecution.SUCCEEDED and status.outputs is None:
             data = store.read_bytes(store.join(meta.output_prefix, "outputs.pb"))
-            if data is not None:
+            if data is not None and len(data) <= MAX_INLINE_OUTPUTS_BYTES:
                 status = replace(status, outputs=literals_pb2.LiteralMap.FromString(data))
         elif status.phase == TaskExecution.ABORTED:  # only our own budget cancels a sync execution
             status = replace(status, phase=TaskExecution.RETRYABLE_FAILED)

@@ -135,3 +135,14 @@ def test_a_sync_template_the_connector_cannot_serve_gets_invalid_argument(propel
     with pytest.raises(grpc.RpcError) as e:
         propeller.execute_sync(b)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "placeholders" in e.value.details()
+
+
+def test_sync_outputs_over_1_mib_go_by_reference_not_inline(propeller, base):
+    n = 5 * 1024 * 1024  # inline, the answer would exceed gRPC's 4 MiB receive limit (propeller's and ours)
+    a = Attempt(base, t.big_sync, literal_map(t.big_sync, n=n))
+    r = propeller.execute_sync(a)
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    assert not r.outputs.literals  # propeller reads outputs.pb when the answer has none
+    assert len(output_value(a.outputs(), "o0", str)) == n
+    small = Attempt(base, t.big_sync, literal_map(t.big_sync, n=10))
+    assert _value(propeller.execute_sync(small), "o0", str) == "x" * 10
