@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
@@ -45,3 +46,11 @@ def failure(error: Optional[ExecutionError], where: str, links: List[TaskLog]) -
         return Status(TaskExecution.FAILED, f"[Error] {where}: unknown error", links)
     phase = TaskExecution.RETRYABLE_FAILED if error.recoverable else TaskExecution.FAILED
     return Status(phase, f"[{error.code or 'Error'}] {where}: {error.message}", links)
+
+
+class SyncOverrun(enum.Enum):
+    """Why an actor_sync execution was cancelled at the end of its budget (the answer says what to change)."""
+
+    POOL_STARTING = "pool_starting"  # no replica was ready yet: a cold pool
+    TOO_LONG = "too_long"  # it ran on a replica past the budget
+    NO_FREE_REPLICA = "no_free_replica"  # every replica stayed busy with other executions
