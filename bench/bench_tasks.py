@@ -37,3 +37,18 @@ from flytekit import task  # noqa: E402
 def plain(x: int) -> int:
     """Not an actor task: flytekit's own cost of a local call, in-process, for comparison."""
     return x + 1
+
+
+from flytekit import workflow  # noqa: E402
+
+
+@workflow
+def wf_actor(x: int) -> int:
+    """What users run: a workflow holding one actor task, called locally."""
+    return noop(x=x)
+
+
+@workflow
+def wf_plain(x: int) -> int:
+    """The same workflow with a plain @task: what the actor workflow is measured against."""
+    return plain(x=x)
