@@ -5,11 +5,17 @@ from __future__ import annotations
 import collections
 import functools
 import threading
+import uuid
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 from flytekitplugins_actor.replica.execution import RUNTIME
 
 _MISSING = object()
+_INSTANCES: Dict[str, "ActorCache"] = {}
+"""Every ActorCache of this process by id, held for the life of the process (a replica's life): a cache that
+travels by pickle (a __main__ task, pickled anew per call) arrives as the one already here, so its entries live
+for the replica, not for one execution."""
+_INSTANCES_LOCK = threading.Lock()
 
 
 def _freeze(value: Any) -> Hashable:
@@ -47,7 +53,7 @@ class _Flight:
 class ActorCache:
     """The memoizing wrapper: thread-safe, single-flight, exceptions not cached, optionally LRU-bounded."""
 
-    def __init__(self, fn: Callable, maxsize: Optional[int]):
+    def __init__(self, fn: Callable, maxsize: Optional[int], cache_id: Optional[str] = None, register: bool = True):
         if maxsize is not None and (isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1):
             raise ValueError(f"actor_cache(maxsize={maxsize!r}) is invalid: must be None (unbounded) or an int >= 1")
         self.fn, self.maxsize = fn, maxsize
@@ -56,7 +62,16 @@ class ActorCache:
         self._flights: Dict[Hashable, _Flight] = {}
         self._code_version = RUNTIME.code_version
         self.hits = self.misses = 0
+        self.cache_id = cache_id or uuid.uuid4().hex
         functools.update_wrapper(self, fn)
+        if register:
+            with _INSTANCES_LOCK:
+                _INSTANCES[self.cache_id] = self
+
+    def __reduce__(self):
+        """Pickles as (id, function, maxsize), never its lock or entries: unpickled where a cache of that id
+        already lives, it is that cache."""
+        return (_restore, (self.cache_id, self.fn, self.maxsize))
 
     def _key(self, args: Tuple, kwargs: Dict[str, Any]) -> Hashable:
         return (tuple(_freeze(a) for a in args), tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())))
@@ -108,6 +123,14 @@ class ActorCache:
         with self._lock:
             self._entries.clear()
             self.hits = self.misses = 0
+
+
+def _restore(cache_id: str, fn: Callable, maxsize: Optional[int]) -> ActorCache:
+    with _INSTANCES_LOCK:
+        cache = _INSTANCES.get(cache_id)
+        if cache is None:
+            cache = _INSTANCES[cache_id] = ActorCache(fn, maxsize, cache_id=cache_id, register=False)
+        return cache
 
 
 def actor_cache(fn: Optional[Callable] = None, *, maxsize: Optional[int] = None):

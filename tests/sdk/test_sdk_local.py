@@ -191,6 +191,24 @@ def test_task_defined_in_main_runs_by_cloudpickle(tmp_path, cwd):
 
 
 @pytest.mark.timeout(90)
+def test_actor_cache_in_a_main_task_travels_by_cloudpickle_and_lives_for_the_replica(tmp_path):
+    p = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sdk_main_cache_script.py")],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=str(tmp_path),
+        timeout=80,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert "error" not in out, out
+    m = re.fullmatch(r"m-[0-9a-f]{32}-(\d+)", out["first"])
+    assert m and int(m.group(1)) != out["driver_pid"], out  # computed in the replica
+    assert out["second"] == out["first"], out  # the second execution hit the replica's cache
+
+
+@pytest.mark.timeout(90)
 def test_pyflyte_run_executes_on_a_child_replica(tmp_path):
     p = subprocess.Popen(
         [os.path.join(VENV_BIN, "pyflyte"), "run", os.path.join(HERE, "sdk_local_tasks.py"), "wf_pids"],
