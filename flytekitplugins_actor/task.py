@@ -13,6 +13,7 @@ from flytekit.models.literals import LiteralMap
 
 from flytekitplugins_actor.constants import ACTOR_TASK_TYPE
 from flytekitplugins_actor.environment import ActorEnvironment
+from flytekitplugins_actor.errors import make_portable
 from flytekitplugins_actor.replica.execution import RUNTIME
 
 IN_PROCESS_ENV = "FLYTE_ACTOR_IN_PROCESS"
@@ -69,6 +70,7 @@ class ActorTask(PythonFunctionTask[ActorEnvironment]):
             try:  # on a replica (or a pod): run the function here
                 return super().execute(**kwargs)
             except BaseException as e:
+                make_portable(e)  # the driver of a local run re-raises it as it was raised
                 RUNTIME.last_exception = e
                 raise
         from flytekitplugins_actor.local import run_on_replica

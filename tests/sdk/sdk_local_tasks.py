@@ -16,6 +16,14 @@ class Boom(Exception):
     """A user exception type the driver must get back as itself."""
 
 
+class CodedError(Exception):
+    """A user exception whose __init__ does not take its args back: pickle's default rebuild cannot make it."""
+
+    def __init__(self, code: int, detail: str):
+        super().__init__(f"error {code}: {detail}")
+        self.code, self.detail = code, detail
+
+
 basic = ActorEnvironment(name="sdk-local", ttl_seconds=300)
 
 _counter = 0
@@ -47,6 +55,12 @@ def read_env(name: str) -> str:
 @basic.task
 def raise_boom(message: str) -> int:
     raise Boom(message)
+    return 0
+
+
+@basic.task
+def raise_coded(code: int, detail: str) -> int:
+    raise CodedError(code, detail)
     return 0
 
 

@@ -97,6 +97,15 @@ def test_user_exception_is_reraised_with_its_original_type():
     assert pid_alive(t.whoami())
 
 
+def test_user_exception_that_cannot_be_rebuilt_from_its_args_keeps_its_type_and_attributes():
+    with pytest.raises(t.CodedError) as info:
+        t.raise_coded(code=42, detail="no such model")
+    e = info.value
+    assert (e.code, e.detail) == (42, "no such model")
+    assert "error 42: no such model" in str(e)
+    assert not isinstance(e, flytekitplugins_actor.ActorTaskFailed)
+
+
 def test_user_exception_in_a_workflow_keeps_its_type():
     with pytest.raises(t.Boom, match="from a workflow"):
         t.wf_boom()
