@@ -58,6 +58,13 @@ class ActorTask(PythonFunctionTask[ActorEnvironment]):
     def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
         return execution_env(self.task_config, settings)
 
+    def sandbox_execute(self, ctx: FlyteContext, input_literal_map: LiteralMap) -> LiteralMap:
+        """A local run: flytekit would make (and remove) a task sandbox dir per call in the driver, where nothing of
+        the task runs; the replica gives the execution its own."""
+        if _runs_here(ctx):
+            return super().sandbox_execute(ctx, input_literal_map)
+        return self.dispatch_execute(ctx, input_literal_map)
+
     def dispatch_execute(self, ctx: FlyteContext, input_literal_map: LiteralMap) -> LiteralMap:
         if _runs_here(ctx):
             return super().dispatch_execute(ctx, input_literal_map)
