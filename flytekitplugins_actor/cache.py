@@ -1,4 +1,5 @@
-"""`actor_cache`: per-replica memoization, so expensive setup (loading a model) happens once per replica."""
+"""State that outlives one execution on a replica: `actor_cache` (memoization, so expensive setup such as loading
+a model happens once per replica) and `replica_dir()` (files that must outlive the execution that wrote them)."""
 
 from __future__ import annotations
 
@@ -143,3 +144,13 @@ def actor_cache(fn: Optional[Callable] = None, *, maxsize: Optional[int] = None)
     if not callable(fn):
         raise TypeError(f"actor_cache decorates a function, got {fn!r}")
     return ActorCache(fn, maxsize)
+
+
+def replica_dir() -> str:
+    """A directory that lives as long as the replica: for files that must outlive the execution that wrote them.
+
+    An execution's own temp dir (`tempfile.gettempdir()` inside a task) is gone the moment the execution ends, so a
+    path into it must not be kept (in `actor_cache`, a global) for the next one: put such files here. Removed when
+    the replica stops. Outside a replica (in-process mode, plain Python) it is a dir of this process, removed at
+    its exit."""
+    return RUNTIME.dirs.state_dir()

@@ -55,6 +55,12 @@ class ExecutionDirs:
             self._root = tempfile.mkdtemp(prefix=f"flyte-actor-replica-{os.getpid()}-", dir=self._parent)
         return self._root
 
+    def state_dir(self) -> str:
+        """A dir for the whole life of this replica (see `flytekitplugins_actor.replica_dir`)."""
+        path = os.path.join(self.root, "replica")
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
     def take(self) -> str:
         """A prepared, empty execution dir (made now only when none is ready)."""
         with self._lock:

@@ -230,3 +230,34 @@ def write_report(stats: Stats) -> FlyteFile:
 @workflow
 def wf_files(f: FlyteFile) -> FlyteFile:
     return write_report(stats=count_words(f=f))
+
+
+# ---- state that outlives an execution: never an execution's temp dir, always replica_dir() ----
+import tempfile  # noqa: E402
+
+from flytekitplugins_actor import replica_dir  # noqa: E402
+
+
+@basic.task
+def file_in_execution_temp_dir(content: str) -> str:
+    path = os.path.join(tempfile.gettempdir(), "held.txt")
+    with open(path, "w") as fh:
+        fh.write(content)
+    return path
+
+
+@basic.task
+def file_in_replica_dir(content: str) -> str:
+    path = os.path.join(replica_dir(), "held.txt")
+    with open(path, "w") as fh:
+        fh.write(content)
+    return path
+
+
+@basic.task
+def read_file_or_gone(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return "<gone>"

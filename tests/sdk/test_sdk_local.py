@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import sdk_local_tasks as t
@@ -109,6 +110,22 @@ def test_user_exception_that_cannot_be_rebuilt_from_its_args_keeps_its_type_and_
 def test_user_exception_in_a_workflow_keeps_its_type():
     with pytest.raises(t.Boom, match="from a workflow"):
         t.wf_boom()
+
+
+# ---- state across executions ----
+@pytest.mark.parametrize("pause", [0.0, 0.3], ids=["next-at-once", "next-after-a-pause"])
+def test_an_execution_temp_dir_is_gone_when_it_ends_whatever_the_timing(pause):
+    path = t.file_in_execution_temp_dir(content="x")
+    time.sleep(pause)  # the scenario (a pause between executions), not synchronisation
+    assert t.read_file_or_gone(path=path) == "<gone>"
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.3], ids=["next-at-once", "next-after-a-pause"])
+def test_replica_dir_outlives_the_execution_that_wrote_it(pause):
+    path = t.file_in_replica_dir(content=f"kept-{pause}")
+    time.sleep(pause)  # the scenario (a pause between executions), not synchronisation
+    assert t.read_file_or_gone(path=path) == f"kept-{pause}"
+    assert t.file_in_replica_dir(content="again") == path  # the same dir for the replica's life
 
 
 # ---- data across the boundary ----
