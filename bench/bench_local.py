@@ -81,22 +81,15 @@ def read_output(output_prefix: str) -> int:
 
 
 def execute_args(inputs: str, output_prefix: str, raw: str, task: str = "noop") -> List[str]:
-    return [
-        "pyflyte-execute",
-        "--inputs",
-        inputs,
-        "--output-prefix",
-        output_prefix,
-        "--raw-output-data-prefix",
-        raw,
-        "--resolver",
-        RESOLVER,
-        "--",
-        "task-module",
-        "bench_tasks",
-        "task-name",
-        task,
-    ]
+    from flytekitplugins_actor.replica.command import ExecutionCommand
+
+    return ExecutionCommand.build(
+        inputs=inputs,
+        output_prefix=output_prefix,
+        raw_output_data_prefix=raw,
+        resolver=RESOLVER,
+        resolver_args=["task-module", "bench_tasks", "task-name", task],
+    ).to_args()
 
 
 def summary(times: List[float]) -> Dict[str, float]:

@@ -192,8 +192,13 @@ class ActorEnvironment:
         return hash(self.key())
 
     # ---- decorator ----
-    def task(self, _task_function: Optional[Callable] = None, **kwargs: Any):
-        """Declares an actor task in this environment; takes every per-task argument flytekit's @task takes."""
+    def task(self, _task_function: Optional[Callable] = None, *, sync: bool = False, **kwargs: Any):
+        """Declares an actor task in this environment; takes every per-task argument flytekit's @task takes.
+
+        `sync=True` puts the task on propeller's synchronous connector path (task type "actor_sync", see
+        ActorTask.on_sync_path): for short tasks on warm pools."""
+        if not isinstance(sync, bool):
+            raise TypeError(f"@{self.name}.task got sync={sync!r}: sync must be a bool")
         for arg in kwargs:
             if arg in ENVIRONMENT_OWNED_TASK_ARGS:
                 raise TypeError(
@@ -211,7 +216,7 @@ class ActorEnvironment:
                 )
             from flytekit import task
 
-            return task(
+            actor_task = task(
                 fn,
                 task_config=self,
                 container_image=self.container_image,
@@ -224,6 +229,7 @@ class ActorEnvironment:
                 interruptible=self.interruptible,
                 **kwargs,
             )
+            return actor_task.on_sync_path() if sync else actor_task
 
         return wrapper(_task_function) if _task_function is not None else wrapper
 

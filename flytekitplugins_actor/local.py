@@ -23,7 +23,9 @@ from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.errors import ActorTaskFailed, ExecutionCancelled, ReplicaDied
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec
-from flytekitplugins_actor.replica.execution import SYS_PATH_ENV, ExecutionSpec, identity_env
+from flytekitplugins_actor.replica.command import ExecutionCommand
+from flytekitplugins_actor.replica.execution import SYS_PATH_ENV, ExecutionSpec
+from flytekitplugins_actor.replica.identity import identity_env
 from flytekitplugins_actor.replica_logs import KEEP_RUNS, ReplicaOutput, prune_runs
 
 
@@ -246,19 +248,13 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap) ->
     output_prefix = os.path.join(workdir, "outputs")
     write_proto_to_file(inputs.to_flyte_idl(), inputs_path)
     resolver, loader_args = _loader(task, workdir)
-    args = [
-        "pyflyte-execute",
-        "--inputs",
-        inputs_path,
-        "--output-prefix",
-        output_prefix,
-        "--raw-output-data-prefix",
-        ctx.file_access.raw_output_prefix,
-        "--resolver",
-        resolver,
-        "--",
-        *loader_args,
-    ]
+    args = ExecutionCommand.build(
+        inputs=inputs_path,
+        output_prefix=output_prefix,
+        raw_output_data_prefix=ctx.file_access.raw_output_prefix,
+        resolver=resolver,
+        resolver_args=loader_args,
+    ).to_args()
     env = _identity(task)
     root = _module_root(task)
     if root:  # the pool's PYTHONPATH has the first task's root; another task of the environment may need its own
@@ -284,7 +280,7 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap) ->
         raise ReplicaDied(f"{where} failed: {execution.death}{after}")
     if execution.state is ExecutionState.CANCELLED:
         raise ExecutionCancelled(f"{where} was cancelled")
-    message = (execution.error or {}).get("message", "unknown error")
+    message = execution.error.message if execution.error is not None else "unknown error"
     exc = execution.exception()
     if exc is not None:
         exc.add_note(f"raised by {where}; replica traceback:\n{message}") if hasattr(exc, "add_note") else None

@@ -16,9 +16,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Deque, Dict, List, Optional
 
+from flytekit.loggers import logger
+
 from flytekitplugins_actor.replica.backend import Replica, ReplicaBackend, ReplicaDeath, ReplicaSpec, ReplicaState
+from flytekitplugins_actor.replica.error import ExecutionError
 from flytekitplugins_actor.replica.execution import ExecutionSpec
-from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient, RequestRefused
+from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient, ReplicaExecutionState, RequestRefused
 
 MAX_FAILED_STARTS = 3
 
@@ -27,7 +30,7 @@ class ExecutionState(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
-    FAILED = "failed"  # the task failed: error carries the ContainerError fields
+    FAILED = "failed"  # the task failed: error says why
     CANCELLED = "cancelled"
     REPLICA_DIED = "replica_died"  # the replica died or vanished mid-execution: death says how
 
@@ -42,7 +45,7 @@ class Execution:
 
     spec: ExecutionSpec
     state: ExecutionState = ExecutionState.QUEUED
-    error: Optional[dict] = None
+    error: Optional[ExecutionError] = None
     death: Optional[ReplicaDeath] = None
     replica: Optional[str] = None
     log_uri: Optional[str] = None
@@ -138,12 +141,9 @@ class _Slot:
             try:  # e.g. the connector's durable 'started' marker: written before the replica may run anything
                 execution.before_dispatch(execution)
             except Exception as e:
-                error = {
-                    "code": "DispatchFailed",
-                    "message": f"could not record the dispatch of {spec.execution_id}: {e}",
-                    "origin": "SYSTEM",
-                    "recoverable": True,
-                }
+                error = ExecutionError.system(
+                    "DispatchFailed", f"could not record the dispatch of {spec.execution_id}: {e}"
+                )
                 self.pool._finish(self, execution, ExecutionState.FAILED, error=error)
                 return True
             if execution.cancel_requested:  # cancelled while the hook ran
@@ -153,12 +153,9 @@ class _Slot:
             self.client.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)
         except RequestRefused as e:
             if not e.transient:  # the replica will refuse it again: fail it, keep the replica
-                error = {
-                    "code": "SubmitRefused",
-                    "message": f"replica {self.replica.name} refused the execution: {e}",
-                    "origin": "SYSTEM",
-                    "recoverable": False,
-                }
+                error = ExecutionError.system(
+                    "SubmitRefused", f"replica {self.replica.name} refused the execution: {e}", recoverable=False
+                )
                 self.pool._finish(self, execution, ExecutionState.FAILED, error=error)
                 return True
             self.pool._requeue(self, execution)
@@ -177,13 +174,25 @@ class _Slot:
             self.pool._finish(self, execution, ExecutionState.REPLICA_DIED, death=death)
             self.replica.terminate(0)
             return False
-        state = {
-            "succeeded": ExecutionState.SUCCEEDED,
-            "failed": ExecutionState.FAILED,
-            "cancelled": ExecutionState.CANCELLED,
-        }.get(reply.get("state"), ExecutionState.FAILED)
-        self.pool._finish(self, execution, state, error=reply.get("error"), exception_payload=reply.get("exception"))
+        try:
+            state = _ENDED[ReplicaExecutionState.from_wire(reply.get("state"))]
+            error = None if reply.get("error") is None else ExecutionError.from_wire(reply["error"])
+        except (KeyError, ValueError, ProtocolError) as e:  # a replica that breaks the protocol is not trusted again
+            message = f"replica {self.replica.name} answered wait for {spec.execution_id} with {reply!r}: {e}"
+            error = ExecutionError.system("ProtocolError", message)
+            self.pool._finish(self, execution, ExecutionState.FAILED, error=error)
+            self.replica.terminate(0)
+            return False
+        self.pool._finish(self, execution, state, error=error, exception_payload=reply.get("exception"))
         return True
+
+
+_ENDED = {
+    ReplicaExecutionState.SUCCEEDED: ExecutionState.SUCCEEDED,
+    ReplicaExecutionState.FAILED: ExecutionState.FAILED,
+    ReplicaExecutionState.CANCELLED: ExecutionState.CANCELLED,
+}
+"""How an ended execution's replica state maps to the pool's; `wait` answers only these (it has no timeout)."""
 
 
 class ReplicaPool:
@@ -474,15 +483,22 @@ class PoolRegistry:
 
     def _reap_forever(self) -> None:
         while not self._stop.wait(self.reap_interval_s):
-            self.reap()
+            try:
+                self.reap()
+            except Exception:  # never let one round's failure end the reaper: no pool would be torn down again
+                logger.exception("actor pool reaper: a reaping round failed; carrying on")
 
     def reap(self) -> int:
-        """Tears down pools idle past their ttl; returns how many."""
+        """Tears down pools idle past their ttl; returns how many. A pool that cannot be checked or stopped is
+        logged and skipped: one bad pool never keeps the others alive."""
         with self._lock:
-            closed = [k for k, p in self._pools.items() if p.close_if_expired()]
+            closed = [k for k, p in self._pools.items() if _closes(p)]
             pools = [self._pools.pop(k) for k in closed]
         for p in pools:
-            p.shutdown()
+            try:
+                p.shutdown()
+            except Exception:
+                logger.exception("actor pool reaper: could not shut down pool %s (%s)", p.name, p.key)
         self.reaped += len(pools)
         return len(pools)
 
@@ -504,3 +520,12 @@ class PoolRegistry:
             pools, self._pools = list(self._pools.values()), {}
         for p in pools:
             p.shutdown(grace_seconds=1.0)
+
+
+def _closes(pool: ReplicaPool) -> bool:
+    """pool.close_if_expired(), logging (not raising) a pool that cannot say, so the reaper carries on."""
+    try:
+        return pool.close_if_expired()
+    except Exception:
+        logger.exception("actor pool reaper: cannot check pool %s (%s) for expiry; skipping it", pool.name, pool.key)
+        return False

@@ -11,7 +11,7 @@ from flytekit.core.python_function_task import PythonFunctionTask
 from flytekit.extend import TaskPlugins
 from flytekit.models.literals import LiteralMap
 
-from flytekitplugins_actor.constants import ACTOR_TASK_TYPE
+from flytekitplugins_actor.constants import ACTOR_SYNC_TASK_TYPE, ACTOR_TASK_TYPE
 from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.errors import make_portable
 from flytekitplugins_actor.replica.execution import RUNTIME
@@ -54,6 +54,17 @@ class ActorTask(PythonFunctionTask[ActorEnvironment]):
     @property
     def environment_key(self) -> str:
         return self.task_config.key()
+
+    @property
+    def sync(self) -> bool:
+        """True when the task takes propeller's synchronous connector path (task type "actor_sync")."""
+        return self.task_type == ACTOR_SYNC_TASK_TYPE
+
+    def on_sync_path(self) -> "ActorTask":
+        """Serializes this task as "actor_sync" (same custom): propeller then runs it with one ExecuteTaskSync call
+        and finishes the node in the same round, instead of polling GetTask. Local runs are unchanged."""
+        self._task_type = ACTOR_SYNC_TASK_TYPE
+        return self
 
     def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
         return execution_env(self.task_config, settings)

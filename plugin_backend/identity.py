@@ -13,7 +13,7 @@ from typing import Dict, Optional
 
 from flytekit.models.task import TaskExecutionMetadata
 
-from flytekitplugins_actor.replica.execution import identity_env as _env
+from flytekitplugins_actor.replica.identity import identity_env as _env
 
 LOCAL_NAMESPACE = "local"
 DEFAULT_SERVICE_ACCOUNT = "default"

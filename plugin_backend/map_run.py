@@ -18,7 +18,8 @@ from typing import Callable, Dict, List, Optional
 from flyteidl.core import literals_pb2
 
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
-from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_document, write_error_document
+from flytekitplugins_actor.replica.error import ExecutionError, read_error_document, write_error_document
+from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend import metrics, store
 from plugin_backend.map_plan import MapPlan, item_args
 from plugin_backend.template import ActorTemplate
@@ -87,10 +88,8 @@ class MapRun:
             for i, kind in self.record.finished_items(self.n).items():
                 self.results[i] = kind
                 if kind == "error":
-                    self.errors[i] = read_error_document(self.record.item_prefix(i)) or {
-                        "message": "failed",
-                        "recoverable": False,
-                    }
+                    error = read_error_document(self.record.item_prefix(i))
+                    self.errors[i] = error.to_wire() if error else {"message": "failed", "recoverable": False}
             self.resumed = len(self.results)
             pending = self._pending
             pending.extend(i for i in range(self.n) if i not in self.results)
@@ -147,7 +146,9 @@ class MapRun:
             self.results[i] = "outputs"
         elif state is ExecutionState.FAILED:
             self.results[i] = "error"
-            self.errors[i] = execution.error or {"message": "failed", "recoverable": False}
+            self.errors[i] = (
+                execution.error.to_wire() if execution.error else {"message": "failed", "recoverable": False}
+            )
         elif state is ExecutionState.REPLICA_DIED:
             self.results[i] = "error"
             self.errors[i] = {
@@ -212,7 +213,9 @@ class MapRun:
                 origin = "SYSTEM" if recoverable else "USER"
                 write_error_document(
                     self.record.prefix,
-                    {"code": "MapItemsFailed", "message": message, "origin": origin, "recoverable": recoverable},
+                    ExecutionError.from_wire(
+                        {"code": "MapItemsFailed", "message": message, "origin": origin, "recoverable": recoverable}
+                    ),
                 )
         except Exception:
             log.exception("map %s: could not write its error document under %s", self.execution_id, self.record.prefix)

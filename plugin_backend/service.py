@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 from flyteidl.core import literals_pb2
@@ -19,7 +19,8 @@ from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
-from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_document
+from flytekitplugins_actor.replica.error import ExecutionError, read_error_document
+from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
 from plugin_backend.identity import identity_of
@@ -27,7 +28,9 @@ from plugin_backend.map_plan import MapPlan
 from plugin_backend.map_run import MapRun
 from plugin_backend.meta import MAX_META_BYTES, ActorResourceMeta
 from plugin_backend.pools import PoolKey, PoolManager
-from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ActorTemplate, parse_template
+from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ACTOR_SYNC_TASK_TYPE, ActorTemplate, parse_template
+
+TERMINAL_PHASES = (TaskExecution.SUCCEEDED, TaskExecution.FAILED, TaskExecution.RETRYABLE_FAILED, TaskExecution.ABORTED)
 
 KEEP_TERMINAL_S = 600.0
 """How long a finished execution is answered from memory; after that, from storage."""
@@ -214,6 +217,81 @@ class ActorService:
                 continue
         raise RuntimeError(f"pool for {entry.template.env_name} kept closing")
 
+    # ---- sync path ----
+    def execute_sync(
+        self,
+        task_template: TaskTemplate,
+        output_prefix: str,
+        inputs: Optional[LiteralMap],
+        task_execution_metadata: Optional[TaskExecutionMetadata],
+        budget_s: float,
+    ) -> Status:
+        """Runs an `actor_sync` execution and answers with a terminal status (outputs inline): propeller keeps no
+        resource meta for a sync task, so it cannot poll a non-terminal answer later. Same pools, queue, replicas
+        and idempotency record as `actor`. Past `budget_s` the execution is cancelled and the answer is
+        RETRYABLE_FAILED saying why and what to change."""
+        deadline = time.monotonic() + budget_s
+        meta = self.create(task_template, output_prefix, inputs, task_execution_metadata, ACTOR_SYNC_TASK_TYPE)
+        while True:
+            status = self.get(meta)
+            if status.phase in TERMINAL_PHASES:
+                return self._sync_answer(meta, status)
+            with self._lock:
+                entry = self._entries.get(meta.execution_id)
+            execution = entry.execution if entry is not None else None
+            remaining = deadline - time.monotonic()
+            if execution is None or remaining <= 0:
+                return self._sync_timeout(meta, entry, budget_s)
+            execution.wait(remaining)
+
+    @staticmethod
+    def _sync_answer(meta: ActorResourceMeta, status: Status) -> Status:
+        if status.phase == TaskExecution.SUCCEEDED and status.outputs is None:
+            data = store.read_bytes(store.join(meta.output_prefix, "outputs.pb"))
+            if data is not None:
+                status = replace(status, outputs=literals_pb2.LiteralMap.FromString(data))
+        elif status.phase == TaskExecution.ABORTED:  # only our own budget cancels a sync execution
+            status = replace(status, phase=TaskExecution.RETRYABLE_FAILED)
+        return status
+
+    def _sync_timeout(self, meta: ActorResourceMeta, entry: Optional[_Entry], budget_s: float) -> Status:
+        """Cancels an execution that outlived the sync budget; the answer says why and what to change."""
+        env = meta.env
+        change = (
+            f"raise FLYTE_ACTOR_SYNC_BUDGET_S on the connector (now {budget_s:g}s; keep propeller's "
+            "connector timeouts.ExecuteTaskSync above it), or take this task off the sync path (@env.task without "
+            "sync=True)"
+        )
+        execution = entry.execution if entry is not None else None
+        if execution is not None and execution.state is ExecutionState.RUNNING:
+            reason = (
+                f"task too long for the sync path: it ran on replica {execution.replica} longer than the sync "
+                f"budget of {budget_s:g}s and was cancelled. Tasks that long belong on the async path: {change}"
+            )
+        else:
+            pool = self.manager.find(entry.key) if entry is not None else None
+            stats = pool.stats() if pool is not None else {"starting": 0, "busy": 0, "idle": 0, "queued": 0}
+            if stats["starting"] and not stats["busy"] and not stats["idle"]:
+                reason = (
+                    f"pool still starting: no replica of actor environment {env} was ready within the sync budget "
+                    f"of {budget_s:g}s ({stats['starting']} starting; they keep starting, so a retry finds them "
+                    f"warm). Warm the environment before sync tasks need it (an async task of it, or a longer "
+                    f"ttl_seconds), or {change}"
+                )
+            else:
+                reason = (
+                    f"no replica of actor environment {env} was free within the sync budget of {budget_s:g}s "
+                    f"({stats['busy']} busy, {stats['queued']} queued): raise its replica_count, or {change}"
+                )
+        self.delete(meta)
+        after = self.get(meta)
+        if after.phase != TaskExecution.ABORTED:  # it finished just as the budget ran out: that result stands
+            return self._sync_answer(meta, after)
+        status = Status(TaskExecution.RETRYABLE_FAILED, reason, after.log_links)
+        if entry is not None:  # a repeated ExecuteTaskSync of this attempt gets the same answer
+            entry.final, entry.final_at = status, time.monotonic()
+        return status
+
     # ---- get ----
     def get(self, meta: ActorResourceMeta) -> Status:
         self._gc()
@@ -224,12 +302,7 @@ class ActorService:
         if entry.final is not None:
             return entry.final
         status = self._map_status(entry) if entry.map_run is not None else self._status(entry)
-        if status.phase in (
-            TaskExecution.SUCCEEDED,
-            TaskExecution.FAILED,
-            TaskExecution.RETRYABLE_FAILED,
-            TaskExecution.ABORTED,
-        ):
+        if status.phase in TERMINAL_PHASES:
             entry.final, entry.final_at = status, time.monotonic()
             pool = self.manager.find(entry.key)
             if entry.execution is not None and pool is not None:
@@ -275,7 +348,7 @@ class ActorService:
         if state is ExecutionState.SUCCEEDED:
             return Status(TaskExecution.SUCCEEDED, f"succeeded on replica {e.replica}", links)
         if state is ExecutionState.FAILED:
-            return self._failure(e.error or {}, f"on replica {e.replica}", links)
+            return self._failure(e.error, f"on replica {e.replica}", links)
         if state is ExecutionState.CANCELLED:
             return Status(TaskExecution.ABORTED, "aborted", links)
         # REPLICA_DIED
@@ -287,10 +360,11 @@ class ActorService:
         )
 
     @staticmethod
-    def _failure(error: dict, where: str, links: List[TaskLog]) -> Status:
-        phase = TaskExecution.RETRYABLE_FAILED if error.get("recoverable") else TaskExecution.FAILED
-        code = error.get("code") or "Error"
-        return Status(phase, f"[{code}] {where}: {error.get('message', 'unknown error')}", links)
+    def _failure(error: Optional[ExecutionError], where: str, links: List[TaskLog]) -> Status:
+        if error is None:
+            return Status(TaskExecution.FAILED, f"[Error] {where}: unknown error", links)
+        phase = TaskExecution.RETRYABLE_FAILED if error.recoverable else TaskExecution.FAILED
+        return Status(phase, f"[{error.code or 'Error'}] {where}: {error.message}", links)
 
     def _map_status(self, entry: _Entry) -> Status:
         run = entry.map_run
@@ -303,8 +377,8 @@ class ActorService:
                 links,
                 custom_info=info,
             )
-        if run.phase == "succeeded":
-            return Status(TaskExecution.SUCCEEDED, run.message, links, outputs=run.outputs, custom_info=info)
+        if run.phase == "succeeded":  # outputs by reference: propeller reads outputs.pb (an answer has a 4 MiB limit)
+            return Status(TaskExecution.SUCCEEDED, run.message, links, custom_info=info)
         if run.phase == "aborted":
             return Status(TaskExecution.ABORTED, run.message, links, custom_info=info)
         phase = TaskExecution.RETRYABLE_FAILED if run.recoverable else TaskExecution.FAILED
@@ -315,7 +389,7 @@ class ActorService:
         """Answers for an execution this process did not create, from storage; re-enqueues or resumes if it must."""
         record = store.ExecutionRecord(meta.output_prefix)
         if record.has_error():
-            return self._failure(read_error_document(meta.output_prefix) or {}, "recorded in error.pb", [])
+            return self._failure(read_error_document(meta.output_prefix), "recorded in error.pb", [])
         if record.has_outputs():
             return Status(TaskExecution.SUCCEEDED, "succeeded (answered from storage)")
         if record.marker(store.ABORTED) is not None:

@@ -23,11 +23,16 @@ import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
+from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError
 from flytekitplugins_actor.replica.execution import RUNTIME, ExecutionOutcome, ExecutionSpec
 from flytekitplugins_actor.replica.protocol import (
     PROTOCOL_VERSION,
     TOKEN_ENV,
     ProtocolError,
+    Refusal,
+    RefusalCode,
+    ReplicaActivity,
+    ReplicaExecutionState,
     recv_message,
     send_message,
     token_matches,
@@ -51,9 +56,6 @@ def _raise_cancel(signum, frame):
         raise KeyboardInterrupt(f"execution cancelled (signal {signum})")
 
 
-_CANCELLED = {"code": "ABORTED", "message": "execution was cancelled", "origin": "USER", "recoverable": False}
-
-
 class ReplicaTerminated(BaseException):
     """Raised into a running execution when the replica is told to stop (SIGTERM)."""
 
@@ -75,19 +77,19 @@ class Worker:
     # ---- control plane (server threads) ----
     def handle(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         if not token_matches(self.token, msg.get("token")):
-            return {"ok": False, "code": "UNAUTHENTICATED", "error": "bad or missing pool token"}
+            return Refusal(RefusalCode.UNAUTHENTICATED, "bad or missing pool token").to_wire()
         op = msg.get("op")
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
-            return {
-                "ok": False,
-                "code": "INVALID_ARGUMENT",
-                "error": f"unknown op {op!r}; expected submit, status, wait, cancel or health",
-            }
+            return Refusal(
+                RefusalCode.INVALID_ARGUMENT, f"unknown op {op!r}; expected submit, status, wait, cancel or health"
+            ).to_wire()
         try:
             return {"ok": True, **handler(msg)}
+        except Refusal as e:
+            return e.to_wire()
         except (KeyError, TypeError, ValueError) as e:
-            return {"ok": False, "code": "INVALID_ARGUMENT", "error": f"{op}: {e}"}
+            return Refusal(RefusalCode.INVALID_ARGUMENT, f"{op}: {e}").to_wire()
 
     def _state_of(self, execution_id: str, include_exception: bool = False) -> Dict[str, Any]:
         outcome = self._outcomes.get(execution_id)
@@ -97,10 +99,12 @@ class Worker:
                 wire["exception"] = _pickle_exception(outcome.exception)
             return wire
         if execution_id == self._running:
-            return {"execution_id": execution_id, "state": "running"}
-        if execution_id in self._accepted:
-            return {"execution_id": execution_id, "state": "accepted"}
-        return {"execution_id": execution_id, "state": "unknown"}
+            state = ReplicaExecutionState.RUNNING
+        elif execution_id in self._accepted:
+            state = ReplicaExecutionState.ACCEPTED
+        else:
+            state = ReplicaExecutionState.UNKNOWN
+        return {"execution_id": execution_id, "state": state.value}
 
     def op_health(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         with self._lock:
@@ -109,7 +113,13 @@ class Worker:
                 "replica": self.name,
                 "pid": os.getpid(),
                 "protocol": PROTOCOL_VERSION,
-                "state": "stopping" if self.stopping else ("busy" if busy else "idle"),
+                "state": (
+                    ReplicaActivity.STOPPING
+                    if self.stopping
+                    else ReplicaActivity.BUSY
+                    if busy
+                    else ReplicaActivity.IDLE
+                ).value,
                 "running": self._running,
                 "executions": RUNTIME.executions,
                 "code_version": RUNTIME.code_version,
@@ -124,18 +134,19 @@ class Worker:
         spec.parsed()  # refuse a malformed command now, not on the main thread
         with self._lock:
             known = self._state_of(spec.execution_id)
-            if known["state"] != "unknown":  # idempotent: the same execution is never run twice
+            if known["state"] != ReplicaExecutionState.UNKNOWN.value:  # idempotent: never run twice
                 return known
             if self.stopping:
-                raise ValueError("replica is stopping")
+                raise Refusal(RefusalCode.STOPPING, "replica is stopping")
             if self._running is not None or self._accepted:
-                raise ValueError(
+                raise Refusal(
+                    RefusalCode.BUSY,
                     f"replica is busy with {self._running or next(iter(self._accepted))}; "
-                    "it runs one execution at a time"
+                    "it runs one execution at a time",
                 )
             self._accepted[spec.execution_id] = spec
         self._queue.put(spec)
-        return {"execution_id": spec.execution_id, "state": "accepted"}
+        return {"execution_id": spec.execution_id, "state": ReplicaExecutionState.ACCEPTED.value}
 
     def op_status(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         with self._lock:
@@ -146,7 +157,11 @@ class Worker:
         timeout = msg.get("timeout")
         with self._lock:
             self._lock.wait_for(
-                lambda: execution_id in self._outcomes or self._state_of(execution_id)["state"] == "unknown", timeout
+                lambda: (
+                    execution_id in self._outcomes
+                    or self._state_of(execution_id)["state"] == ReplicaExecutionState.UNKNOWN.value
+                ),
+                timeout,
             )
             return self._state_of(execution_id, bool(msg.get("include_exception")))
 
@@ -154,18 +169,8 @@ class Worker:
         execution_id = str(msg["execution_id"])
         with self._lock:
             if self._accepted.pop(execution_id, None) is not None:
-                self._record(
-                    ExecutionOutcome(
-                        execution_id,
-                        "cancelled",
-                        error={
-                            "code": "ABORTED",
-                            "message": "cancelled before it started",
-                            "origin": "USER",
-                            "recoverable": False,
-                        },
-                    )
-                )
+                error = ExecutionError.user("ABORTED", "cancelled before it started")
+                self._record(ExecutionOutcome(execution_id, ReplicaExecutionState.CANCELLED, error=error))
             elif self._running == execution_id and execution_id not in self._cancelled:
                 self._cancelled.add(execution_id)  # seen by the main thread even if the signal lands late
                 _thread.interrupt_main(CANCEL_SIGNAL)
@@ -213,9 +218,9 @@ class Worker:
                 finally:
                     _CANCEL_ARMED[0] = False
             except KeyboardInterrupt:  # a cancel that landed around the task, not in it
-                outcome = ExecutionOutcome(spec.execution_id, "cancelled", error=dict(_CANCELLED))
+                outcome = ExecutionOutcome(spec.execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED)
             print(
-                f"[actor-replica {self.name}] execution {spec.execution_id} {outcome.state} "
+                f"[actor-replica {self.name}] execution {spec.execution_id} {outcome.state.value} "
                 f"in {outcome.duration_s:.4f}s",
                 flush=True,
             )

@@ -13,7 +13,7 @@ from plugin_backend.errors import InvalidActorRequest, InvalidResourceMeta, Inva
 from plugin_backend.identity import identity_of
 from plugin_backend.map_plan import MapPlan, item_args
 from plugin_backend.meta import ActorResourceMeta
-from plugin_backend.template import parse_template
+from plugin_backend.template import DEFAULT_TTL_SECONDS, parse_template
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -353,3 +353,41 @@ def test_pod_template_task_parses_from_its_primary_container_and_round_trips(tmp
     a.template.config["primary_container_name"] = "nope"
     with pytest.raises(InvalidTaskTemplate, match="no primary container named 'nope'"):
         parse_template(TaskTemplate.from_flyte_idl(a.template), "actor")
+
+
+def test_union_sdk_nulls_mean_the_defaults(tmp_path):
+    a, tt = _template(t.add, str(tmp_path), a=1, b=2)
+    tt.custom["spec"] = {
+        "container_image": None,
+        "replica_count": None,
+        "ttl_seconds": None,
+        "parallelism": None,
+        "backlog_length": None,
+    }
+    parsed = parse_template(tt, "actor")
+    assert parsed.replica_count == 1 and parsed.ttl_seconds == DEFAULT_TTL_SECONDS
+    assert parsed.image == a.template.container.image  # a null image falls back to the container's
+
+
+def test_the_pool_reaper_survives_a_pool_that_cannot_say_whether_it_expired(tmp_path):
+    from harness import wait_for
+
+    from flytekitplugins_actor.pool import ReplicaPool
+    from flytekitplugins_actor.replica.backend import LocalProcessBackend
+    from plugin_backend.pools import PoolManager
+
+    manager = PoolManager(LocalProcessBackend(), state_dir=str(tmp_path))
+    manager.reap_interval_s = 0.02
+    try:
+
+        def pool(key, ttl):
+            return manager._pool(key, lambda: ReplicaPool(key, manager.backend, lambda n, tok: None, 1, ttl))
+
+        pool("bad", None)  # what a null ttl_seconds used to become: expired() raises TypeError
+        pool("short-1", 0)
+        wait_for(lambda: manager.get("short-1") is None, 10, "the expired pool to be reaped beside the bad one")
+        pool("short-2", 0)  # the reaper is still alive for pools that come later
+        wait_for(lambda: manager.get("short-2") is None, 10, "a later expired pool to be reaped too")
+        assert manager.get("bad") is not None
+    finally:
+        manager.shutdown()

@@ -15,6 +15,7 @@ from sdk_helpers import pid_alive, wait_until
 
 from flytekitplugins_actor.pool import ExecutionState, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaBackend, ReplicaSpec, ReplicaState
+from flytekitplugins_actor.replica.command import ExecutionCommand
 from flytekitplugins_actor.replica.execution import ExecutionSpec
 from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient
 
@@ -29,23 +30,14 @@ def execution(tmp, task, **inputs) -> ExecutionSpec:
     os.makedirs(d)
     lm = TypeEngine.dict_to_literal_map(FlyteContextManager.current_context(), inputs, task.python_interface.inputs)
     write_proto_to_file(lm.to_flyte_idl(), os.path.join(d, "inputs.pb"))
-    args = [
-        "pyflyte-execute",
-        "--inputs",
-        os.path.join(d, "inputs.pb"),
-        "--output-prefix",
-        os.path.join(d, "out"),
-        "--raw-output-data-prefix",
-        os.path.join(d, "raw"),
-        "--resolver",
-        RESOLVER,
-        "--",
-        "task-module",
-        task.task_function.__module__,
-        "task-name",
-        task.task_function.__name__,
-    ]
-    return ExecutionSpec(execution_id, args, {})
+    command = ExecutionCommand.build(
+        inputs=os.path.join(d, "inputs.pb"),
+        output_prefix=os.path.join(d, "out"),
+        raw_output_data_prefix=os.path.join(d, "raw"),
+        resolver=RESOLVER,
+        resolver_args=["task-module", task.task_function.__module__, "task-name", task.task_function.__name__],
+    )
+    return ExecutionSpec(execution_id, command.to_args(), {})
 
 
 def make_pool(tmp, backend=None, size=1, ttl=300):
@@ -73,7 +65,7 @@ def test_a_submit_the_replica_refuses_fails_that_execution_and_keeps_the_replica
     refused = pool.submit(bad)
     assert refused.wait(30)
     assert refused.state is ExecutionState.FAILED
-    assert refused.error["code"] == "SubmitRefused" and "--bogus-option" in refused.error["message"]
+    assert refused.error.code == "SubmitRefused" and "--bogus-option" in refused.error.message
     after = pool.submit(execution(tmp_path, tasks.pid))
     assert after.wait(60) and after.state is ExecutionState.SUCCEEDED
     assert after.replica == first.replica  # the same warm replica: it was not restarted

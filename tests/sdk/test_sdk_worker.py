@@ -16,6 +16,7 @@ from flytekit.models.literals import LiteralMap
 from sdk_helpers import pid_alive, wait_until
 
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
+from flytekitplugins_actor.replica.command import ExecutionCommand
 from flytekitplugins_actor.replica.protocol import AuthenticationError, ReplicaClient, recv_message, send_message
 
 pytestmark = pytest.mark.timeout(120)
@@ -45,7 +46,7 @@ class Worker:
     def request(self, op, **fields):
         return self.client.request(op, **fields)
 
-    def args(self, task, execution_id=None, module=None, name=None, prefix=(), **inputs):
+    def args(self, task, execution_id=None, module=None, name=None, distribution=None, dest_dir=None, **inputs):
         """pyflyte-execute args for `task` with `inputs`, as a pod's container would get them."""
         execution_id = execution_id or uuid.uuid4().hex
         d = os.path.join(self.tmp, "executions", execution_id)
@@ -54,24 +55,21 @@ class Worker:
         lm = TypeEngine.dict_to_literal_map(ctx, inputs, task.python_interface.inputs if task else {})
         write_proto_to_file(lm.to_flyte_idl(), os.path.join(d, "inputs.pb"))
         out = os.path.join(d, "out")
-        args = [
-            *prefix,
-            "pyflyte-execute",
-            "--inputs",
-            os.path.join(d, "inputs.pb"),
-            "--output-prefix",
-            out,
-            "--raw-output-data-prefix",
-            os.path.join(d, "raw"),
-            "--resolver",
-            RESOLVER,
-            "--",
-            "task-module",
-            module or task.task_function.__module__,
-            "task-name",
-            name or task.task_function.__name__,
-        ]
-        return execution_id, args, out
+        command = ExecutionCommand.build(
+            inputs=os.path.join(d, "inputs.pb"),
+            output_prefix=out,
+            raw_output_data_prefix=os.path.join(d, "raw"),
+            resolver=RESOLVER,
+            resolver_args=[
+                "task-module",
+                module or task.task_function.__module__,
+                "task-name",
+                name or task.task_function.__name__,
+            ],
+            distribution=distribution,
+            dest_dir=dest_dir,
+        )
+        return execution_id, command.to_args(), out
 
     def run(self, task, env=None, **inputs):
         """Submits one execution, waits for it, returns (reply, output prefix)."""
@@ -408,8 +406,17 @@ def test_fast_registered_code_is_activated_once_and_other_versions_are_refused(t
         dest.mkdir()
 
         def run(dist):
-            prefix = ["pyflyte-fast-execute", "--additional-distribution", dist, "--dest-dir", str(dest), "--"]
-            execution_id, args, out = w.args(None, module="sdk_fastmod", name="where", prefix=prefix)
+            execution_id, args, out = w.args(
+                None, module="sdk_fastmod", name="where", distribution=dist, dest_dir=str(dest)
+            )
+            assert args[:6] == [
+                "pyflyte-fast-execute",
+                "--additional-distribution",
+                dist,
+                "--dest-dir",
+                str(dest),
+                "--",
+            ]
             w.request("submit", execution_id=execution_id, args=args)
             return w.request("wait", execution_id=execution_id, timeout=60), out
 
