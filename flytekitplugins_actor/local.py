@@ -21,6 +21,7 @@ from flytekit.models.literals import LiteralMap
 
 from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.errors import ActorTaskFailed, ExecutionCancelled, ReplicaDied
+from flytekitplugins_actor.literals import literal_map_from_pb
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec
 from flytekitplugins_actor.replica.command import ExecutionCommand
@@ -269,7 +270,7 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap) ->
     if execution.state is ExecutionState.SUCCEEDED:
         from flyteidl.core import literals_pb2
 
-        return LiteralMap.from_flyte_idl(
+        return literal_map_from_pb(  # kept as protobuf: in a workflow it usually goes straight to the next task
             load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb"))
         )
     where = f"actor task {task.name!r}" + (
