@@ -23,6 +23,7 @@ from flytekitplugins_actor.replica.sandbox import (
     engine_dir_error_file,
     execution_context,
     fast_path_applies,
+    use_frugal_serialization,
 )
 
 SYS_PATH_ENV = "FLYTE_ACTOR_SYS_PATH"
@@ -113,6 +114,8 @@ class ReplicaRuntime:
         self.current, self.last_exception = spec, None
         outcome: Optional[ExecutionOutcome] = None
         fast = fast_path_applies()
+        if not self.executions:  # the first execution of this process: it is a replica
+            use_frugal_serialization()
         try:
             os.environ.update(spec.env)
             for path in spec.env.get(SYS_PATH_ENV, "").split(os.pathsep):  # a local driver's module roots

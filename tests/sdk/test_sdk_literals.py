@@ -34,3 +34,18 @@ def test_fields_set_before_reading_are_kept():
     assert lazy.hash == "h1" and lazy.metadata == {"k": "v"} and lazy.scalar.primitive.integer == 3
     pb = lazy.to_flyte_idl()
     assert pb.hash == "h1" and dict(pb.metadata) == {"k": "v"} and pb.scalar.primitive.integer == 3
+
+
+def test_frugal_serialization_builds_the_same_messages():
+    import typing
+
+    from flytekit.models.literals import LiteralCollection
+
+    from flytekitplugins_actor.replica.sandbox import _collection_to_flyte_idl, _map_to_flyte_idl
+
+    t = typing.Dict[str, typing.List[typing.Optional[float]]]
+    model = _literal({"a": [1.0, None, 2.5], "b": [], "c": [3.0]}, t)
+    assert _map_to_flyte_idl(model.map) == model.map.to_flyte_idl()
+    for name, lit in model.map.literals.items():
+        assert _collection_to_flyte_idl(lit.collection) == lit.collection.to_flyte_idl(), name
+    assert _collection_to_flyte_idl(LiteralCollection([])) == LiteralCollection([]).to_flyte_idl()
