@@ -160,6 +160,12 @@ def _python_path(module_root: Optional[str] = None) -> str:
 
 def _module_root(task) -> Optional[str]:
     """The sys.path entry the task's module was imported from: `pyflyte run` adds it only while loading the file."""
+    if "_actor_module_root" not in task.__dict__:  # a module's file does not move: once per task
+        task.__dict__["_actor_module_root"] = _find_module_root(task)
+    return task.__dict__["_actor_module_root"]
+
+
+def _find_module_root(task) -> Optional[str]:
     module = sys.modules.get(getattr(task, "instantiated_in", None) or task.task_function.__module__)
     path = getattr(module, "__file__", None)
     if not path or module.__name__ == "__main__":
