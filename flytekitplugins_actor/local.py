@@ -288,7 +288,7 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap) ->
     if execution.state is ExecutionState.CANCELLED:
         raise ExecutionCancelled(f"{where} was cancelled")
     message = execution.error.message if execution.error is not None else "unknown error"
-    exc = execution.exception()
+    exc = execution.task_exception()
     if exc is not None:
         exc.add_note(f"raised by {where}; replica traceback:\n{message}") if hasattr(exc, "add_note") else None
         raise exc

@@ -52,10 +52,6 @@ class ActorTask(PythonFunctionTask[ActorEnvironment]):
         )
 
     @property
-    def environment_key(self) -> str:
-        return self.task_config.key()
-
-    @property
     def sync(self) -> bool:
         """True when the task takes propeller's synchronous connector path (task type "actor_sync")."""
         return self.task_type == ACTOR_SYNC_TASK_TYPE

@@ -12,6 +12,6 @@ try:
     from plugin_backend.connector import ActorConnector, ActorMapConnector  # noqa: F401  (registers both)
     from plugin_backend.sync_connector import ActorSyncConnector  # noqa: F401  (registers actor_sync)
 except ImportError as e:  # pragma: no cover - the connector extra (prometheus_client, grpcio) is not installed
-    import logging
+    from flytekit.loggers import logger
 
-    logging.getLogger(__name__).debug("actor connector not registered: %s", e)
+    logger.debug("actor connector not registered (install flytekitplugins-actor[connector]): %s", e)

@@ -15,8 +15,9 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
-from flytekitplugins_actor.pool import PoolRegistry, ReplicaPool
+from flytekitplugins_actor.pool import Execution, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaBackend, ReplicaSpec
+from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend.template import ActorTemplate
 
 BACKEND_ENV = "FLYTE_ACTOR_BACKEND"
@@ -118,16 +119,21 @@ class PoolManager(PoolRegistry):
         self.log_dir = os.path.join(self.state_dir, "logs")
 
     def pool_for(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
-        return self._pool(
+        """The pool for a key, created (no replica started yet) if there is none: for callers about to submit."""
+        return self._pool(key.digest, lambda: self._new_pool(key, template))
+
+    def submit_for(self, key: PoolKey, template: ActorTemplate, spec: ExecutionSpec, **kwargs: Any) -> Execution:
+        """Submits to the key's pool, creating it if needed; a pool reaped meanwhile is replaced, not failed."""
+        return self.submit(key.digest, lambda: self._new_pool(key, template), spec, **kwargs)
+
+    def _new_pool(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
+        return ReplicaPool(
             key.digest,
-            lambda: ReplicaPool(
-                key.digest,
-                self.backend,
-                self._spec_maker(key, template),
-                template.replica_count,
-                template.ttl_seconds,
-                name=template.env_name,
-            ),
+            self.backend,
+            self._spec_maker(key, template),
+            template.replica_count,
+            template.ttl_seconds,
+            name=template.env_name,
         )
 
     def find(self, key: PoolKey) -> Optional[ReplicaPool]:

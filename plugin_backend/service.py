@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field, replace
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, Optional
 
 from flyteidl.core import literals_pb2
-from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
+from flyteidl.core.execution_pb2 import TaskExecution
+from flytekit.loggers import logger
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
-from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
-from flytekitplugins_actor.replica.error import ExecutionError, read_error_document
+from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
+from flytekitplugins_actor.replica.error import read_error_document
 from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
@@ -28,59 +29,29 @@ from plugin_backend.map_plan import MapPlan
 from plugin_backend.map_run import MapRun
 from plugin_backend.meta import MAX_META_BYTES, ActorResourceMeta
 from plugin_backend.pools import PoolKey, PoolManager
+from plugin_backend.runs import MapRunView, Run, SingleRun
+from plugin_backend.status import TERMINAL_PHASES, Status, failure
 from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ACTOR_SYNC_TASK_TYPE, ActorTemplate, parse_template
 
-TERMINAL_PHASES = (TaskExecution.SUCCEEDED, TaskExecution.FAILED, TaskExecution.RETRYABLE_FAILED, TaskExecution.ABORTED)
+__all__ = ["ActorService", "Status", "TERMINAL_PHASES", "service"]
 
 KEEP_TERMINAL_S = 600.0
 """How long a finished execution is answered from memory; after that, from storage."""
-
-
-@dataclass
-class Status:
-    """What GetTask answers, before it becomes a flytekit Resource."""
-
-    phase: int
-    message: str = ""
-    log_links: List[TaskLog] = field(default_factory=list)
-    outputs: Optional[literals_pb2.LiteralMap] = None
-    custom_info: Optional[dict] = None
+GC_INTERVAL_S = 5.0
 
 
 @dataclass
 class _Entry:
+    """An execution this process serves: its meta, pool key, template and run (set once create queued it)."""
+
     meta: ActorResourceMeta
     key: PoolKey
     template: ActorTemplate
-    execution: Optional[Execution] = None
-    map_run: Optional[MapRun] = None
+    run: Optional[Run] = None
     ready: bool = False  # set once create (or adoption) has queued it; waiters use ActorService._ready
     final: Optional[Status] = None
     final_at: float = 0.0
-
-
-def _log_links(replicas: List[Tuple[str, Optional[str]]]) -> List[TaskLog]:
-    links = []
-    for name, uri in replicas:
-        if uri:
-            if "://" not in uri:
-                uri = f"file://{uri}"
-            links.append(TaskLog(uri=uri, name=f"Actor replica {name}", message_format=TaskLog.UNKNOWN))
-    return links
-
-
-def _forget_when_done(pool: ReplicaPool, execution: Execution, timeout: float = 120.0) -> None:
-    """Drops a cancelled execution from its pool's table now, or once it ends (a replica restarted to stop it
-    reports the execution's end a moment later): a pool that never goes idle would otherwise keep it forever."""
-    if execution.state.terminal:
-        pool.forget(execution.id)
-        return
-
-    def later() -> None:
-        execution.wait(timeout)
-        pool.forget(execution.id)
-
-    threading.Thread(target=later, name=f"forget-{execution.id}", daemon=True).start()
+    released: bool = False  # its pool no longer keeps it
 
 
 class ActorService:
@@ -103,6 +74,11 @@ class ActorService:
         task_execution_metadata: Optional[TaskExecutionMetadata],
         task_type: str,
     ) -> ActorResourceMeta:
+        if not isinstance(output_prefix, str) or not output_prefix.strip():
+            raise InvalidActorRequest(
+                f"output_prefix={output_prefix!r} is invalid: the attempt's output prefix (where its request record, "
+                "outputs.pb and error.pb live) must be a non-empty path or URI"
+            )
         template = parse_template(task_template, task_type)
         if template.needs_render:
             template = self._render(template, output_prefix, inputs)
@@ -191,31 +167,34 @@ class ActorService:
             with self._ready:
                 self._ready.wait_for(lambda: entry.ready, timeout)
 
-    def _pool(self, entry: _Entry) -> ReplicaPool:
-        return self.manager.pool_for(entry.key, entry.template)
+    def _find_pool(self, entry: _Entry) -> Optional[ReplicaPool]:
+        """The entry's live pool, or None: lookups for status and cancels never create a pool."""
+        return self.manager.find(entry.key)
 
     def _start(
         self, entry: _Entry, env: Dict[str, str], plan: Optional[MapPlan], record: store.ExecutionRecord
     ) -> None:
+        """Queues the execution (or starts the map's coordinator) and sets the entry's run."""
         if plan is not None:
-            entry.map_run = MapRun(
-                entry.meta.execution_id, entry.template, plan, record, env, lambda: self._pool(entry)
-            ).start()
+            run = MapRun(
+                entry.meta.execution_id,
+                entry.template,
+                plan,
+                record,
+                env,
+                lambda: self.manager.pool_for(entry.key, entry.template),  # the coordinator submits: it may create
+            )
+            entry.run = MapRunView(run.start())
             return
         spec = ExecutionSpec(entry.meta.execution_id, entry.template.args, env)
 
         def mark_started(execution: Execution) -> None:
             record.mark(store.STARTED, f"{execution.replica or ''}\n{time.time()}")
 
-        for _ in range(3):
-            try:
-                entry.execution = self._pool(entry).submit(
-                    spec, before_dispatch=mark_started, on_done=metrics.observe_done
-                )
-                return
-            except PoolClosed:  # reaped between lookup and submit: the next lookup makes a new pool
-                continue
-        raise RuntimeError(f"pool for {entry.template.env_name} kept closing")
+        execution = self.manager.submit_for(
+            entry.key, entry.template, spec, before_dispatch=mark_started, on_done=metrics.observe_done
+        )
+        entry.run = SingleRun(execution, entry.template.env_name, lambda: self._find_pool(entry))
 
     # ---- sync path ----
     def execute_sync(
@@ -236,13 +215,11 @@ class ActorService:
             status = self.get(meta)
             if status.phase in TERMINAL_PHASES:
                 return self._sync_answer(meta, status)
-            with self._lock:
-                entry = self._entries.get(meta.execution_id)
-            execution = entry.execution if entry is not None else None
+            entry = self._lookup(meta.execution_id)
             remaining = deadline - time.monotonic()
-            if execution is None or remaining <= 0:
+            if entry is None or entry.run is None or remaining <= 0:
                 return self._sync_timeout(meta, entry, budget_s)
-            execution.wait(remaining)
+            entry.run.wait(remaining)
 
     @staticmethod
     def _sync_answer(meta: ActorResourceMeta, status: Status) -> Status:
@@ -262,14 +239,15 @@ class ActorService:
             "connector timeouts.ExecuteTaskSync above it), or take this task off the sync path (@env.task without "
             "sync=True)"
         )
-        execution = entry.execution if entry is not None else None
+        run = entry.run if entry is not None else None
+        execution = run.execution if isinstance(run, SingleRun) else None  # the sync path runs single executions
         if execution is not None and execution.state is ExecutionState.RUNNING:
             reason = (
                 f"task too long for the sync path: it ran on replica {execution.replica} longer than the sync "
                 f"budget of {budget_s:g}s and was cancelled. Tasks that long belong on the async path: {change}"
             )
         else:
-            pool = self.manager.find(entry.key) if entry is not None else None
+            pool = self._find_pool(entry) if entry is not None else None
             stats = pool.stats() if pool is not None else {"starting": 0, "busy": 0, "idle": 0, "queued": 0}
             if stats["starting"] and not stats["busy"] and not stats["idle"]:
                 reason = (
@@ -301,95 +279,38 @@ class ActorService:
         self._wait_ready(entry)
         if entry.final is not None:
             return entry.final
-        status = self._map_status(entry) if entry.map_run is not None else self._status(entry)
-        if status.phase in TERMINAL_PHASES:
+        status = entry.run.status()
+        if status.terminal:
             entry.final, entry.final_at = status, time.monotonic()
-            pool = self.manager.find(entry.key)
-            if entry.execution is not None and pool is not None:
-                pool.forget(entry.execution.id)
+            self._release(entry)
         return status
+
+    def _lookup(self, execution_id: str) -> Optional[_Entry]:
+        with self._lock:
+            return self._entries.get(execution_id)
 
     def _entry(self, meta: ActorResourceMeta) -> "_Entry | Status":
         """The in-memory entry of an execution, adopting it from storage when this process does not know it;
         a Status when storage alone answers. An entry gone again right after adoption (its start failed in
         another thread, or it was collected) is adopted again."""
         for _ in range(3):
-            entry = self._entries.get(meta.execution_id)
+            entry = self._lookup(meta.execution_id)
             if entry is not None:
                 return entry
             status = self._adopt(meta)
             if status is not None:
                 return status
-            entry = self._entries.get(meta.execution_id)
+            entry = self._lookup(meta.execution_id)
             if entry is not None:
                 return entry
         raise RuntimeError(f"execution {meta.execution_id} could not be adopted from {meta.output_prefix}")
-
-    def _status(self, entry: _Entry) -> Status:
-        e = entry.execution
-        links = _log_links([(e.replica, e.log_uri)]) if e.replica else []
-        state = e.state
-        if state is ExecutionState.QUEUED:
-            stats = self._pool(entry).stats()
-            if stats["starting"] and not stats["busy"] and not stats["idle"]:
-                return Status(
-                    TaskExecution.INITIALIZING,
-                    f"starting {stats['starting']} replica(s) of actor environment {entry.template.env_name}",
-                )
-            return Status(
-                TaskExecution.QUEUED,
-                f"queued for actor environment {entry.template.env_name}: "
-                f"{stats['queued']} queued, {stats['busy']} of {stats['replicas']} replicas busy",
-            )
-        if state is ExecutionState.RUNNING:
-            return Status(
-                TaskExecution.RUNNING, f"running on replica {e.replica} ({'warm' if e.warm else 'cold'})", links
-            )
-        if state is ExecutionState.SUCCEEDED:
-            return Status(TaskExecution.SUCCEEDED, f"succeeded on replica {e.replica}", links)
-        if state is ExecutionState.FAILED:
-            return self._failure(e.error, f"on replica {e.replica}", links)
-        if state is ExecutionState.CANCELLED:
-            return Status(TaskExecution.ABORTED, "aborted", links)
-        # REPLICA_DIED
-        return Status(
-            TaskExecution.RETRYABLE_FAILED,
-            f"replica died: {e.death or 'replica ' + str(e.replica) + ' vanished'} while running execution {e.id}; "
-            f"a replacement replica serves the retry",
-            links,
-        )
-
-    @staticmethod
-    def _failure(error: Optional[ExecutionError], where: str, links: List[TaskLog]) -> Status:
-        if error is None:
-            return Status(TaskExecution.FAILED, f"[Error] {where}: unknown error", links)
-        phase = TaskExecution.RETRYABLE_FAILED if error.recoverable else TaskExecution.FAILED
-        return Status(phase, f"[{error.code or 'Error'}] {where}: {error.message}", links)
-
-    def _map_status(self, entry: _Entry) -> Status:
-        run = entry.map_run
-        links = _log_links(list(run.replicas.items()))
-        info = run.progress()
-        if run.phase == "running":
-            return Status(
-                TaskExecution.RUNNING,
-                f"{info['succeeded'] + info['failed']} of {run.n} items done",
-                links,
-                custom_info=info,
-            )
-        if run.phase == "succeeded":  # outputs by reference: propeller reads outputs.pb (an answer has a 4 MiB limit)
-            return Status(TaskExecution.SUCCEEDED, run.message, links, custom_info=info)
-        if run.phase == "aborted":
-            return Status(TaskExecution.ABORTED, run.message, links, custom_info=info)
-        phase = TaskExecution.RETRYABLE_FAILED if run.recoverable else TaskExecution.FAILED
-        return Status(phase, run.message, links, custom_info=info)
 
     # ---- restart path ----
     def _adopt(self, meta: ActorResourceMeta) -> Optional[Status]:
         """Answers for an execution this process did not create, from storage; re-enqueues or resumes if it must."""
         record = store.ExecutionRecord(meta.output_prefix)
         if record.has_error():
-            return self._failure(read_error_document(meta.output_prefix), "recorded in error.pb", [])
+            return failure(read_error_document(meta.output_prefix), "recorded in error.pb", [])
         if record.has_outputs():
             return Status(TaskExecution.SUCCEEDED, "succeeded (answered from storage)")
         if record.marker(store.ABORTED) is not None:
@@ -435,47 +356,65 @@ class ActorService:
     # ---- delete ----
     def delete(self, meta: ActorResourceMeta) -> None:
         """Aborts a running execution or drops a queued one. Repeated or late deletes succeed quietly."""
-        entry = self._entries.get(meta.execution_id)
+        entry = self._lookup(meta.execution_id)
         record = store.ExecutionRecord(meta.output_prefix)
         if entry is not None:
             self._wait_ready(entry)
         if entry is None or entry.final is None:
-            try:
-                if not record.has_outputs() and not record.has_error():
-                    record.mark(store.ABORTED, str(time.time()))
-            except OSError:
-                pass
-        if entry is None:
+            self._mark_aborted(meta, record)
+        if entry is None or entry.run is None:
             return
-        if entry.map_run is not None:
-            entry.map_run.abort()
-            entry.map_run.finished.wait(10.0)
-        elif entry.execution is not None and not entry.execution.state.terminal:
-            pool = self._pool(entry)
-            pool.cancel(entry.execution.id, grace_seconds=3.0)
-            if entry.execution.state not in (ExecutionState.SUCCEEDED, ExecutionState.FAILED):
-                # cancelled, or its replica had to be restarted to stop it: either way, what propeller asked for
-                entry.final, entry.final_at = Status(TaskExecution.ABORTED, "aborted by DeleteTask"), time.monotonic()
-            _forget_when_done(pool, entry.execution)  # the entry keeps it; the pool (maybe never idle) must not
+        was_terminal = entry.run.terminal
+        entry.run.abort()
+        if not was_terminal and entry.run.status().phase not in (TaskExecution.SUCCEEDED, TaskExecution.FAILED):
+            # cancelled, or its replica had to be restarted to stop it: either way, what propeller asked for
+            entry.final, entry.final_at = Status(TaskExecution.ABORTED, "aborted by DeleteTask"), time.monotonic()
+        self._release(entry)
+
+    def _release(self, entry: _Entry) -> None:
+        """Drops a terminal run from its pool's table (once); a run still stopping is released by _gc later."""
+        if not entry.released and entry.run is not None and entry.run.terminal:
+            entry.released = True
+            entry.run.release()
+
+    @staticmethod
+    def _mark_aborted(meta: ActorResourceMeta, record: store.ExecutionRecord) -> None:
+        """Records the abort for a restarted connector, only under a prefix holding this execution's request and
+        no result: DeleteTask never creates directories or writes where its request points at random."""
+        try:
+            request = record.read_request()
+            if request is None or request.get("execution_id") != meta.execution_id:
+                return
+            if not record.has_outputs() and not record.has_error():
+                record.mark(store.ABORTED, str(time.time()), make_dirs=False)
+        except OSError:  # storage trouble: the in-memory abort still happens; a restart would re-queue it
+            logger.exception("DeleteTask %s: could not record the abort under %s", meta.execution_id, record.prefix)
 
     # ---- housekeeping ----
     def _gc(self) -> None:
+        """Every GC_INTERVAL_S (on GetTask): releases answered runs that have since stopped (a cancelled execution
+        ends after DeleteTask answered) and forgets entries answered more than KEEP_TERMINAL_S ago."""
         now = time.monotonic()
-        if now - self._last_gc < 5.0:
-            return
-        self._last_gc = now
         with self._lock:
+            if now - self._last_gc < GC_INTERVAL_S:
+                return
+            self._last_gc = now
+            unreleased = [e for e in self._entries.values() if e.final is not None and not e.released]
             old = [k for k, e in self._entries.items() if e.final is not None and now - e.final_at > KEEP_TERMINAL_S]
             for k in old:
                 del self._entries[k]
+        for entry in unreleased:
+            self._release(entry)
 
     def knows(self, execution_id: str) -> bool:
         """True when this process serves the execution from memory (GetTask needs no storage read)."""
-        entry = self._entries.get(execution_id)
+        entry = self._lookup(execution_id)
         return entry is not None and entry.ready
 
     def entries(self) -> int:
-        return len(self._entries)
+        """How many executions this process answers from memory."""
+        with self._lock:
+            return len(self._entries)
 
     def shutdown(self) -> None:
         self.manager.shutdown()

@@ -21,7 +21,8 @@ from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
 from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidActorRequest
-from plugin_backend.service import Status, service
+from plugin_backend.service import service
+from plugin_backend.status import Status
 from plugin_backend.template import ACTOR_SYNC_TASK_TYPE
 
 SYNC_BUDGET_ENV = "FLYTE_ACTOR_SYNC_BUDGET_S"

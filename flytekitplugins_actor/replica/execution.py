@@ -30,6 +30,11 @@ SYS_PATH_ENV = "FLYTE_ACTOR_SYS_PATH"
 """Extra sys.path entries an execution needs (set by local runs: the task module's root)."""
 
 
+class CancelRequested(BaseException):
+    """Raised into a running task by the replica's cancel signal, and only by it: the execution is cancelled.
+    A KeyboardInterrupt the task raises itself is a failure like any other exception."""
+
+
 class CodeVersionMismatch(RuntimeError):
     """A replica was handed code from another fast-registered distribution than the one it has imported."""
 
@@ -69,11 +74,10 @@ class ExecutionOutcome:
 
 
 class ReplicaRuntime:
-    """Process-wide state of one replica: the code version it has imported and the execution in flight."""
+    """Process-wide state of one replica: the code version it has imported, the executions it ran."""
 
     def __init__(self) -> None:
         self.code_version: Optional[str] = None
-        self.current: Optional[ExecutionSpec] = None
         self.last_exception: Optional[BaseException] = None
         self.executions = 0
         self.dirs = ExecutionDirs()
@@ -102,8 +106,8 @@ class ReplicaRuntime:
 
         The execution gets a prepared private dir (its temp dir and flytekit's sandbox); the moment it ends, the
         dir is moved away (so nothing of it is visible to the next execution, however soon that starts) and the
-        returned callable recycles it off the hot path. Never raises for anything the task does
-        (KeyboardInterrupt = cancel)."""
+        returned callable recycles it off the hot path. Never raises for anything the task does; only a
+        CancelRequested (the replica's cancel) means cancelled."""
         from flytekit.bin.entrypoint import normalize_inputs
 
         started = time.perf_counter()
@@ -111,7 +115,7 @@ class ReplicaRuntime:
         saved_env = {k: os.environ.get(k) for k in spec.env}
         saved_tempdir = tempfile.tempdir
         exec_dir = self.dirs.take()
-        self.current, self.last_exception = spec, None
+        self.last_exception = None
         outcome: Optional[ExecutionOutcome] = None
         fast = fast_path_applies()
         if not self.executions:  # the first execution of this process: it is a replica
@@ -128,8 +132,11 @@ class ReplicaRuntime:
                 self._execute_in(exec_dir, cmd, raw, ckpt, prev)
             else:
                 self._execute_with_flytekit_setup(exec_dir, cmd, raw, ckpt, prev)
-        except KeyboardInterrupt:
+        except CancelRequested:
             outcome = ExecutionOutcome(spec.execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED)
+        except KeyboardInterrupt as e:  # raised by the task's own code: its failure, named as such
+            message = f"task raised KeyboardInterrupt (not a cancel):\n{traceback.format_exc()}"
+            outcome = self._fail(spec, cmd, ExecutionError.user("KeyboardInterrupt", message), e)
         except SystemExit as e:
             message = f"task called sys.exit({e.code!r}); a replica survives it, but the execution fails"
             outcome = self._fail(spec, cmd, ExecutionError.user("SystemExit", message), e)
@@ -144,7 +151,6 @@ class ReplicaRuntime:
                 else:
                     os.environ[k] = v
             tempfile.tempdir = saved_tempdir
-            self.current = None
             self.executions += 1
         if outcome is None:
             try:  # pyflyte-execute wrote error.pb into its engine dir before uploading it: no storage round trip

@@ -9,7 +9,6 @@ The main thread executes; a server thread per connection answers the control pro
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import base64
 import collections
@@ -21,10 +20,11 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional
 
 from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError
-from flytekitplugins_actor.replica.execution import RUNTIME, ExecutionOutcome, ExecutionSpec
+from flytekitplugins_actor.replica.execution import RUNTIME, CancelRequested, ExecutionOutcome, ExecutionSpec
 from flytekitplugins_actor.replica.protocol import (
     PROTOCOL_VERSION,
     TOKEN_ENV,
@@ -44,8 +44,14 @@ IDLE_CLEANUP_S = 0.02
 not delay the next execution; a replica that is never idle keeps at most MAX_PENDING_CLEANUPS of them."""
 MAX_PENDING_CLEANUPS = 32
 CANCEL_SIGNAL = signal.SIGUSR2
-"""Raised into the main thread (via _thread.interrupt_main) to cancel the running execution. Not SIGINT:
-importing flytekit installs a SIGINT handler that calls exit(1), which would turn a cancel into a failure."""
+"""Sent to the main thread (signal.pthread_kill) to cancel the running execution: a real signal interrupts
+time.sleep and blocking I/O, not only bytecode. Not SIGINT: importing flytekit installs a SIGINT handler that
+calls exit(1), which would turn a cancel into a failure."""
+ORPHAN_TIMEOUT_ENV = "FLYTE_ACTOR_ORPHAN_TIMEOUT_S"
+"""Seconds without an authenticated request after which the replica exits on its own (unset: never). Its pool
+pings idle replicas every 10 s and waits in bounded rounds, so only a replica whose pool is gone hits it."""
+STOP_GRACE_S = 5.0
+"""How long a replica that stops on its own gives its execution to end before it exits regardless."""
 
 
 _CANCEL_ARMED = [False]  # read by the handler on the main thread: True only while a task's code runs
@@ -53,7 +59,7 @@ _CANCEL_ARMED = [False]  # read by the handler on the main thread: True only whi
 
 def _raise_cancel(signum, frame):
     if _CANCEL_ARMED[0]:  # anywhere else (bookkeeping, logging, locks) a late cancel is ignored
-        raise KeyboardInterrupt(f"execution cancelled (signal {signum})")
+        raise CancelRequested(f"execution cancelled (signal {signum})")
 
 
 class ReplicaTerminated(BaseException):
@@ -73,11 +79,13 @@ class Worker:
         self._outcomes: "collections.OrderedDict[str, ExecutionOutcome]" = collections.OrderedDict()
         self._cancelled: set = set()
         self.stopping = False
+        self.last_request = time.monotonic()  # of an authenticated request: the orphan timeout counts from it
 
     # ---- control plane (server threads) ----
     def handle(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         if not token_matches(self.token, msg.get("token")):
             return Refusal(RefusalCode.UNAUTHENTICATED, "bad or missing pool token").to_wire()
+        self.last_request = time.monotonic()
         op = msg.get("op")
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
@@ -173,7 +181,7 @@ class Worker:
                 self._record(ExecutionOutcome(execution_id, ReplicaExecutionState.CANCELLED, error=error))
             elif self._running == execution_id and execution_id not in self._cancelled:
                 self._cancelled.add(execution_id)  # seen by the main thread even if the signal lands late
-                _thread.interrupt_main(CANCEL_SIGNAL)
+                signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)
             return self._state_of(execution_id)
 
     def _record(self, outcome: ExecutionOutcome) -> None:
@@ -213,11 +221,11 @@ class Worker:
                 try:
                     _CANCEL_ARMED[0] = True
                     if spec.execution_id in self._cancelled:  # the cancel came before the task could start
-                        raise KeyboardInterrupt("cancelled before it started")
+                        raise CancelRequested("cancelled before it started")
                     outcome, cleanup = RUNTIME.run_deferred(spec)
                 finally:
                     _CANCEL_ARMED[0] = False
-            except KeyboardInterrupt:  # a cancel that landed around the task, not in it
+            except CancelRequested:  # a cancel that landed around the task, not in it
                 outcome = ExecutionOutcome(spec.execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED)
             print(
                 f"[actor-replica {self.name}] execution {spec.execution_id} {outcome.state.value} "
@@ -273,6 +281,51 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
+def _group_members() -> List[int]:
+    """The live processes of this replica's process group other than itself (its task's subprocesses)."""
+    me, group = os.getpid(), os.getpgrp()
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
+
+
+def stop_process_group(grace_s: float = 1.0) -> None:
+    """Takes the task's subprocesses along when the replica stops: SIGTERM to its process group, SIGKILL to what
+    is left after `grace_s`. Only when the replica leads its group (as the local backend and pods start it), so a
+    worker started inside someone else's group never signals strangers."""
+    if os.getpgrp() != os.getpid() or not os.path.isdir("/proc"):
+        return
+    members = _group_members()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace_s
+        while members and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling for other processes to exit: there is no event to wait on
+            members = _group_members()
+        if not members:
+            return
+
+
+def _exit_now(code: int, reason: str) -> None:
+    """Ends the replica at once (from any thread), its task's process group with it."""
+    print(f"[actor-replica] {reason}: exiting", flush=True)
+    stop_process_group()
+    os._exit(code)
+
+
 def _watch_parent_stdin() -> None:
     """Exits the replica when its parent's end of stdin closes: the parent died, even by SIGKILL."""
     try:
@@ -280,7 +333,38 @@ def _watch_parent_stdin() -> None:
             pass
     except OSError:
         pass
-    os._exit(0)
+    _exit_now(0, "parent process is gone (stdin closed)")
+
+
+def _watch_orphan(worker: Worker, timeout_s: float) -> None:
+    """Stops the replica once no authenticated request came for `timeout_s`: its pool (and connector) is gone."""
+    while True:
+        idle = time.monotonic() - worker.last_request
+        if idle < timeout_s:
+            time.sleep(min(timeout_s - idle, 1.0) + 0.01)  # a deadline to sleep to, not a synchronisation
+            continue
+        print(
+            f"[actor-replica {worker.name}] no request from any pool for {idle:.0f}s "
+            f"({ORPHAN_TIMEOUT_ENV}={timeout_s:g}): stopping",
+            flush=True,
+        )
+        # a clean stop, delivered to the main thread so a blocking call is interrupted: a running execution fails
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        time.sleep(STOP_GRACE_S)
+        _exit_now(1, f"did not stop within {STOP_GRACE_S:g}s of the orphan timeout")
+
+
+def _orphan_timeout(parser: argparse.ArgumentParser) -> Optional[float]:
+    raw = os.environ.get(ORPHAN_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        parser.error(f"{ORPHAN_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0 (unset: never)")
+    return value
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -297,6 +381,7 @@ def main(argv: Optional[list] = None) -> None:
     token = os.environ.pop(TOKEN_ENV, "")  # the task code never sees the pool token
     if not token:
         parser.error(f"{TOKEN_ENV} must be set: every control request is authenticated with the pool token")
+    orphan_timeout = _orphan_timeout(parser)
     os.environ["FLYTE_ACTOR_REPLICA"] = args.name
     if args.watch_stdin:
         threading.Thread(target=_watch_parent_stdin, name="parent-watch", daemon=True).start()
@@ -307,6 +392,8 @@ def main(argv: Optional[list] = None) -> None:
     server = _Server((args.host, args.port), _Handler)
     server.worker = worker  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
+    if orphan_timeout is not None:
+        threading.Thread(target=_watch_orphan, args=(worker, orphan_timeout), name="orphan-watch", daemon=True).start()
 
     def _terminate(signum, frame):
         # Raise, never take a lock here: the handler runs between any two bytecodes of the main thread,
@@ -328,6 +415,7 @@ def main(argv: Optional[list] = None) -> None:
         pass
     finally:
         server.shutdown()
+        stop_process_group()  # whatever stopped the replica, its task's subprocesses stop with it
         sys.stdout.flush()
 
 

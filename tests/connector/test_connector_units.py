@@ -238,11 +238,34 @@ def test_map_failure_is_decided_even_when_its_error_document_cannot_be_written(t
     assert run.phase == "failed" and run.message == "1 of 1 items failed" and run.recoverable
 
 
-def _stored_execution(tmp_path):
+class _FakeManager:
+    """A PoolManager stand-in behind ActorService's public constructor: submit_for answers from `submits` (an
+    Execution, or an exception to raise), find returns `pool`."""
+
+    def __init__(self, submits, pool=None):
+        self.submits, self.pool, self.submitted = list(submits), pool, 0
+
+    def submit_for(self, key, template, spec, **kwargs):
+        self.submitted += 1
+        result = self.submits.pop(0)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def find(self, key):
+        return self.pool
+
+    def pools(self):
+        return []
+
+    def shutdown(self):
+        pass
+
+
+def _stored_execution(tmp_path, manager):
     """An execution created by a previous connector process: only its request record is in storage."""
     from plugin_backend import store
     from plugin_backend.meta import ActorResourceMeta
-    from plugin_backend.pools import PoolManager
     from plugin_backend.service import ActorService
 
     a, tt = _template(t.add, str(tmp_path), a=1, b=2)
@@ -258,53 +281,87 @@ def _stored_execution(tmp_path):
         }
     )
     meta = ActorResourceMeta("x1", a.dir, "actor", template.env_name, template.env_key, "ns", "sa", "c")
-    return ActorService(PoolManager(backend=object(), state_dir=str(tmp_path / "state"))), meta
+    return ActorService(manager), meta, template
 
 
-def test_adoption_whose_start_fails_leaves_no_broken_entry(tmp_path, mocker):
-    from flyteidl.core.execution_pb2 import TaskExecution
-
-    from flytekitplugins_actor.pool import Execution, ExecutionState
+def _execution(template, state):
+    from flytekitplugins_actor.pool import Execution
     from flytekitplugins_actor.replica.execution import ExecutionSpec
 
-    svc, meta = _stored_execution(tmp_path)
-    mocker.patch.object(svc, "_start", side_effect=RuntimeError("pool for add kept closing"))
+    return Execution(spec=ExecutionSpec("x1", template.args, {}), state=state)
+
+
+def test_adoption_whose_start_fails_leaves_no_broken_entry(tmp_path):
+    from flyteidl.core.execution_pb2 import TaskExecution
+
+    from flytekitplugins_actor.pool import ExecutionState
+
+    manager = _FakeManager([RuntimeError("pool for add kept closing")])
+    svc, meta, template = _stored_execution(tmp_path, manager)
     with pytest.raises(RuntimeError, match="kept closing"):
         svc.get(meta)
     assert svc.entries() == 0  # not a ready entry without an execution
-
-    def start(entry, env, plan, record):
-        entry.execution = Execution(spec=ExecutionSpec("x1", entry.template.args, env), state=ExecutionState.SUCCEEDED)
-
-    svc._start.side_effect = start  # the next GetTask adopts it again
+    manager.submits.append(_execution(template, ExecutionState.SUCCEEDED))  # the next GetTask adopts it again
     assert svc.get(meta).phase == TaskExecution.SUCCEEDED
+    assert manager.submitted == 2
 
 
-def test_delete_forgets_the_cancelled_execution_in_its_pool(tmp_path, mocker):
+def test_delete_forgets_the_cancelled_execution_in_its_pool(tmp_path):
     from flyteidl.core.execution_pb2 import TaskExecution
 
-    from flytekitplugins_actor.pool import Execution, ExecutionState
-    from flytekitplugins_actor.replica.execution import ExecutionSpec
-    from plugin_backend.pools import PoolKey
-    from plugin_backend.service import _Entry
+    from flytekitplugins_actor.pool import ExecutionState
 
-    svc, meta = _stored_execution(tmp_path)
-    template = parse_template(_template(t.add, str(tmp_path), a=1, b=2)[1], "actor")
-    execution = Execution(spec=ExecutionSpec("x1", template.args, {}), state=ExecutionState.RUNNING)
     pool = _FakePool()
+    svc, meta, template = _stored_execution(tmp_path, _FakeManager([], pool))
+    execution = _execution(template, ExecutionState.RUNNING)
+    svc.manager.submits.append(execution)
 
     def cancel(execution_id, grace_seconds=0.0):
         execution.state = ExecutionState.CANCELLED
         execution._done.set()
 
     pool.cancel = cancel
-    mocker.patch.object(svc.manager, "pool_for", return_value=pool)
-    svc._entries["x1"] = _Entry(
-        meta, PoolKey("ns", "sa", template.env_key, template.code_version), template, execution=execution, ready=True
-    )
+    assert svc.get(meta).phase == TaskExecution.RUNNING  # adopted: queued again on the (fake) pool
     svc.delete(meta)
     assert pool.forgotten == ["x1"]  # a never-idle pool does not keep it
     assert svc.get(meta).phase == TaskExecution.ABORTED
+
+
+def test_an_execution_that_stops_after_delete_answered_is_forgotten_later_without_a_thread(tmp_path, mocker):
+    import threading
+
+    from flyteidl.core.execution_pb2 import TaskExecution
+
+    from flytekitplugins_actor.pool import ExecutionState
+
+    pool = _FakePool()
+    svc, meta, template = _stored_execution(tmp_path, _FakeManager([], pool))
+    execution = _execution(template, ExecutionState.RUNNING)
+    svc.manager.submits.append(execution)
+    pool.cancel = lambda execution_id, grace_seconds=0.0: None  # its replica is still being restarted to stop it
+    assert svc.get(meta).phase == TaskExecution.RUNNING
+    threads = threading.active_count()
+    svc.delete(meta)
+    assert threading.active_count() == threads  # no fire-and-forget thread waits for it
+    assert svc.get(meta).phase == TaskExecution.ABORTED and pool.forgotten == []
+    execution.state = ExecutionState.REPLICA_DIED  # the restart ends it
+    execution._done.set()
+    mocker.patch("plugin_backend.service.GC_INTERVAL_S", 0.0)
+    assert svc.get(meta).phase == TaskExecution.ABORTED
+    assert pool.forgotten == ["x1"]
+
+
+def test_getters_never_create_a_pool(tmp_path):
+    from flyteidl.core.execution_pb2 import TaskExecution
+
+    from flytekitplugins_actor.pool import ExecutionState
+
+    svc, meta, template = _stored_execution(tmp_path, _FakeManager([], pool=None))
+    svc.manager.submits.append(_execution(template, ExecutionState.QUEUED))
+    status = svc.get(meta)  # its pool is gone (find answers None): QUEUED, and nothing is created
+    assert status.phase == TaskExecution.QUEUED
+    svc.delete(meta)
+    assert svc.manager.submitted == 1
 
 
 def test_map_abort_cancels_its_inflight_items_in_parallel(tmp_path):

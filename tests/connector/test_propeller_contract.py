@@ -115,3 +115,64 @@ def test_inputs_over_the_4_mib_grpc_limit_get_an_error_naming_the_limit(server, 
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "4194304" in e.value.details()
     assert not os.path.exists(os.path.join(a.dir, "_actor.request.json"))
+
+
+def test_an_empty_output_prefix_is_refused_and_nothing_is_written_at_the_root(server, base):
+    import grpc
+
+    root_record = "/_actor.request.json"
+    existed = os.path.exists(root_record)
+    a = Attempt(base, t.add, literal_map(t.add, a=1, b=2))
+    req = a.request()
+    req.output_prefix = ""
+    with pytest.raises(grpc.RpcError) as e:
+        server.stub.CreateTask(req, timeout=10)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "output_prefix=''" in e.value.details() and "Traceback" not in e.value.details()
+    assert existed or not os.path.exists(root_record)
+
+
+def _raw_meta(**fields):
+    import json
+
+    meta = {
+        "execution_id": "e1",
+        "output_prefix": "/tmp/none",
+        "kind": "actor",
+        "env": "conn-test",
+        "env_key": "k",
+        "namespace": "ns",
+        "service_account": "default",
+        "code": "c",
+        "v": 1,
+    }
+    meta.update(fields)
+    return json.dumps(meta).encode()
+
+
+@pytest.mark.parametrize(
+    "meta, expected",
+    [
+        (_raw_meta(execution_id=5), "execution_id=5"),
+        (_raw_meta(output_prefix=["x"]), "output_prefix=['x']"),
+        (_raw_meta(output_prefix=""), "output_prefix is empty"),
+        (_raw_meta(v="1"), "v='1'"),
+        (b"[1, 2]", "not an object"),
+        (b"\xff", "not an actor execution's"),
+    ],
+)
+def test_malformed_resource_metas_get_invalid_argument_naming_the_field(propeller, meta, expected):
+    import grpc
+
+    for call in (propeller.get, propeller.delete):
+        with pytest.raises(grpc.RpcError) as e:
+            call(meta)
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+        assert expected in e.value.details() and "Traceback" not in e.value.details()
+
+
+def test_delete_task_never_creates_directories(propeller, tmp_path):
+    target = tmp_path / "never" / "created"
+    propeller.delete(_raw_meta(execution_id="ghost", output_prefix=str(target)))
+    propeller.delete(_raw_meta(execution_id="ghost", output_prefix=str(target)))
+    assert not (tmp_path / "never").exists()

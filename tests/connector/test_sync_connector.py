@@ -119,3 +119,19 @@ def test_sync_task_longer_than_the_budget_is_cancelled_and_retryable(tight, tmp_
 def test_sync_must_be_a_bool():
     with pytest.raises(TypeError, match="sync must be a bool"):
         t.env.task(sync="yes")
+
+
+def test_a_sync_template_the_connector_cannot_serve_gets_invalid_argument(propeller, base):
+    import grpc
+
+    a = Attempt(base, t.add_sync, literal_map(t.add_sync, a=1, b=2))
+    a.template.task_type_version = 7
+    with pytest.raises(grpc.RpcError) as e:
+        propeller.execute_sync(a)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "version 7 is unknown" in e.value.details() and "Traceback" not in e.value.details()
+    b = Attempt(base, t.add_sync, literal_map(t.add_sync, a=1, b=2))
+    b.template.container.args[1] = "{{.input}}"
+    with pytest.raises(grpc.RpcError) as e:
+        propeller.execute_sync(b)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "placeholders" in e.value.details()
