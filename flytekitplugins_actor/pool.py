@@ -196,6 +196,7 @@ class ReplicaPool:
         self.idle_since = time.monotonic()
         self.deaths = 0
         self.dispatches = {"warm": 0, "cold": 0}
+        self.keepalives = 0  # health pings answered by idle replicas
         self._failed_starts = 0
         self._supervisor = Supervisor(f"actor-pool-{name}")
         self._supervisor.call_later(KEEPALIVE_S, self._keepalive)
@@ -312,6 +313,7 @@ class ReplicaPool:
                 "busy": sum(1 for s in ready if s.busy),
                 "idle": sum(1 for s in ready if not s.busy),
                 "deaths": self.deaths,
+                "keepalives": self.keepalives,
                 **self.dispatches,
             }
 
@@ -686,12 +688,16 @@ class ReplicaPool:
         for slot in idle:
             try:
                 slot.client.request("health", io_timeout=CONTROL_TIMEOUT_S)
+                with self._cond:
+                    self.keepalives += 1
             except (ProtocolError, OSError) as e:
+                with self._cond:
+                    if slot not in self._slots or slot.busy or self._gone(slot):
+                        continue  # it went away or got work meanwhile: nothing to replace
+                    slot.lost = ReplicaDeath(slot.replica.name, f"failed its keepalive ({e})")
+                    self._cond.notify_all()
                 level = logger.error if isinstance(e, AuthenticationError) else logger.warning
                 level("pool %s: replica %s failed its keepalive (%s); replacing it", self.name, slot.replica.name, e)
-                with self._cond:
-                    slot.lost = slot.lost or ReplicaDeath(slot.replica.name, f"failed its keepalive ({e})")
-                    self._cond.notify_all()
                 slot.client.abort()
         self._supervisor.call_later(KEEPALIVE_S, self._keepalive)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 from typing import Any, List, Optional, Tuple
 
@@ -63,3 +64,11 @@ def waiting_for_resources(pool: Any, env_name: str) -> Optional[Status]:
         TaskExecution.WAITING_FOR_RESOURCES,
         f"waiting for resources: replica {name} of actor environment {env_name}: {reason}",
     )
+
+
+class SyncOverrun(enum.Enum):
+    """Why an actor_sync execution was cancelled at the end of its budget (the answer says what to change)."""
+
+    POOL_STARTING = "pool_starting"  # no replica was ready yet: a cold pool
+    TOO_LONG = "too_long"  # it ran on a replica past the budget
+    NO_FREE_REPLICA = "no_free_replica"  # every replica stayed busy with other executions
