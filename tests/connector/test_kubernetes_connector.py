@@ -1,6 +1,6 @@
 """End to end on the stand-in cluster: the real `pyflyte serve connector` with FLYTE_ACTOR_BACKEND=kubernetes and a
 kubeconfig pointing at tests/kube's API server, driven over gRPC as propeller drives it. Replica pods are local
-processes at their own 127.0.0.N, started by the stand-in's kubelet from the pods the connector creates."""
+processes at their own 127.a.b.N, started by the stand-in's kubelet from the pods the connector creates."""
 
 import os
 import sys
