@@ -51,6 +51,7 @@ from flytekitplugins_actor.replica.protocol import (
     TOKEN_ENV,
     AuthenticationError,
     ProtocolError,
+    ReplicaActivity,
     ReplicaClient,
     ReplicaExecutionState,
     RequestRefused,
@@ -230,6 +231,45 @@ class ReplicaPool:
             self._cond.notify_all()
         self._start_replicas(to_start)
         return execution
+
+    def adopt(self, token: str, replicas: List[Replica]) -> None:
+        """Serves with replicas a previous process started for this pool (same key), and with their token: a
+        restarted connector's pool is warm at once. Only idle (or still starting) replicas are kept: one still
+        running an execution of the previous process is stopped, since that execution is answered RETRYABLE_FAILED
+        and retried by propeller, and must not run twice. Replicas beyond the pool's size are stopped too."""
+        usable = [r for r in replicas if self._adoptable(r, token)]
+        with self._cond:
+            self.token = token
+            room = 0 if self._closed else max(0, self.size - len(self._slots) - self._starting)
+            slots = [_Slot(r) for r in usable[:room]]
+            self._slots.extend(slots)
+        kept = {id(s.replica) for s in slots}
+        for replica in replicas:
+            if id(replica) not in kept:
+                replica.terminate(0)
+        for slot in slots:
+            slot.replica.add_death_callback(lambda _death, slot=slot: self._on_death(slot))
+            threading.Thread(target=self._serve, args=(slot,), name=f"slot-{slot.replica.name}", daemon=True).start()
+
+    def _adoptable(self, replica: Replica, token: str) -> bool:
+        if replica.state is not ReplicaState.READY:
+            return replica.state is ReplicaState.STARTING
+        try:
+            with contextlib.closing(ReplicaClient(replica.address, token, timeout=CONTROL_TIMEOUT_S)) as client:
+                reply = client.request("health", io_timeout=CONTROL_TIMEOUT_S)
+        except (ProtocolError, OSError) as e:
+            logger.warning("pool %s: replica %s cannot be adopted: %s", self.name, replica.name, e)
+            return False
+        if reply.get("state") != ReplicaActivity.IDLE.value:
+            logger.info(
+                "pool %s: not adopting replica %s: it is %s (running %s)",
+                self.name,
+                replica.name,
+                reply.get("state"),
+                reply.get("running"),
+            )
+            return False
+        return True
 
     def get(self, execution_id: str) -> Optional[Execution]:
         with self._cond:
