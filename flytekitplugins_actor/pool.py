@@ -248,8 +248,7 @@ class ReplicaPool:
             if id(replica) not in kept:
                 replica.terminate(0)
         for slot in slots:
-            slot.replica.add_death_callback(lambda _death, slot=slot: self._on_death(slot))
-            threading.Thread(target=self._serve, args=(slot,), name=f"slot-{slot.replica.name}", daemon=True).start()
+            self._start_serving(slot)
 
     def _adoptable(self, replica: Replica, token: str) -> bool:
         if replica.state is not ReplicaState.READY:
@@ -442,8 +441,12 @@ class ReplicaPool:
             if closed:
                 replica.terminate(0)
                 continue
-            replica.add_death_callback(lambda _death, slot=slot: self._on_death(slot))
-            threading.Thread(target=self._serve, args=(slot,), name=f"slot-{replica.name}", daemon=True).start()
+            self._start_serving(slot)
+
+    def _start_serving(self, slot: _Slot) -> None:
+        """Starts the slot's thread (the slot is in `_slots` already); a death of its replica wakes it."""
+        slot.replica.add_death_callback(lambda _death: self._on_death(slot))
+        threading.Thread(target=self._serve, args=(slot,), name=f"slot-{slot.replica.name}", daemon=True).start()
 
     def _on_death(self, slot: _Slot) -> None:
         client = slot.client
