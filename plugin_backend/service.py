@@ -29,7 +29,7 @@ from plugin_backend.map_plan import MapPlan
 from plugin_backend.map_run import MapRun
 from plugin_backend.meta import MAX_META_BYTES, ActorResourceMeta
 from plugin_backend.pools import PoolKey, PoolManager
-from plugin_backend.runs import MapRunView, Run, SingleRun
+from plugin_backend.runs import MapRunView, Run, SingleRun, StoredRun
 from plugin_backend.status import TERMINAL_PHASES, Status, SyncOverrun, failure
 from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ACTOR_SYNC_TASK_TYPE, ActorTemplate, parse_template
 
@@ -44,11 +44,12 @@ MAX_INLINE_OUTPUTS_BYTES = 1024 * 1024
 
 @dataclass
 class _Entry:
-    """An execution this process serves: its meta, pool key, template and run (set once create queued it)."""
+    """An execution this process serves: its meta, pool key, template and run (set once create queued it). An
+    execution answered from storage alone gets a transient entry (no key, no template, a StoredRun)."""
 
     meta: ActorResourceMeta
-    key: PoolKey
-    template: ActorTemplate
+    key: Optional[PoolKey]
+    template: Optional[ActorTemplate]
     run: Optional[Run] = None
     ready: bool = False  # set once create (or adoption) has queued it; waiters use ActorService._ready
     final: Optional[Status] = None
@@ -171,7 +172,7 @@ class ActorService:
 
     def _find_pool(self, entry: _Entry) -> Optional[ReplicaPool]:
         """The entry's live pool, or None: lookups for status and cancels never create a pool."""
-        return self.manager.find(entry.key)
+        return self.manager.find(entry.key) if entry.key is not None else None
 
     def _start(
         self, entry: _Entry, env: Dict[str, str], plan: Optional[MapPlan], record: store.ExecutionRecord
@@ -290,8 +291,6 @@ class ActorService:
     def get(self, meta: ActorResourceMeta) -> Status:
         self._gc()
         entry = self._entry(meta)
-        if isinstance(entry, Status):
-            return entry
         self._wait_ready(entry)
         if entry.final is not None:
             return entry.final
@@ -305,17 +304,17 @@ class ActorService:
         with self._lock:
             return self._entries.get(execution_id)
 
-    def _entry(self, meta: ActorResourceMeta) -> "_Entry | Status":
-        """The in-memory entry of an execution, adopting it from storage when this process does not know it;
-        a Status when storage alone answers. An entry gone again right after adoption (its start failed in
-        another thread, or it was collected) is adopted again."""
+    def _entry(self, meta: ActorResourceMeta) -> _Entry:
+        """The in-memory entry of an execution, adopting it from storage when this process does not know it (a
+        transient entry with a StoredRun when storage alone answers). An entry gone again right after adoption (its
+        start failed in another thread, or it was collected) is adopted again."""
         for _ in range(3):
             entry = self._lookup(meta.execution_id)
             if entry is not None:
                 return entry
-            status = self._adopt(meta)
-            if status is not None:
-                return status
+            answer = self._adopt(meta)
+            if answer is not None:
+                return _Entry(meta, None, None, run=StoredRun(answer), ready=True)
             entry = self._lookup(meta.execution_id)
             if entry is not None:
                 return entry
