@@ -16,7 +16,9 @@ from flytekit.image_spec.image_spec import ImageSpec
 
 from flytekitplugins_actor.constants import DEFAULT_TTL_SECONDS
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # always fullmatch: `$` would allow a trailing "\n"
+_ENV_VAR_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+"""A name both a process (no '=', no NUL) and Kubernetes (C identifier plus '-' and '.') accept."""
 
 ENVIRONMENT_OWNED_TASK_ARGS = {
     "container_image": "container_image",
@@ -64,7 +66,7 @@ class ActorEnvironment:
     interruptible: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _DNS_LABEL.match(self.name):
+        if not isinstance(self.name, str) or not _DNS_LABEL.fullmatch(self.name):
             _fail(
                 "name",
                 self.name,
@@ -95,6 +97,15 @@ class ActorEnvironment:
             for k, v in self.environment.items():
                 if not isinstance(k, str) or not isinstance(v, str):
                     _fail("environment", self.environment, f"must map str to str; entry {k!r}: {v!r} is not", TypeError)
+                if not _ENV_VAR_NAME.fullmatch(k):
+                    _fail(
+                        "environment",
+                        self.environment,
+                        f"variable name {k!r} is illegal: a name is ASCII letters, digits, '_', '-' or '.', "
+                        "not starting with a digit (no '=', spaces or control characters)",
+                    )
+                if "\x00" in v:
+                    _fail("environment", self.environment, f"value of {k!r} contains a NUL character")
             object.__setattr__(self, "environment", types.MappingProxyType(dict(self.environment)))
         _check_type("requests", self.requests, (Resources,), "must be a flytekit.Resources")
         _check_type("limits", self.limits, (Resources,), "must be a flytekit.Resources")

@@ -6,8 +6,8 @@ pods): inputs.pb -> task -> outputs.pb or error.pb under the output prefix, exac
 
 from __future__ import annotations
 
+import atexit
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -18,6 +18,13 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 from flytekitplugins_actor.replica.command import ExecutionCommand
 from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError, read_engine_dir_error, write_error_document
 from flytekitplugins_actor.replica.protocol import ReplicaExecutionState
+from flytekitplugins_actor.replica.sandbox import (
+    ExecutionDirs,
+    engine_dir_error_file,
+    execution_context,
+    fast_path_applies,
+    use_frugal_serialization,
+)
 
 SYS_PATH_ENV = "FLYTE_ACTOR_SYS_PATH"
 """Extra sys.path entries an execution needs (set by local runs: the task module's root)."""
@@ -73,6 +80,9 @@ class ReplicaRuntime:
         self.code_version: Optional[str] = None
         self.last_exception: Optional[BaseException] = None
         self.executions = 0
+        self.dirs = ExecutionDirs()
+        self._cwd_on_path: Optional[Tuple[str, int]] = None
+        atexit.register(self.dirs.close)  # a replica leaves nothing in its temp dir
 
     def _activate_distribution(self, cmd: ExecutionCommand) -> None:
         if not cmd.distribution:
@@ -92,46 +102,36 @@ class ReplicaRuntime:
             )
 
     def run_deferred(self, spec: ExecutionSpec) -> Tuple[ExecutionOutcome, Callable[[], None]]:
-        """Runs one execution; returns its outcome and the cleanup to do once the outcome is reported.
+        """Runs one execution; returns its outcome and the tidying to do once the outcome is reported.
 
-        Never raises for anything the task does; only a CancelRequested (the replica's cancel) means cancelled."""
-        from flytekit.bin.entrypoint import _execute_task, normalize_inputs
-        from flytekit.core.context_manager import FlyteContextManager
-        from flytekit.core.data_persistence import FileAccessProvider
+        The execution gets a prepared private dir (its temp dir and flytekit's sandbox); the moment it ends, the
+        dir is moved away (so nothing of it is visible to the next execution, however soon that starts) and the
+        returned callable recycles it off the hot path. Never raises for anything the task does; only a
+        CancelRequested (the replica's cancel) means cancelled."""
+        from flytekit.bin.entrypoint import normalize_inputs
 
         started = time.perf_counter()
         cmd = spec.parsed()
         saved_env = {k: os.environ.get(k) for k in spec.env}
         saved_tempdir = tempfile.tempdir
-        scratch = tempfile.mkdtemp(prefix="actor-exec-")
+        exec_dir = self.dirs.take()
         self.last_exception = None
         outcome: Optional[ExecutionOutcome] = None
+        fast = fast_path_applies()
+        if not self.executions:  # the first execution of this process: it is a replica
+            use_frugal_serialization()
         try:
             os.environ.update(spec.env)
             for path in spec.env.get(SYS_PATH_ENV, "").split(os.pathsep):  # a local driver's module roots
                 if path and path not in sys.path:
                     sys.path.append(path)
-            tempfile.tempdir = scratch
+            tempfile.tempdir = exec_dir
             self._activate_distribution(cmd)
             raw, ckpt, prev = normalize_inputs(cmd.raw_output_data_prefix, cmd.checkpoint_path, cmd.prev_checkpoint)
-            # flytekit makes its working dirs under the current context's sandbox: point it into scratch
-            ctx = FlyteContextManager.current_context()
-            sandbox = ctx.new_builder().with_file_access(
-                FileAccessProvider(local_sandbox_dir=scratch, raw_output_prefix=raw)
-            )
-            with FlyteContextManager.with_context(sandbox):
-                _execute_task(
-                    inputs=cmd.inputs,
-                    output_prefix=cmd.output_prefix,
-                    test=False,
-                    raw_output_data_prefix=raw,
-                    resolver=cmd.resolver,
-                    resolver_args=list(cmd.resolver_args),
-                    checkpoint_path=ckpt,
-                    prev_checkpoint=prev,
-                    dynamic_addl_distro=cmd.distribution,
-                    dynamic_dest_dir=cmd.dest_dir,
-                )
+            if fast:
+                self._execute_in(exec_dir, cmd, raw, ckpt, prev)
+            else:
+                self._execute_with_flytekit_setup(exec_dir, cmd, raw, ckpt, prev)
         except CancelRequested:
             outcome = ExecutionOutcome(spec.execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED)
         except KeyboardInterrupt as e:  # raised by the task's own code: its failure, named as such
@@ -153,15 +153,59 @@ class ReplicaRuntime:
             tempfile.tempdir = saved_tempdir
             self.executions += 1
         if outcome is None:
-            try:  # pyflyte-execute wrote error.pb into its engine dir (in scratch) before uploading it: no round trip
-                error = read_engine_dir_error(scratch)
+            try:  # pyflyte-execute wrote error.pb into its engine dir before uploading it: no storage round trip
+                error = _engine_dir_error(exec_dir, fast)
             except Exception as e:  # storage trouble must not take the replica down
                 error = ExecutionError.system("SYSTEM", f"could not read the execution's error.pb: {e!r}")
             state = ReplicaExecutionState.FAILED if error else ReplicaExecutionState.SUCCEEDED
             outcome = ExecutionOutcome(spec.execution_id, state, error=error)
             outcome.exception = self.last_exception if error else None
+        self.dirs.retire(exec_dir)
         outcome.duration_s = time.perf_counter() - started
-        return outcome, lambda: shutil.rmtree(scratch, ignore_errors=True)
+        return outcome, self.dirs.tidy_one
+
+    def _execute_in(
+        self, exec_dir: str, cmd: ExecutionCommand, raw: str, ckpt: Optional[str], prev: Optional[str]
+    ) -> None:
+        """What `_execute_task` does, in a context built on the prepared dir (see replica/sandbox.py)."""
+        from flytekit.bin.entrypoint import _dispatch_execute
+        from flytekit.tools.module_loader import load_object_from_module
+
+        with execution_context(cmd, exec_dir, raw, ckpt, prev) as ctx:
+            cwd = os.getcwd()
+            if self._cwd_on_path != (cwd, len(sys.path)):  # as pyflyte-execute: the working dir is importable
+                if all(os.path.realpath(p) != cwd for p in sys.path):
+                    sys.path.append(cwd)
+                self._cwd_on_path = (cwd, len(sys.path))
+            resolver = load_object_from_module(cmd.resolver)
+            loader_args = list(cmd.resolver_args)
+            _dispatch_execute(ctx, lambda: resolver.load_task(loader_args=loader_args), cmd.inputs, cmd.output_prefix)
+
+    def _execute_with_flytekit_setup(
+        self, exec_dir: str, cmd: ExecutionCommand, raw: str, ckpt: Optional[str], prev: Optional[str]
+    ) -> None:
+        """flytekit's own `_execute_task`, its sandbox pointed into the execution's dir (runtime pip installs)."""
+        from flytekit.bin.entrypoint import _execute_task
+        from flytekit.core.context_manager import FlyteContextManager
+        from flytekit.core.data_persistence import FileAccessProvider
+
+        ctx = FlyteContextManager.current_context()
+        sandbox = ctx.new_builder().with_file_access(
+            FileAccessProvider(local_sandbox_dir=exec_dir, raw_output_prefix=raw)
+        )
+        with FlyteContextManager.with_context(sandbox):
+            _execute_task(
+                inputs=cmd.inputs,
+                output_prefix=cmd.output_prefix,
+                test=False,
+                raw_output_data_prefix=raw,
+                resolver=cmd.resolver,
+                resolver_args=list(cmd.resolver_args),
+                checkpoint_path=ckpt,
+                prev_checkpoint=prev,
+                dynamic_addl_distro=cmd.distribution,
+                dynamic_dest_dir=cmd.dest_dir,
+            )
 
     def _fail(
         self, spec: ExecutionSpec, cmd: ExecutionCommand, error: ExecutionError, exc: BaseException
@@ -171,6 +215,17 @@ class ReplicaRuntime:
         except Exception as e:  # the outcome still reports the failure; storage trouble is added to it
             error = error.with_note(f"(and error.pb could not be written: {e!r})")
         return ExecutionOutcome(spec.execution_id, ReplicaExecutionState.FAILED, error=error, exception=exc)
+
+
+def _engine_dir_error(exec_dir: str, fast: bool) -> Optional[ExecutionError]:
+    """The error document an execution wrote into its local engine dir, if any."""
+    if not fast:  # flytekit's own setup made its flyte* sandbox inside the execution's dir
+        return read_engine_dir_error(exec_dir)
+    path = engine_dir_error_file(exec_dir)
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return ExecutionError.from_error_document(f.read())
 
 
 RUNTIME = ReplicaRuntime()

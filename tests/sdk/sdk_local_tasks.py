@@ -16,6 +16,14 @@ class Boom(Exception):
     """A user exception type the driver must get back as itself."""
 
 
+class CodedError(Exception):
+    """A user exception whose __init__ does not take its args back: pickle's default rebuild cannot make it."""
+
+    def __init__(self, code: int, detail: str):
+        super().__init__(f"error {code}: {detail}")
+        self.code, self.detail = code, detail
+
+
 basic = ActorEnvironment(name="sdk-local", ttl_seconds=300)
 
 _counter = 0
@@ -47,6 +55,12 @@ def read_env(name: str) -> str:
 @basic.task
 def raise_boom(message: str) -> int:
     raise Boom(message)
+    return 0
+
+
+@basic.task
+def raise_coded(code: int, detail: str) -> int:
+    raise CodedError(code, detail)
     return 0
 
 
@@ -216,3 +230,34 @@ def write_report(stats: Stats) -> FlyteFile:
 @workflow
 def wf_files(f: FlyteFile) -> FlyteFile:
     return write_report(stats=count_words(f=f))
+
+
+# ---- state that outlives an execution: never an execution's temp dir, always replica_dir() ----
+import tempfile  # noqa: E402
+
+from flytekitplugins_actor import replica_dir  # noqa: E402
+
+
+@basic.task
+def file_in_execution_temp_dir(content: str) -> str:
+    path = os.path.join(tempfile.gettempdir(), "held.txt")
+    with open(path, "w") as fh:
+        fh.write(content)
+    return path
+
+
+@basic.task
+def file_in_replica_dir(content: str) -> str:
+    path = os.path.join(replica_dir(), "held.txt")
+    with open(path, "w") as fh:
+        fh.write(content)
+    return path
+
+
+@basic.task
+def read_file_or_gone(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return "<gone>"
