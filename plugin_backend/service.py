@@ -131,6 +131,12 @@ class ActorService:
                 self._adopt(meta)
                 return meta
             if previous is not None:  # another execution's record under this prefix: never expected
+                logger.error(
+                    "CreateTask %s refused: %s already holds execution %s",
+                    meta.execution_id,
+                    output_prefix,
+                    previous.get("execution_id"),
+                )
                 raise InvalidActorRequest(
                     f"output prefix {output_prefix} already holds execution {previous.get('execution_id')}"
                 )
@@ -347,6 +353,11 @@ class ActorService:
                     "the connector "
                     "restarted (or the replica died) while it ran; it is not run twice",
                 )
+        logger.info(
+            "adopting execution %s from its record under %s (created before this connector started)",
+            meta.execution_id,
+            meta.output_prefix,
+        )
         template = ActorTemplate.from_record(request["template"])
         key = PoolKey(request["namespace"], request["service_account"], template.env_key, template.code_version)
         plan = None
@@ -380,6 +391,8 @@ class ActorService:
         if entry is None or entry.run is None:
             return
         was_terminal = entry.run.terminal
+        if not was_terminal:
+            logger.info("DeleteTask: aborting execution %s", meta.execution_id)
         entry.run.abort()
         if not was_terminal and entry.run.status().phase not in (TaskExecution.SUCCEEDED, TaskExecution.FAILED):
             # cancelled, or its replica had to be restarted to stop it: either way, what propeller asked for
