@@ -38,6 +38,8 @@ __all__ = ["ActorService", "Status", "TERMINAL_PHASES", "service"]
 KEEP_TERMINAL_S = 600.0
 """How long a finished execution is answered from memory; after that, from storage."""
 GC_INTERVAL_S = 5.0
+ABANDON_CHECK_S = 0.1
+"""How often a sync wait checks whether its caller gave up."""
 MAX_INLINE_OUTPUTS_BYTES = 1024 * 1024
 """Sync answers carry outputs up to this size inline; larger ones go by reference (outputs.pb)."""
 
@@ -213,11 +215,13 @@ class ActorService:
         inputs: Optional[LiteralMap],
         task_execution_metadata: Optional[TaskExecutionMetadata],
         budget_s: float,
+        abandoned: Optional[threading.Event] = None,
     ) -> Status:
         """Runs an `actor_sync` execution and answers with a terminal status (outputs inline): propeller keeps no
         resource meta for a sync task, so it cannot poll a non-terminal answer later. Same pools, queue, replicas
         and idempotency record as `actor`. Past `budget_s` the execution is cancelled and the answer is
-        RETRYABLE_FAILED saying why and what to change."""
+        RETRYABLE_FAILED saying why and what to change; so it is as soon as `abandoned` is set (the caller gave up:
+        propeller's deadline was shorter than the budget), so that nobody's work keeps a replica busy."""
         deadline = time.monotonic() + budget_s
         meta = self.create(task_template, output_prefix, inputs, task_execution_metadata, ACTOR_SYNC_TASK_TYPE)
         while True:
@@ -228,7 +232,9 @@ class ActorService:
             remaining = deadline - time.monotonic()
             if entry is None or entry.run is None or remaining <= 0:
                 return self._sync_timeout(meta, entry, budget_s)
-            entry.run.wait(remaining)
+            if abandoned is not None and abandoned.is_set():
+                return self._sync_timeout(meta, entry, budget_s, SyncOverrun.ABANDONED)
+            entry.run.wait(remaining if abandoned is None else min(remaining, ABANDON_CHECK_S))
 
     @staticmethod
     def _sync_answer(meta: ActorResourceMeta, status: Status) -> Status:
@@ -242,8 +248,15 @@ class ActorService:
             status = replace(status, phase=TaskExecution.RETRYABLE_FAILED)
         return status
 
-    def _sync_timeout(self, meta: ActorResourceMeta, entry: Optional[_Entry], budget_s: float) -> Status:
-        """Cancels an execution that outlived the sync budget; the answer says why and what to change."""
+    def _sync_timeout(
+        self,
+        meta: ActorResourceMeta,
+        entry: Optional[_Entry],
+        budget_s: float,
+        cause: Optional[SyncOverrun] = None,
+    ) -> Status:
+        """Cancels an execution that outlived the sync budget (or its caller); the answer says why and what to
+        change."""
         env = meta.env
         change = (
             f"raise FLYTE_ACTOR_SYNC_BUDGET_S on the connector (now {budget_s:g}s; keep propeller's "
@@ -254,7 +267,14 @@ class ActorService:
         execution = run.execution if isinstance(run, SingleRun) else None  # the sync path runs single executions
         pool = self._find_pool(entry) if entry is not None else None
         stats = pool.stats() if pool is not None else {"starting": 0, "busy": 0, "idle": 0, "queued": 0}
-        if execution is not None and execution.state is ExecutionState.RUNNING and execution.warm is False:
+        if cause is SyncOverrun.ABANDONED:
+            overrun = SyncOverrun.ABANDONED
+            reason = (
+                f"propeller stopped waiting for this sync execution before the connector's sync budget of "
+                f"{budget_s:g}s ran out, so it was cancelled: set propeller's connector timeouts.ExecuteTaskSync "
+                f"above FLYTE_ACTOR_SYNC_BUDGET_S plus a few seconds"
+            )
+        elif execution is not None and execution.state is ExecutionState.RUNNING and execution.warm is False:
             overrun = SyncOverrun.POOL_STARTING
             reason = (
                 f"pool still starting: the execution was the first on new replica {execution.replica} (which imports "
