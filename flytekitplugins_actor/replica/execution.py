@@ -23,6 +23,7 @@ from flytekitplugins_actor.replica.sandbox import (
     engine_dir_error_file,
     execution_context,
     fast_path_applies,
+    run_coroutines_inline,
     use_frugal_serialization,
 )
 
@@ -120,6 +121,7 @@ class ReplicaRuntime:
         fast = fast_path_applies()
         if not self.executions:  # the first execution of this process: it is a replica
             use_frugal_serialization()
+            run_coroutines_inline()
         try:
             os.environ.update(spec.env)
             for path in spec.env.get(SYS_PATH_ENV, "").split(os.pathsep):  # a local driver's module roots
