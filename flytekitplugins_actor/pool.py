@@ -51,6 +51,7 @@ from flytekitplugins_actor.replica.protocol import (
     TOKEN_ENV,
     AuthenticationError,
     ProtocolError,
+    ReplicaActivity,
     ReplicaClient,
     ReplicaExecutionState,
     RequestRefused,
@@ -195,6 +196,7 @@ class ReplicaPool:
         self.idle_since = time.monotonic()
         self.deaths = 0
         self.dispatches = {"warm": 0, "cold": 0}
+        self.keepalives = 0  # health pings answered by idle replicas
         self._failed_starts = 0
         self._supervisor = Supervisor(f"actor-pool-{name}")
         self._supervisor.call_later(KEEPALIVE_S, self._keepalive)
@@ -226,6 +228,45 @@ class ReplicaPool:
             self._cond.notify_all()
         self._start_replicas(to_start)
         return execution
+
+    def adopt(self, token: str, replicas: List[Replica]) -> None:
+        """Serves with replicas a previous process started for this pool (same key), and with their token: a
+        restarted connector's pool is warm at once. Only idle (or still starting) replicas are kept: one still
+        running an execution of the previous process is stopped, since that execution is answered RETRYABLE_FAILED
+        and retried by propeller, and must not run twice. Replicas beyond the pool's size are stopped too."""
+        usable = [r for r in replicas if self._adoptable(r, token)]
+        with self._cond:
+            self.token = token
+            room = 0 if self._closed else max(0, self.size - len(self._slots) - self._starting)
+            slots = [_Slot(r) for r in usable[:room]]
+            self._slots.extend(slots)
+        kept = {id(s.replica) for s in slots}
+        for replica in replicas:
+            if id(replica) not in kept:
+                replica.terminate(0)
+        for slot in slots:
+            slot.replica.add_death_callback(lambda _death, slot=slot: self._on_death(slot))
+            threading.Thread(target=self._serve, args=(slot,), name=f"slot-{slot.replica.name}", daemon=True).start()
+
+    def _adoptable(self, replica: Replica, token: str) -> bool:
+        if replica.state is not ReplicaState.READY:
+            return replica.state is ReplicaState.STARTING
+        try:
+            with contextlib.closing(ReplicaClient(replica.address, token, timeout=CONTROL_TIMEOUT_S)) as client:
+                reply = client.request("health", io_timeout=CONTROL_TIMEOUT_S)
+        except (ProtocolError, OSError) as e:
+            logger.warning("pool %s: replica %s cannot be adopted: %s", self.name, replica.name, e)
+            return False
+        if reply.get("state") != ReplicaActivity.IDLE.value:
+            logger.info(
+                "pool %s: not adopting replica %s: it is %s (running %s)",
+                self.name,
+                replica.name,
+                reply.get("state"),
+                reply.get("running"),
+            )
+            return False
+        return True
 
     def get(self, execution_id: str) -> Optional[Execution]:
         with self._cond:
@@ -272,6 +313,7 @@ class ReplicaPool:
                 "busy": sum(1 for s in ready if s.busy),
                 "idle": sum(1 for s in ready if not s.busy),
                 "deaths": self.deaths,
+                "keepalives": self.keepalives,
                 **self.dispatches,
             }
 
@@ -646,12 +688,16 @@ class ReplicaPool:
         for slot in idle:
             try:
                 slot.client.request("health", io_timeout=CONTROL_TIMEOUT_S)
+                with self._cond:
+                    self.keepalives += 1
             except (ProtocolError, OSError) as e:
+                with self._cond:
+                    if slot not in self._slots or slot.busy or self._gone(slot):
+                        continue  # it went away or got work meanwhile: nothing to replace
+                    slot.lost = ReplicaDeath(slot.replica.name, f"failed its keepalive ({e})")
+                    self._cond.notify_all()
                 level = logger.error if isinstance(e, AuthenticationError) else logger.warning
                 level("pool %s: replica %s failed its keepalive (%s); replacing it", self.name, slot.replica.name, e)
-                with self._cond:
-                    slot.lost = slot.lost or ReplicaDeath(slot.replica.name, f"failed its keepalive ({e})")
-                    self._cond.notify_all()
                 slot.client.abort()
         self._supervisor.call_later(KEEPALIVE_S, self._keepalive)
 

@@ -14,7 +14,7 @@ from flyteidl.core.execution_pb2 import TaskExecution
 
 from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
 from plugin_backend.map_run import MapRun
-from plugin_backend.status import Status, failure, log_links
+from plugin_backend.status import Status, failure, log_links, waiting_for_resources
 
 CANCEL_GRACE_S = 3.0
 """How long a cancelled execution may take to stop before its replica is replaced."""
@@ -66,6 +66,9 @@ class SingleRun(Run):
             pool = self._find_pool()
             if pool is None:
                 return Status(TaskExecution.QUEUED, f"queued for actor environment {self.env_name}")
+            waiting = waiting_for_resources(pool, self.env_name)
+            if waiting is not None:
+                return waiting
             stats = pool.stats()
             if stats["starting"] and not stats["busy"] and not stats["idle"]:
                 return Status(

@@ -30,7 +30,7 @@ from plugin_backend.map_run import MapRun
 from plugin_backend.meta import MAX_META_BYTES, ActorResourceMeta
 from plugin_backend.pools import PoolKey, PoolManager
 from plugin_backend.runs import MapRunView, Run, SingleRun
-from plugin_backend.status import TERMINAL_PHASES, Status, failure
+from plugin_backend.status import TERMINAL_PHASES, Status, SyncOverrun, failure
 from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ACTOR_SYNC_TASK_TYPE, ActorTemplate, parse_template
 
 __all__ = ["ActorService", "Status", "TERMINAL_PHASES", "service"]
@@ -38,6 +38,8 @@ __all__ = ["ActorService", "Status", "TERMINAL_PHASES", "service"]
 KEEP_TERMINAL_S = 600.0
 """How long a finished execution is answered from memory; after that, from storage."""
 GC_INTERVAL_S = 5.0
+MAX_INLINE_OUTPUTS_BYTES = 1024 * 1024
+"""Sync answers carry outputs up to this size inline; larger ones go by reference (outputs.pb)."""
 
 
 @dataclass
@@ -223,9 +225,11 @@ class ActorService:
 
     @staticmethod
     def _sync_answer(meta: ActorResourceMeta, status: Status) -> Status:
+        """A terminal sync answer: outputs inline up to MAX_INLINE_OUTPUTS_BYTES; larger ones by reference (propeller
+        then reads outputs.pb, as for async tasks), so an answer never nears gRPC's 4 MiB limit."""
         if status.phase == TaskExecution.SUCCEEDED and status.outputs is None:
             data = store.read_bytes(store.join(meta.output_prefix, "outputs.pb"))
-            if data is not None:
+            if data is not None and len(data) <= MAX_INLINE_OUTPUTS_BYTES:
                 status = replace(status, outputs=literals_pb2.LiteralMap.FromString(data))
         elif status.phase == TaskExecution.ABORTED:  # only our own budget cancels a sync execution
             status = replace(status, phase=TaskExecution.RETRYABLE_FAILED)
@@ -241,30 +245,42 @@ class ActorService:
         )
         run = entry.run if entry is not None else None
         execution = run.execution if isinstance(run, SingleRun) else None  # the sync path runs single executions
-        if execution is not None and execution.state is ExecutionState.RUNNING:
+        pool = self._find_pool(entry) if entry is not None else None
+        stats = pool.stats() if pool is not None else {"starting": 0, "busy": 0, "idle": 0, "queued": 0}
+        if execution is not None and execution.state is ExecutionState.RUNNING and execution.warm is False:
+            overrun = SyncOverrun.POOL_STARTING
+            reason = (
+                f"pool still starting: the execution was the first on new replica {execution.replica} (which imports "
+                f"the task's code) and did not finish within the sync budget of {budget_s:g}s; the replica stays "
+                f"warm, so a retry is fast. Warm the environment before sync tasks need it (an async task of it, "
+                f"or a longer ttl_seconds), or {change}"
+            )
+        elif execution is not None and execution.state is ExecutionState.RUNNING:
+            overrun = SyncOverrun.TOO_LONG
             reason = (
                 f"task too long for the sync path: it ran on replica {execution.replica} longer than the sync "
                 f"budget of {budget_s:g}s and was cancelled. Tasks that long belong on the async path: {change}"
             )
+        elif stats["starting"] and not stats["busy"] and not stats["idle"]:
+            overrun = SyncOverrun.POOL_STARTING
+            reason = (
+                f"pool still starting: no replica of actor environment {env} was ready within the sync budget "
+                f"of {budget_s:g}s ({stats['starting']} starting; they keep starting, so a retry finds them "
+                f"warm). Warm the environment before sync tasks need it (an async task of it, or a longer "
+                f"ttl_seconds), or {change}"
+            )
         else:
-            pool = self._find_pool(entry) if entry is not None else None
-            stats = pool.stats() if pool is not None else {"starting": 0, "busy": 0, "idle": 0, "queued": 0}
-            if stats["starting"] and not stats["busy"] and not stats["idle"]:
-                reason = (
-                    f"pool still starting: no replica of actor environment {env} was ready within the sync budget "
-                    f"of {budget_s:g}s ({stats['starting']} starting; they keep starting, so a retry finds them "
-                    f"warm). Warm the environment before sync tasks need it (an async task of it, or a longer "
-                    f"ttl_seconds), or {change}"
-                )
-            else:
-                reason = (
-                    f"no replica of actor environment {env} was free within the sync budget of {budget_s:g}s "
-                    f"({stats['busy']} busy, {stats['queued']} queued): raise its replica_count, or {change}"
-                )
+            overrun = SyncOverrun.NO_FREE_REPLICA
+            reason = (
+                f"no replica of actor environment {env} was free within the sync budget of {budget_s:g}s "
+                f"({stats['busy']} busy, {stats['queued']} queued): raise its replica_count, or {change}"
+            )
         self.delete(meta)
         after = self.get(meta)
         if after.phase != TaskExecution.ABORTED:  # it finished just as the budget ran out: that result stands
             return self._sync_answer(meta, after)
+        metrics.SYNC_OVERRUNS.labels(env=env, reason=overrun.value).inc()
+        logger.info("actor_sync execution %s cancelled at the end of its budget: %s", meta.execution_id, overrun.value)
         status = Status(TaskExecution.RETRYABLE_FAILED, reason, after.log_links)
         if entry is not None:  # a repeated ExecuteTaskSync of this attempt gets the same answer
             entry.final, entry.final_at = status, time.monotonic()

@@ -20,7 +20,7 @@ from flytekit.extend.backend.base_connector import ConnectorRegistry, Resource, 
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
-from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidActorRequest
+from plugin_backend.errors import SUPPORTED_TYPE_VERSION
 from plugin_backend.service import service
 from plugin_backend.status import Status
 from plugin_backend.template import ACTOR_SYNC_TASK_TYPE
@@ -35,7 +35,8 @@ DEFAULT_SYNC_CONCURRENCY = 64
 
 
 def sync_budget_s() -> float:
-    """The sync budget from FLYTE_ACTOR_SYNC_BUDGET_S, refused clearly when it is not a positive number."""
+    """The sync budget from FLYTE_ACTOR_SYNC_BUDGET_S (read per call, so a fix needs no restart), refused clearly
+    when it is not a positive number."""
     raw = os.environ.get(SYNC_BUDGET_ENV, "")
     if not raw:
         return DEFAULT_SYNC_BUDGET_S
@@ -43,8 +44,8 @@ def sync_budget_s() -> float:
         value = float(raw)
     except ValueError:
         value = -1.0
-    if not value > 0:
-        raise InvalidActorRequest(f"{SYNC_BUDGET_ENV}={raw!r} on the connector is invalid: a number of seconds > 0")
+    if not value > 0:  # the connector's configuration, not the request: INTERNAL, never INVALID_ARGUMENT
+        raise ValueError(f"{SYNC_BUDGET_ENV}={raw!r} on the connector is invalid: set a number of seconds > 0")
     return value
 
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from flytekit.loggers import logger
 
@@ -81,6 +81,8 @@ class Replica(abc.ABC):
         self._address: Optional[str] = None
         self._death: Optional[ReplicaDeath] = None
         self._death_callbacks: List = []
+        self.waiting_reason: Optional[str] = None
+        """Why a starting replica waits, as its platform says (e.g. the scheduler's Unschedulable message)."""
 
     def add_death_callback(self, fn) -> None:
         """Calls fn(death) once the replica is dead (at once if it already is)."""
@@ -159,6 +161,11 @@ class ReplicaBackend(abc.ABC):
     @abc.abstractmethod
     def start(self, spec: ReplicaSpec) -> Replica:
         """Starts a replica without waiting for it to be ready."""
+
+    def live_replicas(self, pool_key: str) -> "Tuple[Optional[str], List[Replica]]":
+        """The token and the live replicas a previous process left for a pool, for the pool to adopt (a restarted
+        connector's warm pools). None and no replicas by default: local replicas die with their parent."""
+        return None, []
 
 
 def describe_exit(returncode: int) -> str:

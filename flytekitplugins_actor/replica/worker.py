@@ -13,6 +13,7 @@ import argparse
 import base64
 import collections
 import json
+import logging
 import os
 import queue
 import signal
@@ -22,6 +23,8 @@ import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional
+
+from flytekit.loggers import logger
 
 from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError
 from flytekitplugins_actor.replica.execution import RUNTIME, CancelRequested, ExecutionOutcome, ExecutionSpec
@@ -52,6 +55,18 @@ ORPHAN_TIMEOUT_ENV = "FLYTE_ACTOR_ORPHAN_TIMEOUT_S"
 pings idle replicas every 10 s and waits in bounded rounds, so only a replica whose pool is gone hits it."""
 STOP_GRACE_S = 5.0
 """How long a replica that stops on its own gives its execution to end before it exits regardless."""
+
+
+log = logger.getChild("replica")
+"""The replica's own log (flytekit's logger): one plain line per event on stdout, whatever flytekit's level."""
+
+
+def _setup_log(name: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[actor-replica {name}] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # flytekit's own handler wraps lines for a terminal; a replica log is read line by line
 
 
 _CANCEL_ARMED = [False]  # read by the handler on the main thread: True only while a task's code runs
@@ -215,7 +230,7 @@ class Worker:
                 if self._accepted.pop(spec.execution_id, None) is None:
                     continue  # cancelled while queued
                 self._running = spec.execution_id
-            print(f"[actor-replica {self.name}] execution {spec.execution_id} started", flush=True)
+            log.info("execution %s started", spec.execution_id)
             cleanup = None
             try:
                 try:
@@ -227,11 +242,7 @@ class Worker:
                     _CANCEL_ARMED[0] = False
             except CancelRequested:  # a cancel that landed around the task, not in it
                 outcome = ExecutionOutcome(spec.execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED)
-            print(
-                f"[actor-replica {self.name}] execution {spec.execution_id} {outcome.state.value} "
-                f"in {outcome.duration_s:.4f}s",
-                flush=True,
-            )
+            log.info("execution %s %s in %.4fs", spec.execution_id, outcome.state.value, outcome.duration_s)
             with self._lock:
                 self._running = None
                 self._cancelled.discard(spec.execution_id)
@@ -248,8 +259,8 @@ def _run_all(cleanups: List[Callable[[], None]]) -> None:
     while cleanups:
         try:
             cleanups.pop()()
-        except Exception:
-            pass
+        except Exception:  # a temp dir that cannot be removed must not stop the replica
+            log.warning("could not clean up after an execution", exc_info=True)
 
 
 def _pickle_exception(exc: BaseException) -> Optional[str]:
@@ -257,7 +268,8 @@ def _pickle_exception(exc: BaseException) -> Optional[str]:
         import cloudpickle
 
         return base64.b64encode(cloudpickle.dumps(exc)).decode()
-    except Exception:
+    except Exception as e:  # the driver then raises ActorTaskFailed with the message instead of the original type
+        log.warning("the task's %s cannot be pickled back to the driver: %r", type(exc).__name__, e)
         return None
 
 
@@ -321,7 +333,7 @@ def stop_process_group(grace_s: float = 1.0) -> None:
 
 def _exit_now(code: int, reason: str) -> None:
     """Ends the replica at once (from any thread), its task's process group with it."""
-    print(f"[actor-replica] {reason}: exiting", flush=True)
+    log.warning("%s: exiting", reason)
     stop_process_group()
     os._exit(code)
 
@@ -343,11 +355,7 @@ def _watch_orphan(worker: Worker, timeout_s: float) -> None:
         if idle < timeout_s:
             time.sleep(min(timeout_s - idle, 1.0) + 0.01)  # a deadline to sleep to, not a synchronisation
             continue
-        print(
-            f"[actor-replica {worker.name}] no request from any pool for {idle:.0f}s "
-            f"({ORPHAN_TIMEOUT_ENV}={timeout_s:g}): stopping",
-            flush=True,
-        )
+        log.warning("no request from any pool for %.0fs (%s=%g): stopping", idle, ORPHAN_TIMEOUT_ENV, timeout_s)
         # a clean stop, delivered to the main thread so a blocking call is interrupted: a running execution fails
         signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
         time.sleep(STOP_GRACE_S)
@@ -383,6 +391,7 @@ def main(argv: Optional[list] = None) -> None:
         parser.error(f"{TOKEN_ENV} must be set: every control request is authenticated with the pool token")
     orphan_timeout = _orphan_timeout(parser)
     os.environ["FLYTE_ACTOR_REPLICA"] = args.name
+    _setup_log(args.name)
     if args.watch_stdin:
         threading.Thread(target=_watch_parent_stdin, name="parent-watch", daemon=True).start()
 
@@ -409,7 +418,7 @@ def main(argv: Optional[list] = None) -> None:
         if args.ready_fd is not None:
             with os.fdopen(args.ready_fd, "w") as f:
                 f.write(json.dumps({"host": host, "port": port, "pid": os.getpid()}) + "\n")
-        print(f"[actor-replica {args.name}] listening on {host}:{port} (pid {os.getpid()})", flush=True)
+        log.info("listening on %s:%s (pid %d)", host, port, os.getpid())
         worker.serve_forever()
     except (KeyboardInterrupt, ReplicaTerminated):
         pass

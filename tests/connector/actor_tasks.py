@@ -112,6 +112,11 @@ def add_sync(a: int, b: int) -> int:
 
 
 @env.task(sync=True)
+def big_sync(n: int) -> str:
+    return "x" * n
+
+
+@env.task(sync=True)
 def pid_sync() -> int:
     return os.getpid()
 

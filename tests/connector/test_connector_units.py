@@ -448,3 +448,14 @@ def test_the_pool_reaper_survives_a_pool_that_cannot_say_whether_it_expired(tmp_
         assert manager.get("bad") is not None
     finally:
         manager.shutdown()
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "soon", "nan"])
+def test_a_bad_sync_budget_is_refused_naming_the_variable(monkeypatch, raw):
+    from plugin_backend.sync_connector import SYNC_BUDGET_ENV, sync_budget_s
+
+    monkeypatch.setenv(SYNC_BUDGET_ENV, raw)
+    with pytest.raises(ValueError, match=f"{SYNC_BUDGET_ENV}='{raw}' on the connector is invalid"):
+        sync_budget_s()
+    monkeypatch.setenv(SYNC_BUDGET_ENV, "2.5")
+    assert sync_budget_s() == 2.5

@@ -73,6 +73,12 @@ def test_user_error_on_the_sync_path_fails_with_its_message(propeller, base):
     assert r.phase == PHASE.FAILED and "sync-boom-99" in r.message
 
 
+def _overruns(server, reason: str) -> float:
+    """The connector's flyte_actor_sync_overruns_total for environment conn-test and `reason` (0 if never)."""
+    prefix = f'flyte_actor_sync_overruns_total{{env="conn-test",reason="{reason}"}} '
+    return next((float(x[len(prefix) :]) for x in server.metrics().splitlines() if x.startswith(prefix)), 0.0)
+
+
 @pytest.fixture(scope="module")
 def tight(tmp_path_factory):
     """A connector whose sync budget (0.25 s) is shorter than any replica start (importing flytekit alone: ~0.7 s)."""
@@ -87,6 +93,7 @@ def test_sync_on_a_cold_pool_answers_retryable_failed_saying_it_is_starting(tigh
     r = propeller.execute_sync(a)
     assert r.phase == PHASE.RETRYABLE_FAILED, r.message
     assert "pool still starting" in r.message and "FLYTE_ACTOR_SYNC_BUDGET_S" in r.message
+    assert _overruns(tight, "pool_starting") >= 1
     assert not os.path.exists(os.path.join(a.dir, "outputs.pb"))
     # the replicas kept starting: a retry (propeller's next attempt) finds the pool warm and succeeds in the budget
     retries = iter(range(1, 1000))
@@ -107,10 +114,21 @@ def test_sync_task_longer_than_the_budget_is_cancelled_and_retryable(tight, tmp_
     warm = Attempt(base, t.pid, literal_map(t.pid))
     assert Propeller(tight).wait(propeller.create(warm)).phase == PHASE.SUCCEEDED
     counter = os.path.join(base, "count")
+    wait_for(  # a new attempt each try: a repeated attempt gets its first answer again
+        lambda: (
+            propeller.execute_sync(Attempt(base, t.nap_sync, literal_map(t.nap_sync, seconds=0.0, counter=""))).phase
+            == PHASE.SUCCEEDED
+        ),
+        30,
+        "nap_sync imported and warm",
+        interval=0.1,
+    )
+    too_long = _overruns(tight, "too_long")
     a = Attempt(base, t.nap_sync, literal_map(t.nap_sync, seconds=30.0, counter=counter))
     r = propeller.execute_sync(a, timeout=20)
     assert r.phase == PHASE.RETRYABLE_FAILED, r.message
     assert "too long for the sync path" in r.message and "sync=True" in r.message
+    assert _overruns(tight, "too_long") == too_long + 1
     assert len(open(counter).read().splitlines()) == 1  # it did start
     after = Attempt(base, t.pid, literal_map(t.pid))  # cancelled, not left running: the replica is free again
     assert propeller.wait(propeller.create(after), timeout=20).phase == PHASE.SUCCEEDED
@@ -135,3 +153,14 @@ def test_a_sync_template_the_connector_cannot_serve_gets_invalid_argument(propel
     with pytest.raises(grpc.RpcError) as e:
         propeller.execute_sync(b)
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "placeholders" in e.value.details()
+
+
+def test_sync_outputs_over_1_mib_go_by_reference_not_inline(propeller, base):
+    n = 5 * 1024 * 1024  # inline, the answer would exceed gRPC's 4 MiB receive limit (propeller's and ours)
+    a = Attempt(base, t.big_sync, literal_map(t.big_sync, n=n))
+    r = propeller.execute_sync(a)
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    assert not r.outputs.literals  # propeller reads outputs.pb when the answer has none
+    assert len(output_value(a.outputs(), "o0", str)) == n
+    small = Attempt(base, t.big_sync, literal_map(t.big_sync, n=10))
+    assert _value(propeller.execute_sync(small), "o0", str) == "x" * 10
