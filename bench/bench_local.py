@@ -4,7 +4,12 @@
     .venv/bin/python bench/bench_local.py            # full table, also written to bench/results/local.md
     .venv/bin/python bench/bench_local.py --demo     # the quick cold-vs-warm timing scripts/demo.sh prints
 
-Measurements (same trivial task `bench_tasks.noop`, x -> x + 1, everywhere):
+Headline (what users run): a `@workflow` holding one actor task (`bench_tasks.wf_actor`) against the same workflow
+with a plain `@task` (`bench_tasks.wf_plain`), both called locally in this driver with the default temp dir, and a fresh
+`pyflyte-execute` process against the warm actor workflow. The same three are measured again in a child driver
+with TMPDIR=/dev/shm (tmpfs) for driver and replicas: an extra column, not the headline.
+
+Diagnostics (same trivial task `bench_tasks.noop`, x -> x + 1, everywhere):
   (a) warm   -- calling the actor task from the driver: the SDK's local run path, driver -> warm replica -> driver
   (b) worker -- the replica's execution path alone: submit + wait of prepared pyflyte-execute args over the
                 control protocol (round trip), and the time the replica itself reports for the execution
@@ -28,7 +33,7 @@ import sys
 import tempfile
 import time
 import uuid
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -45,8 +50,8 @@ IDENTITY = {
     "FLYTE_INTERNAL_TASK_NAME": "bench_tasks.noop",
     "FLYTE_INTERNAL_TASK_VERSION": "bench",
 }
-GOAL_WARM_OVER_FLOOR = 2.0
-GOAL_FRESH_OVER_WARM = 300.0
+GOAL_ACTOR_OVER_PLAIN_WF = 1.5
+GOAL_FRESH_OVER_WARM = 250.0
 
 
 # ---------------------------------------------------------------- helpers
@@ -76,22 +81,15 @@ def read_output(output_prefix: str) -> int:
 
 
 def execute_args(inputs: str, output_prefix: str, raw: str, task: str = "noop") -> List[str]:
-    return [
-        "pyflyte-execute",
-        "--inputs",
-        inputs,
-        "--output-prefix",
-        output_prefix,
-        "--raw-output-data-prefix",
-        raw,
-        "--resolver",
-        RESOLVER,
-        "--",
-        "task-module",
-        "bench_tasks",
-        "task-name",
-        task,
-    ]
+    from flytekitplugins_actor.replica.command import ExecutionCommand
+
+    return ExecutionCommand.build(
+        inputs=inputs,
+        output_prefix=output_prefix,
+        raw_output_data_prefix=raw,
+        resolver=RESOLVER,
+        resolver_args=["task-module", "bench_tasks", "task-name", task],
+    ).to_args()
 
 
 def summary(times: List[float]) -> Dict[str, float]:
@@ -147,6 +145,20 @@ class Plain(Warm):
         self.cold = 0.0
         for _ in range(warmup):
             plain(x=1)
+
+
+class Workflow(Warm):
+    """A workflow called locally, as `pyflyte run` would: `bench_tasks.wf_actor` or `bench_tasks.wf_plain`."""
+
+    def __init__(self, name: str, warmup: int = 20):
+        import bench_tasks
+
+        self.task = getattr(bench_tasks, name)
+        t = time.perf_counter()
+        assert self.task(x=1) == 2
+        self.cold = time.perf_counter() - t
+        for _ in range(warmup):
+            self.task(x=1)
 
 
 # ---------------------------------------------------------------- (b) the worker's path: a replica over its protocol
@@ -257,28 +269,46 @@ class Floor:
         self.proc.wait(30)
 
 
-def bench_interleaved(n: int, fresh_n: int, rounds: int, tmp: str) -> Dict[str, object]:
-    """(a), (b), (c) and (d) in alternating rounds, so the machine's noise hits all of them alike."""
-    floor, warm, worker, fresh, plain = Floor(tmp), Warm(), Worker(tmp), Fresh(tmp), Plain()
-    samples: Dict[str, List[float]] = {"floor": [], "warm": [], "worker": [], "fresh": [], "plain": []}
+def bench_interleaved(n: int, fresh_n: int, rounds: int, tmp: str, headline_only: bool = False) -> Dict[str, object]:
+    """Every path in alternating rounds, so the machine's noise hits all of them alike."""
+    paths: Dict[str, object] = {
+        "wf_actor": Workflow("wf_actor"),
+        "wf_plain": Workflow("wf_plain"),
+        "fresh": Fresh(tmp),
+    }
+    if not headline_only:
+        paths.update(floor=Floor(tmp), warm=Warm(), worker=Worker(tmp), plain=Plain())
+    samples: Dict[str, List[float]] = {k: [] for k in paths}
     try:
         for r in range(rounds):
             per_round = n // rounds + (1 if r < n % rounds else 0)
-            samples["floor"] += floor.run(per_round)
-            samples["warm"] += warm.run(per_round)
-            samples["worker"] += worker.run(per_round)
-            samples["plain"] += plain.run(per_round)
-            samples["fresh"] += fresh.run(fresh_n // rounds + (1 if r < fresh_n % rounds else 0))
+            for name, path in paths.items():
+                k = fresh_n // rounds + (1 if r < fresh_n % rounds else 0) if name == "fresh" else per_round
+                samples[name] += path.run(k)
     finally:
-        floor.close()
-        worker.close()
-    return {
-        "floor": summary(samples["floor"]),
-        "warm": {"cold": warm.cold, **summary(samples["warm"])},
-        "worker": {"round_trip": summary(samples["worker"]), "in_replica": summary(worker.in_replica)},
-        "fresh": summary(samples["fresh"]),
-        "plain": summary(samples["plain"]),
-    }
+        for path in paths.values():
+            if hasattr(path, "close"):
+                path.close()
+    out: Dict[str, object] = {name: summary(samples[name]) for name in paths}
+    out["wf_actor"] = {"cold": paths["wf_actor"].cold, **out["wf_actor"]}
+    if not headline_only:
+        out["warm"] = {"cold": paths["warm"].cold, **out["warm"]}
+        out["worker"] = {"round_trip": out["worker"], "in_replica": summary(paths["worker"].in_replica)}
+    return out
+
+
+def bench_tmpfs(n: int, fresh_n: int, rounds: int) -> Optional[Dict[str, object]]:
+    """The headline measured again by a child driver whose temp dir (and so its replicas') is tmpfs."""
+    if not os.path.isdir("/dev/shm"):
+        return None
+    env = {**os.environ, "TMPDIR": "/dev/shm", "PYTHONPATH": os.pathsep.join([HERE, ROOT])}
+    args = [sys.executable, os.path.abspath(__file__), "--headline-json", "--n", str(n), "--fresh", str(fresh_n)]
+    proc = subprocess.run(
+        args + ["--rounds", str(rounds)], env=env, cwd=ROOT, capture_output=True, text=True, timeout=1800
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"tmpfs child failed: {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- (d) a fresh pyflyte-execute process per task
@@ -341,19 +371,62 @@ def bench_map(items: int, reps: int) -> Dict[str, Dict[str, float]]:
 
 
 # ---------------------------------------------------------------- report
+def headline(r: Dict[str, object], tmpfs: Optional[Dict[str, object]]) -> str:
+    """The table users care about: the actor workflow against the plain one, default temp dir first."""
+
+    def cell(d: Optional[Dict[str, object]], key: str) -> str:
+        if d is None:
+            return "n/a"
+        s = d[key]
+        return f"{fmt_s(s['median'])} ({fmt_s(s['p10'])} .. {fmt_s(s['p90'])})"
+
+    def ratios(d: Dict[str, object]) -> Dict[str, float]:
+        actor, plain, fresh = d["wf_actor"]["median"], d["wf_plain"]["median"], d["fresh"]["median"]
+        return {"actor_over_plain": actor / plain, "fresh_over_warm": fresh / actor}
+
+    rr, rt = ratios(r), (ratios(tmpfs) if tmpfs else None)
+    lines = [
+        "| measurement | default temp dir: median (p10 .. p90) | tmpfs (extra) |",
+        "|---|---:|---:|",
+        f"| workflow with one actor task, warm, per call | {cell(r, 'wf_actor')} | {cell(tmpfs, 'wf_actor')} |",
+        f"| same workflow with a plain @task, per call | {cell(r, 'wf_plain')} | {cell(tmpfs, 'wf_plain')} |",
+        f"| fresh pyflyte-execute process per task | {cell(r, 'fresh')} | {cell(tmpfs, 'fresh')} |",
+        f"| first actor workflow call (cold: replica start) | {fmt_s(r['wf_actor']['cold'])} | "
+        f"{fmt_s(tmpfs['wf_actor']['cold']) if tmpfs else 'n/a'} |",
+        "",
+        "| ratio | default temp dir | tmpfs (extra) | goal | met (default) |",
+        "|---|---:|---:|---|---|",
+    ]
+    for key, name, goal, ok in (
+        (
+            "actor_over_plain",
+            "actor workflow / plain workflow",
+            f"<= {GOAL_ACTOR_OVER_PLAIN_WF:g}x",
+            rr["actor_over_plain"] <= GOAL_ACTOR_OVER_PLAIN_WF,
+        ),
+        (
+            "fresh_over_warm",
+            "fresh process / warm actor workflow",
+            f">= {GOAL_FRESH_OVER_WARM:g}x",
+            rr["fresh_over_warm"] >= GOAL_FRESH_OVER_WARM,
+        ),
+    ):
+        t = f"{rt[key]:.2f}x" if rt else "n/a"
+        lines.append(f"| {name} | {rr[key]:.2f}x | {t} | {goal} | {'yes' if ok else 'NO'} |")
+    return "\n".join(lines)
+
+
 def table(r: Dict[str, object]) -> str:
     rows = [("measurement", "median", "p10 .. p90", "n")]
 
     def add(name: str, s: Dict[str, float]) -> None:
         rows.append((name, fmt_s(s["median"]), f"{fmt_s(s['p10'])} .. {fmt_s(s['p90'])}", str(s["n"])))
 
-    add("(a) warm local replica, per task (SDK local run path)", r["warm"])
-    rows.append(("    cold first call (replica start + first import)", fmt_s(r["warm"]["cold"]), "", "1"))
+    add("(a) warm actor task called directly (SDK local run path)", r["warm"])
     add("(b) worker path: submit+wait round trip on a replica", r["worker"]["round_trip"])
     add("(b) worker path: time inside the replica", r["worker"]["in_replica"])
     add("(c) in-process flytekit floor (_execute_task)", r["floor"])
-    add("(d) fresh pyflyte-execute process per task", r["fresh"])
-    add("    for scale: a plain flytekit @task called locally in-process", r["plain"])
+    add("    a plain flytekit @task called directly, in-process", r["plain"])
     for label, s in r["map"].items():
         rows.append(
             (
@@ -363,42 +436,24 @@ def table(r: Dict[str, object]) -> str:
                 str(s["n"]),
             )
         )
-    warm, floor, fresh = r["warm"]["median"], r["floor"]["median"], r["fresh"]["median"]
+    warm, floor = r["warm"]["median"], r["floor"]["median"]
     worker = r["worker"]["round_trip"]["median"]
     inrep = r["worker"]["in_replica"]["median"]
     m = r["map"]
     ratios = [
-        ("warm / floor", warm / floor, f"goal <= {GOAL_WARM_OVER_FLOOR:g}x", warm / floor <= GOAL_WARM_OVER_FLOOR),
-        (
-            "warm / (plain local call + floor): flytekit's own cost on both sides",
-            warm / (r["plain"]["median"] + floor),
-            "",
-            None,
-        ),
-        ("worker round trip / floor", worker / floor, "", None),
-        ("in-replica / floor", inrep / floor, "", None),
-        ("fresh / warm", fresh / warm, f"goal >= {GOAL_FRESH_OVER_WARM:g}x", fresh / warm >= GOAL_FRESH_OVER_WARM),
-        ("fresh / worker round trip", fresh / worker, "", None),
-        (
-            "map 2 / 1 replicas, trivial",
-            m["trivial, 2 replicas"]["median"] / m["trivial, 1 replica"]["median"],
-            "",
-            None,
-        ),
+        ("warm direct call / floor", warm / floor),
+        ("worker round trip / floor", worker / floor),
+        ("in-replica / floor", inrep / floor),
+        ("map 2 / 1 replicas, trivial", m["trivial, 2 replicas"]["median"] / m["trivial, 1 replica"]["median"]),
         (
             "map 2 / 1 replicas, 20 ms task",
             m["20 ms task, 2 replicas"]["median"] / m["20 ms task, 1 replica"]["median"],
-            "",
-            None,
         ),
     ]
-    lines = ["| measurement | median | p10 .. p90 | n |", "|---|---:|---:|---:|"]
+    lines = ["| diagnostic | median | p10 .. p90 | n |", "|---|---:|---:|---:|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows[1:]]
-    lines += ["", "| ratio | value | goal | met |", "|---|---:|---|---|"]
-    lines += [
-        f"| {name} | {v:.1f}x | {goal} | {'' if ok is None else ('yes' if ok else 'NO')} |"
-        for name, v, goal, ok in ratios
-    ]
+    lines += ["", "| ratio | value |", "|---|---:|"]
+    lines += [f"| {name} | {v:.2f}x |" for name, v in ratios]
     return "\n".join(lines)
 
 
@@ -439,8 +494,15 @@ def main() -> None:
     p.add_argument("--out", default=os.path.join(HERE, "results", "local.md"))
     p.add_argument("--demo", action="store_true", help="only the quick cold-vs-warm timing")
     p.add_argument("--rounds", type=int, default=10, help="(a), (b), (c) alternate in this many rounds")
+    p.add_argument("--no-tmpfs", action="store_true", help="skip the tmpfs column")
     p.add_argument("--floor-worker", nargs=2, metavar=("WARMUP", "DIR"), help=argparse.SUPPRESS)
+    p.add_argument("--headline-json", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.headline_json:  # the tmpfs child: headline paths only, as one JSON line
+        compile_bytecode()
+        with tempfile.TemporaryDirectory(prefix="actor-bench-") as tmp:
+            print(json.dumps(bench_interleaved(a.n, a.fresh, a.rounds, tmp, headline_only=True)), flush=True)
+        return
     if a.floor_worker:
         floor_worker(int(a.floor_worker[0]), a.floor_worker[1])
         return
@@ -451,14 +513,22 @@ def main() -> None:
     results: Dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="actor-bench-") as tmp:
         print(
-            f"(a) warm, (b) worker path, (c) in-process floor: {a.n} each, and (d) {a.fresh} fresh processes, "
-            f"interleaved in {a.rounds} rounds ...",
+            f"actor and plain workflows, (a) warm, (b) worker path, (c) in-process floor: {a.n} each, and "
+            f"{a.fresh} fresh processes, interleaved in {a.rounds} rounds "
+            f"(default temp dir: {tempfile.gettempdir()}) ...",
             flush=True,
         )
         results.update(bench_interleaved(a.n, a.fresh, a.rounds, tmp))
         print("(e) map throughput ...", flush=True)
         results["map"] = bench_map(a.map_items, a.map_reps)
-    text = f"Local actor benchmarks ({machine()})\n\n{table(results)}\n"
+    tmpfs = None
+    if not a.no_tmpfs:
+        print("the headline again in a child driver with TMPDIR=/dev/shm (tmpfs) ...", flush=True)
+        tmpfs = bench_tmpfs(a.n, a.fresh, a.rounds)
+    text = (
+        f"Local actor benchmarks ({machine()})\n\n{headline(results, tmpfs)}\n\n"
+        f"Diagnostics (default temp dir):\n\n{table(results)}\n"
+    )
     print()
     print(text)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

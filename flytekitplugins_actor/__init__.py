@@ -4,11 +4,12 @@
    ActorEnvironment
    ActorTask
    actor_cache
+   replica_dir
    map
 """
 
 from flytekitplugins_actor.actor_map import ActorMapTask, MapFailed, map
-from flytekitplugins_actor.cache import actor_cache
+from flytekitplugins_actor.cache import actor_cache, replica_dir
 from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.errors import ActorError, ActorTaskFailed, ExecutionCancelled, ReplicaDied
 from flytekitplugins_actor.task import ActorTask
@@ -19,6 +20,7 @@ __all__ = [
     "ActorMapTask",
     "MapFailed",
     "actor_cache",
+    "replica_dir",
     "map",
     "ActorError",
     "ActorTaskFailed",

@@ -1,15 +1,22 @@
-"""`actor_cache`: per-replica memoization, so expensive setup (loading a model) happens once per replica."""
+"""State that outlives one execution on a replica: `actor_cache` (memoization, so expensive setup such as loading
+a model happens once per replica) and `replica_dir()` (files that must outlive the execution that wrote them)."""
 
 from __future__ import annotations
 
 import collections
 import functools
 import threading
+import uuid
 from typing import Any, Callable, Dict, Hashable, Optional, Tuple
 
 from flytekitplugins_actor.replica.execution import RUNTIME
 
 _MISSING = object()
+_INSTANCES: Dict[str, "ActorCache"] = {}
+"""Every ActorCache of this process by id, held for the life of the process (a replica's life): a cache that
+travels by pickle (a __main__ task, pickled anew per call) arrives as the one already here, so its entries live
+for the replica, not for one execution."""
+_INSTANCES_LOCK = threading.Lock()
 
 
 def _freeze(value: Any) -> Hashable:
@@ -47,7 +54,7 @@ class _Flight:
 class ActorCache:
     """The memoizing wrapper: thread-safe, single-flight, exceptions not cached, optionally LRU-bounded."""
 
-    def __init__(self, fn: Callable, maxsize: Optional[int]):
+    def __init__(self, fn: Callable, maxsize: Optional[int], cache_id: Optional[str] = None, register: bool = True):
         if maxsize is not None and (isinstance(maxsize, bool) or not isinstance(maxsize, int) or maxsize < 1):
             raise ValueError(f"actor_cache(maxsize={maxsize!r}) is invalid: must be None (unbounded) or an int >= 1")
         self.fn, self.maxsize = fn, maxsize
@@ -56,7 +63,16 @@ class ActorCache:
         self._flights: Dict[Hashable, _Flight] = {}
         self._code_version = RUNTIME.code_version
         self.hits = self.misses = 0
+        self.cache_id = cache_id or uuid.uuid4().hex
         functools.update_wrapper(self, fn)
+        if register:
+            with _INSTANCES_LOCK:
+                _INSTANCES[self.cache_id] = self
+
+    def __reduce__(self):
+        """Pickles as (id, function, maxsize), never its lock or entries: unpickled where a cache of that id
+        already lives, it is that cache."""
+        return (_restore, (self.cache_id, self.fn, self.maxsize))
 
     def _key(self, args: Tuple, kwargs: Dict[str, Any]) -> Hashable:
         return (tuple(_freeze(a) for a in args), tuple(sorted((k, _freeze(v)) for k, v in kwargs.items())))
@@ -110,6 +126,14 @@ class ActorCache:
             self.hits = self.misses = 0
 
 
+def _restore(cache_id: str, fn: Callable, maxsize: Optional[int]) -> ActorCache:
+    with _INSTANCES_LOCK:
+        cache = _INSTANCES.get(cache_id)
+        if cache is None:
+            cache = _INSTANCES[cache_id] = ActorCache(fn, maxsize, cache_id=cache_id, register=False)
+        return cache
+
+
 def actor_cache(fn: Optional[Callable] = None, *, maxsize: Optional[int] = None):
     """Memoizes `fn` for the life of the replica (plain memoization outside an actor).
 
@@ -120,3 +144,13 @@ def actor_cache(fn: Optional[Callable] = None, *, maxsize: Optional[int] = None)
     if not callable(fn):
         raise TypeError(f"actor_cache decorates a function, got {fn!r}")
     return ActorCache(fn, maxsize)
+
+
+def replica_dir() -> str:
+    """A directory that lives as long as the replica: for files that must outlive the execution that wrote them.
+
+    An execution's own temp dir (`tempfile.gettempdir()` inside a task) is gone the moment the execution ends, so a
+    path into it must not be kept (in `actor_cache`, a global) for the next one: put such files here. Removed when
+    the replica stops. Outside a replica (in-process mode, plain Python) it is a dir of this process, removed at
+    its exit."""
+    return RUNTIME.dirs.state_dir()

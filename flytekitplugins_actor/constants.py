@@ -3,5 +3,7 @@ while `flytekitplugins_actor` itself is still importing."""
 
 ACTOR_TASK_TYPE = "actor"
 ACTOR_MAP_TASK_TYPE = "actor_map"
+ACTOR_SYNC_TASK_TYPE = "actor_sync"
+"""An actor task on the synchronous path (`@env.task(sync=True)`): propeller calls ExecuteTaskSync for it."""
 DEFAULT_TTL_SECONDS = 300
 """How long an idle pool keeps its replicas when an environment's `ttl_seconds` is None."""

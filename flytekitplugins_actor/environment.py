@@ -16,7 +16,9 @@ from flytekit.image_spec.image_spec import ImageSpec
 
 from flytekitplugins_actor.constants import DEFAULT_TTL_SECONDS
 
-_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")  # always fullmatch: `$` would allow a trailing "\n"
+_ENV_VAR_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+"""A name both a process (no '=', no NUL) and Kubernetes (C identifier plus '-' and '.') accept."""
 
 ENVIRONMENT_OWNED_TASK_ARGS = {
     "container_image": "container_image",
@@ -64,7 +66,7 @@ class ActorEnvironment:
     interruptible: Optional[bool] = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or not _DNS_LABEL.match(self.name):
+        if not isinstance(self.name, str) or not _DNS_LABEL.fullmatch(self.name):
             _fail(
                 "name",
                 self.name,
@@ -95,6 +97,15 @@ class ActorEnvironment:
             for k, v in self.environment.items():
                 if not isinstance(k, str) or not isinstance(v, str):
                     _fail("environment", self.environment, f"must map str to str; entry {k!r}: {v!r} is not", TypeError)
+                if not _ENV_VAR_NAME.fullmatch(k):
+                    _fail(
+                        "environment",
+                        self.environment,
+                        f"variable name {k!r} is illegal: a name is ASCII letters, digits, '_', '-' or '.', "
+                        "not starting with a digit (no '=', spaces or control characters)",
+                    )
+                if "\x00" in v:
+                    _fail("environment", self.environment, f"value of {k!r} contains a NUL character")
             object.__setattr__(self, "environment", types.MappingProxyType(dict(self.environment)))
         _check_type("requests", self.requests, (Resources,), "must be a flytekit.Resources")
         _check_type("limits", self.limits, (Resources,), "must be a flytekit.Resources")
@@ -181,8 +192,13 @@ class ActorEnvironment:
         return hash(self.key())
 
     # ---- decorator ----
-    def task(self, _task_function: Optional[Callable] = None, **kwargs: Any):
-        """Declares an actor task in this environment; takes every per-task argument flytekit's @task takes."""
+    def task(self, _task_function: Optional[Callable] = None, *, sync: bool = False, **kwargs: Any):
+        """Declares an actor task in this environment; takes every per-task argument flytekit's @task takes.
+
+        `sync=True` puts the task on propeller's synchronous connector path (task type "actor_sync", see
+        ActorTask.on_sync_path): for short tasks on warm pools."""
+        if not isinstance(sync, bool):
+            raise TypeError(f"@{self.name}.task got sync={sync!r}: sync must be a bool")
         for arg in kwargs:
             if arg in ENVIRONMENT_OWNED_TASK_ARGS:
                 raise TypeError(
@@ -200,7 +216,7 @@ class ActorEnvironment:
                 )
             from flytekit import task
 
-            return task(
+            actor_task = task(
                 fn,
                 task_config=self,
                 container_image=self.container_image,
@@ -213,6 +229,7 @@ class ActorEnvironment:
                 interruptible=self.interruptible,
                 **kwargs,
             )
+            return actor_task.on_sync_path() if sync else actor_task
 
         return wrapper(_task_function) if _task_function is not None else wrapper
 

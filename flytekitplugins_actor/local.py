@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -20,21 +21,47 @@ from flytekit.models.literals import LiteralMap
 
 from flytekitplugins_actor.environment import ActorEnvironment
 from flytekitplugins_actor.errors import ActorTaskFailed, ExecutionCancelled, ReplicaDied
+from flytekitplugins_actor.literals import literal_map_from_pb
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec
-from flytekitplugins_actor.replica.execution import SYS_PATH_ENV, ExecutionSpec, identity_env
+from flytekitplugins_actor.replica.command import ExecutionCommand
+from flytekitplugins_actor.replica.execution import SYS_PATH_ENV, ExecutionSpec
+from flytekitplugins_actor.replica.identity import identity_env
+from flytekitplugins_actor.replica_logs import KEEP_RUNS, ReplicaOutput, prune_runs
 
 
 class LocalPools(PoolRegistry):
-    """The driver's pools. Replicas die with the driver: at exit, and at once if it is killed (their stdin closes)."""
+    """The driver's pools. Replicas die with the driver: at exit, and at once if it is killed (their stdin closes).
+
+    Everything of a run lives under `<temp dir>/flyte-actor-runs-<pid>` (the driver's workdirs, and the replicas'
+    temp dirs: their TMPDIR points there) and is removed at exit, including after Ctrl-C or SIGTERM; a driver that
+    was killed outright is cleaned up by the next one. Replica logs are kept for the last few runs."""
 
     def __init__(self) -> None:
         super().__init__()
         self._backend = LocalProcessBackend()
-        self.log_dir = os.path.join(os.environ.get("TMPDIR", "/tmp"), "flyte-actor-logs", str(os.getpid()))
-        self._workdir_root = os.path.join(tempfile.gettempdir(), f"flyte-actor-runs-{os.getpid()}")
+        tmp = tempfile.gettempdir()
+        self._log_root = os.path.join(tmp, "flyte-actor-logs")
+        self.log_dir = os.path.join(self._log_root, str(os.getpid()))
+        self._workdir_root = os.path.join(tmp, f"{RUNS_PREFIX}{os.getpid()}")
         self._free_workdirs: List[str] = []
+        self.output = ReplicaOutput(self.log_dir)
+        self._prepared = False
+        self._prepare_lock = threading.Lock()
         atexit.register(self.shutdown)
+        _exit_cleanly_on_sigterm()
+
+    def _prepare_run(self) -> None:
+        """Once, before the first replica starts: clears what killed drivers left, makes this run's dirs."""
+        with self._prepare_lock:  # not the registry's lock: pools are created under it
+            if self._prepared:
+                return
+            prune_runs(os.path.dirname(self._workdir_root), RUNS_PREFIX, 0, self._workdir_root)
+            prune_runs(self._log_root, "", KEEP_RUNS - 1, self.log_dir)
+            os.makedirs(os.path.join(self._workdir_root, "replicas"), exist_ok=True)
+            os.makedirs(self.log_dir, exist_ok=True)
+            self.output.start()
+            self._prepared = True
 
     def submit_to(self, env: ActorEnvironment, spec: ExecutionSpec, **kwargs) -> Execution:
         """Queues an execution on the environment's pool (started, or replaced if reaped, as needed)."""
@@ -46,8 +73,14 @@ class LocalPools(PoolRegistry):
             pool.forget(execution_id)
 
     def _create(self, env: ActorEnvironment, module_root: Optional[str]) -> ReplicaPool:
+        self._prepare_run()
         key = env.key()
-        replica_env = {**env.replica_env(), "PYTHONPATH": _python_path(module_root)}
+        replica_env = {
+            "PYTHONUNBUFFERED": "1",  # task output reaches the driver's terminal as it is printed
+            **env.replica_env(),
+            "PYTHONPATH": _python_path(module_root),
+            "TMPDIR": os.path.join(self._workdir_root, "replicas"),  # removed with the run, however replicas end
+        }
         cwd = os.getcwd()
 
         def make_spec(name: str, token: str) -> ReplicaSpec:
@@ -69,7 +102,7 @@ class LocalPools(PoolRegistry):
         with self._lock:
             path = self._free_workdirs.pop() if self._free_workdirs else None
         if path is None:
-            os.makedirs(self._workdir_root, exist_ok=True)
+            self._prepare_run()
             path = tempfile.mkdtemp(dir=self._workdir_root)
         try:
             yield path
@@ -81,8 +114,31 @@ class LocalPools(PoolRegistry):
                 shutil.rmtree(path, ignore_errors=True)
 
     def shutdown(self) -> None:
+        replicas = [r for p in self.pools() for r in p.replicas]
         super().shutdown()
+        for r in replicas:  # their temp dirs are under the run dir: let them finish with it first
+            r.wait_dead(3.0)
+        self.output.stop()
         shutil.rmtree(self._workdir_root, ignore_errors=True)
+
+
+RUNS_PREFIX = "flyte-actor-runs-"
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM ends a Python process without running atexit: make it an exit, so the run is cleaned up (only if
+    nobody installed a handler, and only from the main thread, where handlers can be installed)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _sigterm_exit)
+    except (ValueError, OSError):
+        pass
+
+
+def _sigterm_exit(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def _empty(path: str) -> bool:
@@ -104,6 +160,12 @@ def _python_path(module_root: Optional[str] = None) -> str:
 
 def _module_root(task) -> Optional[str]:
     """The sys.path entry the task's module was imported from: `pyflyte run` adds it only while loading the file."""
+    if "_actor_module_root" not in task.__dict__:  # a module's file does not move: once per task
+        task.__dict__["_actor_module_root"] = _find_module_root(task)
+    return task.__dict__["_actor_module_root"]
+
+
+def _find_module_root(task) -> Optional[str]:
     module = sys.modules.get(getattr(task, "instantiated_in", None) or task.task_function.__module__)
     path = getattr(module, "__file__", None)
     if not path or module.__name__ == "__main__":
@@ -194,19 +256,13 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap, ex
     output_prefix = os.path.join(workdir, "outputs")
     write_proto_to_file(inputs.to_flyte_idl(), inputs_path)
     resolver, loader_args = _loader(task, workdir)
-    args = [
-        "pyflyte-execute",
-        "--inputs",
-        inputs_path,
-        "--output-prefix",
-        output_prefix,
-        "--raw-output-data-prefix",
-        ctx.file_access.raw_output_prefix,
-        "--resolver",
-        resolver,
-        "--",
-        *loader_args,
-    ]
+    args = ExecutionCommand.build(
+        inputs=inputs_path,
+        output_prefix=output_prefix,
+        raw_output_data_prefix=ctx.file_access.raw_output_prefix,
+        resolver=resolver,
+        resolver_args=loader_args,
+    ).to_args()
     env = _identity(task)
     root = _module_root(task)
     if root:  # the pool's PYTHONPATH has the first task's root; another task of the environment may need its own
@@ -214,10 +270,12 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap, ex
     execution = pools.submit_to(task.task_config, ExecutionSpec(execution_id, args, env), want_exception=True)
     execution.wait()
     pools.forget(task.task_config, execution.id)
+    if execution.replica:  # the task's output reaches the terminal before its result reaches the caller
+        pools.output.drain(execution.replica)
     if execution.state is ExecutionState.SUCCEEDED:
         from flyteidl.core import literals_pb2
 
-        return LiteralMap.from_flyte_idl(
+        return literal_map_from_pb(  # kept as protobuf: in a workflow it usually goes straight to the next task
             load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb"))
         )
     where = f"actor task {task.name!r}" + (
@@ -228,8 +286,8 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap, ex
         raise ReplicaDied(f"{where} failed: {execution.death}{after}")
     if execution.state is ExecutionState.CANCELLED:
         raise ExecutionCancelled(f"{where} was cancelled")
-    message = (execution.error or {}).get("message", "unknown error")
-    exc = execution.exception()
+    message = execution.error.message if execution.error is not None else "unknown error"
+    exc = execution.task_exception()
     if exc is not None:
         exc.add_note(f"raised by {where}; replica traceback:\n{message}") if hasattr(exc, "add_note") else None
         raise exc

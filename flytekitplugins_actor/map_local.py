@@ -26,13 +26,13 @@ from flytekit.models.literals import LiteralMap
 from flytekitplugins_actor.errors import ReplicaDied
 from flytekitplugins_actor.map_model import (
     CANCEL_GRACE_S,
-    ItemError,
     MapDecision,
     MapPhase,
     MapTally,
     cancel_items,
 )
 from flytekitplugins_actor.map_plan import MapPlan
+from flytekitplugins_actor.replica.error import ExecutionError
 
 INTERRUPT_GRACE_S = float(os.environ.get("FLYTE_ACTOR_MAP_INTERRUPT_GRACE_S", "1.0"))
 """On Ctrl-C, how long an item may take to honour its cancel before its replica is stopped."""
@@ -222,5 +222,8 @@ class LocalMapRun:
 
     def _failed(self, i: int, e: BaseException) -> None:
         self.exceptions[i] = e
-        recoverable = isinstance(e, (ReplicaDied, FlyteRecoverableException))
-        self.tally.fail(i, ItemError.of_exception(e, recoverable=recoverable))
+        code, message = type(e).__name__, str(e) or repr(e)
+        if isinstance(e, ReplicaDied):
+            self.tally.fail(i, ExecutionError.system(code, message, recoverable=True))
+        else:
+            self.tally.fail(i, ExecutionError.user(code, message, recoverable=isinstance(e, FlyteRecoverableException)))

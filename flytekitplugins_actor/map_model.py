@@ -24,6 +24,8 @@ from typing import Callable, Collection, Deque, Dict, List, Optional, Set, Tuple
 
 from flytekit.loggers import logger
 
+from flytekitplugins_actor.replica.error import ExecutionError
+
 WINDOW_PER_REPLICA = int(os.environ.get("FLYTE_ACTOR_MAP_WINDOW_PER_REPLICA", "2"))
 """Items in flight per replica when a map sets no `concurrency`."""
 
@@ -77,32 +79,6 @@ class MapSpec:
         return min(n, math.ceil(n * self.min_success_ratio - 1e-9))
 
 
-@dataclass(frozen=True)
-class ItemError:
-    """Why one item failed, in the fields of flyteidl's ContainerError."""
-
-    code: str
-    message: str
-    recoverable: bool = False
-    origin: str = "USER"  # USER | SYSTEM
-
-    @classmethod
-    def from_wire(cls, error: Optional[dict]) -> "ItemError":
-        """From a ContainerError-shaped dict (a replica's answer or an error document)."""
-        error = error or {}
-        return cls(
-            str(error.get("code") or "Error"),
-            str(error.get("message") or "failed"),
-            bool(error.get("recoverable")),
-            str(error.get("origin") or "USER"),
-        )
-
-    @classmethod
-    def of_exception(cls, e: BaseException, recoverable: bool = False) -> "ItemError":
-        """From the exception a local item raised."""
-        return cls(type(e).__name__, str(e) or repr(e), recoverable, "SYSTEM" if recoverable else "USER")
-
-
 class MapPhase(str, enum.Enum):
     """Where a map run is; the values are what status messages and the connector's GetTask read."""
 
@@ -121,6 +97,12 @@ class MapDecision:
     recoverable: bool = False
     first_failure: Optional[int] = None  # the lowest failed item when the map failed
 
+    def error(self) -> ExecutionError:
+        """A failed map's error (its error.pb): a system error when a retry may help, else the user's."""
+        if self.recoverable:
+            return ExecutionError.system("MapItemsFailed", self.message, recoverable=True)
+        return ExecutionError.user("MapItemsFailed", self.message)
+
 
 ABORTED = MapDecision(MapPhase.ABORTED, "map was aborted")
 
@@ -135,11 +117,11 @@ class MapTally:
         self.pending: Deque[int] = collections.deque(range(n))
         self.inflight: Set[int] = set()
         self.succeeded: Set[int] = set()
-        self.failed: Dict[int, ItemError] = {}
+        self.failed: Dict[int, ExecutionError] = {}
         self.resumed = 0
         self._redispatches: Dict[int, int] = {}
 
-    def resume(self, i: int, error: Optional[ItemError]) -> None:
+    def resume(self, i: int, error: Optional[ExecutionError]) -> None:
         """Item i finished before this run started (a restarted connector): it is not dispatched."""
         self.pending.remove(i)
         self.resumed += 1
@@ -159,7 +141,7 @@ class MapTally:
         self.inflight.discard(i)
         self._record(i, None)
 
-    def fail(self, i: int, error: ItemError) -> None:
+    def fail(self, i: int, error: ExecutionError) -> None:
         self.inflight.discard(i)
         self._record(i, error)
 
@@ -170,11 +152,11 @@ class MapTally:
         count = self._redispatches[i] = self._redispatches.get(i, 0) + 1
         if count > MAX_REDISPATCHES:
             message = f"its pool closed before a replica could take it, {count} times in a row"
-            self._record(i, ItemError("NeverStarted", message, recoverable=True, origin="SYSTEM"))
+            self._record(i, ExecutionError.system("NeverStarted", message, recoverable=True))
         else:
             self.pending.appendleft(i)
 
-    def _record(self, i: int, error: Optional[ItemError]) -> None:
+    def _record(self, i: int, error: Optional[ExecutionError]) -> None:
         if i in self.succeeded or i in self.failed:
             raise ValueError(f"map item {i} finished twice")
         if error is None:

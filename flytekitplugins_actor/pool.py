@@ -1,6 +1,25 @@
 """A warm replica pool: a FIFO queue of executions served by up to `size` replicas, one execution each at a time.
 
 The same pool serves local runs (driver) and the connector; only the replica backend differs.
+
+Data flow of one execution (cf. CPython's concurrent/futures/process.py):
+
+    submit() ─► _queue (QUEUED, FIFO) ─► slot thread (_serve, one per replica) ─► replica: `submit`, then
+                                               │                                   `wait` in bounded rounds
+                  before_dispatch hook ◄───────┤ (RUNNING once taken)                  │
+                                               ▼                                       ▼
+          SUCCEEDED | FAILED | CANCELLED  ◄── the replica's answer ◄────────────────────┘
+          REPLICA_DIED ◄── the replica died (backend) ─► or QUEUED again when the platform took it
+                           (DeathCause.INFRASTRUCTURE), up to `system_retries` times
+          on_done callbacks run after the state is set, outside the pool's lock
+
+    cancel() ─► QUEUED: CANCELLED at once; RUNNING: the supervisor sends `cancel` and, if the execution has not
+                ended after the grace, stops its replica (a replacement starts when work waits)
+    supervisor thread (one per pool): cancels and their escalation, a `health` keepalive of idle replicas
+                every KEEPALIVE_S (a replica that does not answer is replaced)
+
+Every state change goes through `Execution._transition`, which refuses an invalid one (as
+`Future.set_running_or_notify_cancel` does). The pool's lock is not re-entrant and no callback runs under it.
 """
 
 from __future__ import annotations
@@ -14,20 +33,49 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
-from flytekitplugins_actor.replica.backend import Replica, ReplicaBackend, ReplicaDeath, ReplicaSpec, ReplicaState
+from flytekit.loggers import logger
+
+from flytekitplugins_actor.replica.backend import (
+    DeathCause,
+    Replica,
+    ReplicaBackend,
+    ReplicaDeath,
+    ReplicaSpec,
+    ReplicaState,
+)
+from flytekitplugins_actor.replica.error import ExecutionError
 from flytekitplugins_actor.replica.execution import ExecutionSpec
-from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient, RequestRefused
+from flytekitplugins_actor.replica.protocol import (
+    TOKEN_ENV,
+    AuthenticationError,
+    ProtocolError,
+    ReplicaActivity,
+    ReplicaClient,
+    ReplicaExecutionState,
+    RequestRefused,
+)
+from flytekitplugins_actor.replica.supervisor import Supervisor
 
 MAX_FAILED_STARTS = 3
+SYSTEM_RETRIES = 3
+"""How often an execution whose replica the platform took away is dispatched again (propeller's default)."""
+KEEPALIVE_S = 10.0
+"""An idle replica hears from its pool at least this often (a replica exits after FLYTE_ACTOR_ORPHAN_TIMEOUT_S
+without a request)."""
+WAIT_ROUND_S = 5.0
+"""A `wait` asks the replica for at most this long: a vanished peer is noticed within WAIT_ROUND_S + IO_MARGIN_S."""
+IO_MARGIN_S = 5.0
+CONTROL_TIMEOUT_S = 2.0
+"""Bound on a keepalive or cancel request (connect and answer)."""
 
 
 class ExecutionState(enum.Enum):
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
-    FAILED = "failed"  # the task failed: error carries the ContainerError fields
+    FAILED = "failed"  # the task failed: error says why
     CANCELLED = "cancelled"
     REPLICA_DIED = "replica_died"  # the replica died or vanished mid-execution: death says how
 
@@ -36,13 +84,24 @@ class ExecutionState(enum.Enum):
         return self not in (ExecutionState.QUEUED, ExecutionState.RUNNING)
 
 
+_TERMINAL = frozenset(s for s in ExecutionState if s.terminal)
+_TRANSITIONS = {
+    ExecutionState.QUEUED: frozenset({ExecutionState.RUNNING}) | _TERMINAL,
+    ExecutionState.RUNNING: frozenset({ExecutionState.QUEUED}) | _TERMINAL,  # QUEUED: never accepted, or re-dispatched
+}
+
+
+class InvalidTransition(RuntimeError):
+    """An execution was asked to move to a state it cannot reach from where it is (a pool bug, never ignored)."""
+
+
 @dataclass
 class Execution:
-    """One execution's life in a pool."""
+    """One execution's life in a pool. Its state is changed by the pool only, under the pool's lock."""
 
     spec: ExecutionSpec
     state: ExecutionState = ExecutionState.QUEUED
-    error: Optional[dict] = None
+    error: Optional[ExecutionError] = None
     death: Optional[ReplicaDeath] = None
     replica: Optional[str] = None
     log_uri: Optional[str] = None
@@ -50,12 +109,17 @@ class Execution:
     exception_payload: Optional[str] = None
     queued_at: float = field(default_factory=time.monotonic)
     started_at: Optional[float] = None
-    finished_at: Optional[float] = None
     want_exception: bool = False
     cancel_requested: bool = False
+    dispatched: bool = False
+    """The replica it runs on has accepted it (a cancel is then the replica's to deliver)."""
+    system_retries: int = 0
+    """How often it was dispatched again because the platform took its replica away."""
     before_dispatch: Optional[Callable[["Execution"], None]] = field(default=None, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _callbacks: List[Callable[["Execution"], None]] = field(default_factory=list, repr=False)
+    _forget_when_done: bool = field(default=False, repr=False)
+    _cancel_grace_s: float = field(default=0.0, repr=False)
 
     @property
     def id(self) -> str:
@@ -64,7 +128,7 @@ class Execution:
     def wait(self, timeout: Optional[float] = None) -> bool:
         return self._done.wait(timeout)
 
-    def exception(self) -> Optional[BaseException]:
+    def task_exception(self) -> Optional[BaseException]:
         """The task's own exception object when the replica could send it back (local runs), else None."""
         if not self.exception_payload:
             return None
@@ -73,7 +137,17 @@ class Execution:
 
             return cloudpickle.loads(base64.b64decode(self.exception_payload))
         except Exception:
+            logger.warning("execution %s: the task's exception could not be unpickled", self.id, exc_info=True)
             return None
+
+    def _transition(self, to: ExecutionState) -> None:
+        allowed = _TRANSITIONS.get(self.state, frozenset())
+        if to not in allowed:
+            raise InvalidTransition(f"execution {self.id} cannot go from {self.state.name} to {to.name}")
+        self.state = to
+
+
+_Callbacks = List[Tuple[Callable[[Execution], None], Execution]]
 
 
 class PoolClosed(RuntimeError):
@@ -81,109 +155,18 @@ class PoolClosed(RuntimeError):
 
 
 class _Slot:
-    """A replica and the thread that feeds it executions from the pool's queue."""
+    """A replica of the pool and what it is doing. Plain state: the pool's slot thread and supervisor act on it."""
 
-    def __init__(self, pool: "ReplicaPool", replica: Replica):
-        self.pool, self.replica = pool, replica
-        self.executions = 0
+    def __init__(self, replica: Replica):
+        self.replica = replica
+        self.client: Optional[ReplicaClient] = None  # set once the replica is ready and connected
         self.current: Optional[Execution] = None
-        self.client: Optional[ReplicaClient] = None
-        replica.add_death_callback(self._on_death)
-        self.thread = threading.Thread(target=self._run, name=f"slot-{replica.name}", daemon=True)
-        self.thread.start()
+        self.accepted = 0  # executions the replica accepted: the next one is warm when > 0
+        self.lost: Optional[ReplicaDeath] = None  # why the pool gave the replica up, if it did
 
     @property
     def busy(self) -> bool:
         return self.current is not None
-
-    def _on_death(self, death: ReplicaDeath) -> None:
-        client = self.client
-        if client is not None:
-            client.abort()  # wakes a `wait` blocked on a peer that vanished without closing the connection
-        self.pool._notify()
-
-    def _run(self) -> None:
-        pool, replica = self.pool, self.replica
-        timeout = pool.backend.ready_timeout_s
-        state = replica.wait_ready(timeout)
-        if state is ReplicaState.STARTING:
-            replica.terminate(0)
-            replica._set_dead(f"did not become ready within {timeout:.0f}s")
-        try:
-            if replica.state is ReplicaState.READY:
-                self.client = ReplicaClient(replica.address, replica.spec.token)
-                pool._on_slot_ready(self)
-                while True:
-                    execution = pool._next_for(self)
-                    if execution is None:
-                        return
-                    if not self._execute(execution):
-                        return
-        except (ProtocolError, OSError):  # includes a refused connection and a bad token
-            pass
-        finally:
-            if self.client:
-                self.client.close()
-            if replica.death is None:
-                replica.terminate(0)  # a replica this pool cannot use must not linger
-            pool._on_slot_gone(self)
-
-    def _execute(self, execution: Execution) -> bool:
-        """Runs one execution on the replica; returns False when the replica is gone."""
-        spec = execution.spec
-        if execution.cancel_requested:  # cancelled between the queue and the replica
-            self.pool._finish(self, execution, ExecutionState.CANCELLED)
-            return True
-        if execution.before_dispatch is not None:
-            try:  # e.g. the connector's durable 'started' marker: written before the replica may run anything
-                execution.before_dispatch(execution)
-            except Exception as e:
-                error = {
-                    "code": "DispatchFailed",
-                    "message": f"could not record the dispatch of {spec.execution_id}: {e}",
-                    "origin": "SYSTEM",
-                    "recoverable": True,
-                }
-                self.pool._finish(self, execution, ExecutionState.FAILED, error=error)
-                return True
-            if execution.cancel_requested:  # cancelled while the hook ran
-                self.pool._finish(self, execution, ExecutionState.CANCELLED)
-                return True
-        try:
-            self.client.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)
-        except RequestRefused as e:
-            if not e.transient:  # the replica will refuse it again: fail it, keep the replica
-                error = {
-                    "code": "SubmitRefused",
-                    "message": f"replica {self.replica.name} refused the execution: {e}",
-                    "origin": "SYSTEM",
-                    "recoverable": False,
-                }
-                self.pool._finish(self, execution, ExecutionState.FAILED, error=error)
-                return True
-            self.pool._requeue(self, execution)
-            self.replica.terminate(0)
-            return False
-        except ProtocolError:  # never accepted: it goes back to the head of the queue for another replica
-            self.pool._requeue(self, execution)
-            self.replica.terminate(0)
-            return False
-        try:
-            reply = self.client.request(
-                "wait", execution_id=spec.execution_id, include_exception=execution.want_exception
-            )
-        except ProtocolError:
-            death = self.replica.wait_dead(5.0) or ReplicaDeath(self.replica.name, "stopped answering its control port")
-            self.pool._finish(self, execution, ExecutionState.REPLICA_DIED, death=death)
-            self.replica.terminate(0)
-            return False
-        state = {
-            "succeeded": ExecutionState.SUCCEEDED,
-            "failed": ExecutionState.FAILED,
-            "cancelled": ExecutionState.CANCELLED,
-        }.get(reply.get("state"), ExecutionState.FAILED)
-        self.pool._finish(self, execution, state, error=reply.get("error"), exception_payload=reply.get("exception"))
-        return True
 
 
 class ReplicaPool:
@@ -199,12 +182,16 @@ class ReplicaPool:
         size: int,
         ttl_seconds: float,
         name: str = "actor",
+        system_retries: int = SYSTEM_RETRIES,
     ):
+        if not isinstance(system_retries, int) or system_retries < 0:
+            raise ValueError(f"system_retries must be an int >= 0, got {system_retries!r}")
         self.key, self.backend, self.size, self.ttl_seconds, self.name = key, backend, size, ttl_seconds, name
+        self.system_retries = system_retries
         self.token = secrets.token_hex(16)
         self._make_spec = make_spec
         self._starting = 0  # replicas being started outside the lock
-        self._cond = threading.Condition()
+        self._cond = threading.Condition(threading.Lock())  # not re-entrant: nothing may take it twice
         self._queue: Deque[Execution] = collections.deque()
         self._executions: Dict[str, Execution] = {}
         self._slots: List[_Slot] = []
@@ -212,7 +199,10 @@ class ReplicaPool:
         self.idle_since = time.monotonic()
         self.deaths = 0
         self.dispatches = {"warm": 0, "cold": 0}
+        self.keepalives = 0  # health pings answered by idle replicas
         self._failed_starts = 0
+        self._supervisor = Supervisor(f"actor-pool-{name}")
+        self._supervisor.call_later(KEEPALIVE_S, self._keepalive)
 
     # ---- public ----
     def submit(
@@ -225,8 +215,7 @@ class ReplicaPool:
         """Queues an execution and returns at once. Idempotent per execution id: a repeat returns the same one.
 
         `before_dispatch(execution)` runs on the slot thread just before the replica gets the execution;
-        `on_done(execution)` runs once it is terminal, under the pool's lock: keep it to a queue put or a counter.
-        """
+        `on_done(execution)` runs once it is terminal, outside the pool's lock (a failure is logged)."""
         with self._cond:
             if self._closed:
                 raise PoolClosed(f"pool {self.name} ({self.key}) is shut down")
@@ -243,36 +232,78 @@ class ReplicaPool:
         self._start_replicas(to_start)
         return execution
 
+    def adopt(self, token: str, replicas: List[Replica]) -> None:
+        """Serves with replicas a previous process started for this pool (same key), and with their token: a
+        restarted connector's pool is warm at once. Only idle (or still starting) replicas are kept: one still
+        running an execution of the previous process is stopped, since that execution is answered RETRYABLE_FAILED
+        and retried by propeller, and must not run twice. Replicas beyond the pool's size are stopped too."""
+        usable = [r for r in replicas if self._adoptable(r, token)]
+        with self._cond:
+            self.token = token
+            room = 0 if self._closed else max(0, self.size - len(self._slots) - self._starting)
+            slots = [_Slot(r) for r in usable[:room]]
+            self._slots.extend(slots)
+        kept = {id(s.replica) for s in slots}
+        for replica in replicas:
+            if id(replica) not in kept:
+                replica.terminate(0)
+        for slot in slots:
+            self._start_serving(slot)
+
+    def _adoptable(self, replica: Replica, token: str) -> bool:
+        if replica.state is not ReplicaState.READY:
+            return replica.state is ReplicaState.STARTING
+        try:
+            with contextlib.closing(ReplicaClient(replica.address, token, timeout=CONTROL_TIMEOUT_S)) as client:
+                reply = client.request("health", io_timeout=CONTROL_TIMEOUT_S)
+        except (ProtocolError, OSError) as e:
+            logger.warning("pool %s: replica %s cannot be adopted: %s", self.name, replica.name, e)
+            return False
+        if reply.get("state") != ReplicaActivity.IDLE.value:
+            logger.info(
+                "pool %s: not adopting replica %s: it is %s (running %s)",
+                self.name,
+                replica.name,
+                reply.get("state"),
+                reply.get("running"),
+            )
+            return False
+        return True
+
     def get(self, execution_id: str) -> Optional[Execution]:
         with self._cond:
             return self._executions.get(execution_id)
 
     def forget(self, execution_id: str) -> None:
+        """Drops the pool's record of an execution: now if it has ended, else as soon as it ends."""
         with self._cond:
             e = self._executions.get(execution_id)
-            if e is not None and e.state.terminal:
+            if e is None:
+                return
+            if e.state.terminal:
                 del self._executions[execution_id]
+            else:
+                e._forget_when_done = True
 
     def cancel(self, execution_id: str, grace_seconds: float = 5.0) -> Optional[Execution]:
-        """Drops a queued execution or interrupts a running one (restarting its replica if it ignores the interrupt)."""
+        """Cancels an execution without blocking: a queued one ends CANCELLED at once; a running one is interrupted
+        by its replica, and the replica is replaced if the execution has not ended `grace_seconds` later."""
+        callbacks: _Callbacks = []
+        slot: Optional[_Slot] = None
         with self._cond:
             execution = self._executions.get(execution_id)
-            if execution is None or execution.state.terminal:
+            if execution is None or execution.state.terminal or execution.cancel_requested:
                 return execution
             if execution.state is ExecutionState.QUEUED:
                 self._queue.remove(execution)
-                self._complete_locked(execution, ExecutionState.CANCELLED)
-                return execution
-            execution.cancel_requested = True
-            slot = next((s for s in self._slots if s.current is execution), None)
+                callbacks = self._complete_locked(execution, ExecutionState.CANCELLED)
+            else:  # not yet dispatched: the slot thread sees the flag before or right after its submit
+                execution.cancel_requested, execution._cancel_grace_s = True, grace_seconds
+                if execution.dispatched:
+                    slot = next((s for s in self._slots if s.current is execution), None)
+        _run_callbacks(callbacks)
         if slot is not None:
-            try:
-                with contextlib.closing(ReplicaClient(slot.replica.address, self.token, timeout=2.0)) as c:
-                    c.request("cancel", io_timeout=2.0, execution_id=execution_id)
-            except (ProtocolError, OSError):
-                pass
-            if not execution.wait(grace_seconds):
-                slot.replica.terminate(0)  # it would not stop: replace the replica
+            self._supervisor.call_soon(self._deliver_cancel, slot, execution)
         return execution
 
     def stats(self) -> dict:
@@ -285,6 +316,7 @@ class ReplicaPool:
                 "busy": sum(1 for s in ready if s.busy),
                 "idle": sum(1 for s in ready if not s.busy),
                 "deaths": self.deaths,
+                "keepalives": self.keepalives,
                 **self.dispatches,
             }
 
@@ -295,32 +327,41 @@ class ReplicaPool:
 
     def is_idle(self) -> bool:
         with self._cond:
-            return not self._queue and not any(s.busy for s in self._slots)
+            return self._is_idle_locked()
 
     def expired(self, now: Optional[float] = None) -> bool:
         with self._cond:
-            return self.is_idle() and (now or time.monotonic()) - self.idle_since >= self.ttl_seconds
+            return self._expired_locked(now)
 
     def close_if_expired(self) -> bool:
         """Closes the pool if it is idle past its ttl, atomically with respect to submit (no execution slips in)."""
         with self._cond:
-            if self._closed or not self.expired():
+            if self._closed or not self._expired_locked(None):
                 return False
             self._closed = True
             return True
 
     def shutdown(self, grace_seconds: float = 2.0) -> None:
         """Stops every replica; queued executions end CANCELLED."""
+        callbacks: _Callbacks = []
         with self._cond:
             self._closed = True
             while self._queue:
-                self._complete_locked(self._queue.popleft(), ExecutionState.CANCELLED)
+                callbacks += self._complete_locked(self._queue.popleft(), ExecutionState.CANCELLED)
             slots = list(self._slots)
             self._cond.notify_all()
+        self._supervisor.stop()
+        _run_callbacks(callbacks)
         for s in slots:
             s.replica.terminate(grace_seconds)
 
-    # ---- scaling and slot callbacks ----
+    # ---- under the lock ----
+    def _is_idle_locked(self) -> bool:
+        return not self._queue and not any(s.busy for s in self._slots)
+
+    def _expired_locked(self, now: Optional[float]) -> bool:
+        return self._is_idle_locked() and (now or time.monotonic()) - self.idle_since >= self.ttl_seconds
+
     def _reserve_locked(self) -> int:
         """How many replicas to start for the waiting work (counted as starting; call _start_replicas after)."""
         if self._closed:
@@ -331,6 +372,49 @@ class ReplicaPool:
         self._starting += n
         return n
 
+    def _complete_locked(self, execution: Execution, state: ExecutionState) -> _Callbacks:
+        """Ends an execution; returns its callbacks, for the caller to run once it has released the lock."""
+        execution._transition(state)
+        if self._is_idle_locked():
+            self.idle_since = time.monotonic()
+        if execution._forget_when_done and self._executions.get(execution.id) is execution:
+            del self._executions[execution.id]
+        execution._done.set()
+        callbacks, execution._callbacks = execution._callbacks, []
+        self._cond.notify_all()
+        return [(fn, execution) for fn in callbacks]
+
+    def _requeue_locked(self, execution: Execution) -> None:
+        """Back to the head of the queue, as if it had never been taken (it was never run, or is run again)."""
+        execution._transition(ExecutionState.QUEUED)
+        execution.replica = execution.log_uri = execution.warm = execution.started_at = None
+        execution.dispatched = False
+        self._queue.appendleft(execution)
+        self._cond.notify_all()
+
+    def _failed_start_locked(self, death: ReplicaDeath, log_uri: Optional[str]) -> _Callbacks:
+        self._failed_starts += 1
+        if self._failed_starts < MAX_FAILED_STARTS:
+            return []
+        # do not crash-loop: fail what waits, and say why
+        where = f"; see {log_uri}" if log_uri else ""
+        failed = ReplicaDeath(
+            death.replica,
+            f"could not start ({MAX_FAILED_STARTS} replicas in a row failed before "
+            f"becoming ready; last one {death.reason}{where})",
+            death.exit_code,
+            DeathCause.START,
+        )
+        logger.error("pool %s: %s; failing %d queued execution(s)", self.name, failed, len(self._queue))
+        callbacks: _Callbacks = []
+        while self._queue:
+            queued = self._queue.popleft()
+            queued.death = failed
+            callbacks += self._complete_locked(queued, ExecutionState.REPLICA_DIED)
+        self._failed_starts = 0
+        return callbacks
+
+    # ---- replicas: start, serve, end ----
     def _start_replicas(self, n: int) -> None:
         """Starts replicas outside the pool's lock (a backend may spawn a process or call an API)."""
         while n > 0:
@@ -339,104 +423,306 @@ class ReplicaPool:
             try:
                 replica = self.backend.start(self._make_spec(name, self.token))
             except Exception as e:
+                logger.warning("pool %s: replica %s could not be started: %r", self.name, name, e)
                 with self._cond:
                     self._starting -= 1
-                    self._failed_start_locked(ReplicaDeath(name, f"could not be started: {e!r}"), None)
+                    callbacks = self._failed_start_locked(
+                        ReplicaDeath(name, f"could not be started: {e!r}", cause=DeathCause.START), None
+                    )
                     n += self._reserve_locked()  # try again while work waits (bounded by MAX_FAILED_STARTS)
+                _run_callbacks(callbacks)
                 continue
+            slot = _Slot(replica)
             with self._cond:
                 self._starting -= 1
-                if self._closed:
-                    replica.terminate(0)
-                    continue
-                self._slots.append(_Slot(self, replica))
+                closed = self._closed
+                if not closed:
+                    self._slots.append(slot)
+            if closed:
+                replica.terminate(0)
+                continue
+            self._start_serving(slot)
 
-    def _notify(self, *_: object) -> None:
+    def _start_serving(self, slot: _Slot) -> None:
+        """Starts the slot's thread (the slot is in `_slots` already); a death of its replica wakes it."""
+        slot.replica.add_death_callback(lambda _death: self._on_death(slot))
+        threading.Thread(target=self._serve, args=(slot,), name=f"slot-{slot.replica.name}", daemon=True).start()
+
+    def _on_death(self, slot: _Slot) -> None:
+        client = slot.client
+        if client is not None:
+            client.abort()  # wakes a `wait` blocked on a peer that vanished without closing the connection
         with self._cond:
             self._cond.notify_all()
 
-    def _requeue(self, slot: _Slot, execution: Execution) -> None:
-        with self._cond:
-            slot.current = None
-            execution.state, execution.replica, execution.started_at = ExecutionState.QUEUED, None, None
-            self._queue.appendleft(execution)
-            self._cond.notify_all()
-
-    def _on_slot_ready(self, slot: _Slot) -> None:
-        with self._cond:
-            self._failed_starts = 0
+    def _serve(self, slot: _Slot) -> None:
+        """The slot thread: waits for the replica to be ready, then feeds it executions until it is gone."""
+        replica = slot.replica
+        try:
+            timeout = self.backend.ready_timeout_s
+            if replica.wait_ready(timeout) is ReplicaState.STARTING:
+                replica.abandon(f"did not become ready within {timeout:.0f}s", DeathCause.START)
+            if replica.state is not ReplicaState.READY:
+                return
+            slot.client = ReplicaClient(replica.address, self.token)
+            with self._cond:
+                self._failed_starts = 0
+            while True:
+                execution = self._next_for(slot)
+                if execution is None or not self._run(slot, execution):
+                    return
+        except (ProtocolError, OSError) as e:  # a refused connection, a peer gone: the replica is unusable
+            logger.warning("pool %s: replica %s is unusable: %s", self.name, replica.name, e)
+        except Exception:  # a pool bug: log it, never leave the execution hanging (_on_slot_gone ends it)
+            logger.exception("pool %s: slot of replica %s failed", self.name, replica.name)
+        finally:
+            if slot.client is not None:
+                slot.client.close()
+            if replica.death is None:
+                replica.terminate(0)  # a replica this pool cannot use must not linger
+            self._on_slot_gone(slot)
 
     def _next_for(self, slot: _Slot) -> Optional[Execution]:
         with self._cond:
-            self._cond.wait_for(lambda: self._queue or self._closed or slot.replica.death is not None)
-            if slot.replica.death is not None or (self._closed and not self._queue):
+            self._cond.wait_for(lambda: self._queue or self._closed or self._gone(slot))
+            if self._gone(slot) or (self._closed and not self._queue):
                 return None
             execution = self._queue.popleft()
-            execution.state = ExecutionState.RUNNING
+            execution._transition(ExecutionState.RUNNING)
             execution.started_at = time.monotonic()
             execution.replica = slot.replica.name
             execution.log_uri = slot.replica.log_uri
-            execution.warm = slot.executions > 0
-            self.dispatches["warm" if execution.warm else "cold"] += 1
+            execution.warm = slot.accepted > 0
             slot.current = execution
-            slot.executions += 1
         return execution
 
+    @staticmethod
+    def _gone(slot: _Slot) -> bool:
+        return slot.replica.death is not None or slot.lost is not None
+
+    def _run(self, slot: _Slot, execution: Execution) -> bool:
+        """Runs one execution on the slot's replica; returns False when the replica can serve no more."""
+        spec, replica, client = execution.spec, slot.replica, slot.client
+        assert client is not None
+        if execution.cancel_requested:  # cancelled between the queue and the replica
+            self._finish(slot, execution, ExecutionState.CANCELLED)
+            return True
+        if execution.before_dispatch is not None:
+            try:  # e.g. the connector's durable 'started' marker: written before the replica may run anything
+                execution.before_dispatch(execution)
+            except Exception as e:
+                logger.warning("pool %s: dispatch hook of %s failed: %r", self.name, spec.execution_id, e)
+                error = ExecutionError.system(
+                    "DispatchFailed", f"could not record the dispatch of {spec.execution_id}: {e}"
+                )
+                self._finish(slot, execution, ExecutionState.FAILED, error=error)
+                return True
+            if execution.cancel_requested:  # cancelled while the hook ran
+                self._finish(slot, execution, ExecutionState.CANCELLED)
+                return True
+        try:
+            client.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)
+        except AuthenticationError as e:
+            self._unauthenticated(slot, execution, e)
+            return False
+        except RequestRefused as e:
+            if not e.code.transient:  # the replica will refuse it again: fail it, keep the replica
+                error = ExecutionError.system(
+                    "SubmitRefused", f"replica {replica.name} refused the execution: {e}", recoverable=False
+                )
+                self._finish(slot, execution, ExecutionState.FAILED, error=error)
+                return True
+            self._requeue(slot, execution, f"replica {replica.name} refused it ({e.code.value})")
+            return False
+        except ProtocolError as e:  # never accepted: back to the head of the queue for another replica
+            self._requeue(slot, execution, f"submit to replica {replica.name} failed: {e}")
+            return False
+        with self._cond:
+            self.dispatches["warm" if execution.warm else "cold"] += 1
+            slot.accepted += 1
+            execution.dispatched = True
+            cancel = execution.cancel_requested
+        if cancel:  # asked while the submit was on its way: cancel() left the delivery to this thread
+            self._supervisor.call_soon(self._deliver_cancel, slot, execution)
+        return self._await(slot, execution)
+
+    def _await(self, slot: _Slot, execution: Execution) -> bool:
+        """Waits for the execution's end in bounded rounds, so a vanished peer is noticed within one round."""
+        spec, replica, client = execution.spec, slot.replica, slot.client
+        while True:
+            try:
+                reply = client.request(
+                    "wait",
+                    io_timeout=WAIT_ROUND_S + IO_MARGIN_S,
+                    execution_id=spec.execution_id,
+                    timeout=WAIT_ROUND_S,
+                    include_exception=execution.want_exception,
+                )
+            except AuthenticationError as e:
+                self._unauthenticated(slot, execution, e)
+                return False
+            except ProtocolError as e:
+                slot.lost = replica.wait_dead(5.0) or ReplicaDeath(
+                    replica.name, f"stopped answering its control port ({e})"
+                )
+                return False  # _on_slot_gone decides what becomes of the execution
+            try:
+                state = ReplicaExecutionState.from_wire(reply.get("state"))
+                if state in (ReplicaExecutionState.ACCEPTED, ReplicaExecutionState.RUNNING):
+                    continue
+                if not state.ended:
+                    raise ProtocolError(f"replica {replica.name} has no record of {spec.execution_id} it accepted")
+                error = None if reply.get("error") is None else ExecutionError.from_wire(reply["error"])
+            except (ProtocolError, ValueError) as e:  # a replica that breaks the protocol is not trusted again
+                logger.error("pool %s: replica %s broke the protocol: %s", self.name, replica.name, e)
+                error = ExecutionError.system("ProtocolError", f"replica {replica.name}: {e}")
+                self._finish(slot, execution, ExecutionState.FAILED, error=error)
+                return False
+            self._finish(slot, execution, _ENDED[state], error=error, exception_payload=reply.get("exception"))
+            return True
+
+    def _unauthenticated(self, slot: _Slot, execution: Execution, e: AuthenticationError) -> None:
+        """A replica refused the pool token: a misconfiguration, said loudly, never retried."""
+        message = (
+            f"replica {slot.replica.name} refused the pool's token ({e}): the replica and its pool do not share "
+            f"{TOKEN_ENV}; this is a deployment misconfiguration, not a task failure"
+        )
+        logger.error("pool %s: %s", self.name, message)
+        self._finish(
+            slot, execution, ExecutionState.FAILED, error=ExecutionError.system("Unauthenticated", message, False)
+        )
+        slot.lost = ReplicaDeath(slot.replica.name, "refused the pool token")
+
     def _finish(
-        self, slot: _Slot, execution: Execution, state: ExecutionState, error=None, death=None, exception_payload=None
+        self,
+        slot: _Slot,
+        execution: Execution,
+        state: ExecutionState,
+        error: Optional[ExecutionError] = None,
+        exception_payload: Optional[str] = None,
     ) -> None:
         with self._cond:
-            execution.error, execution.death, execution.exception_payload = error, death, exception_payload
+            execution.error, execution.exception_payload = error, exception_payload
             slot.current = None
-            self._complete_locked(execution, state)
+            callbacks = self._complete_locked(execution, state)
+        _run_callbacks(callbacks)
 
-    def _complete_locked(self, execution: Execution, state: ExecutionState) -> None:
-        execution.state = state
-        execution.finished_at = time.monotonic()
-        if not self._queue and not any(s.busy for s in self._slots):
-            self.idle_since = time.monotonic()
-        execution._done.set()
-        callbacks, execution._callbacks = execution._callbacks, []
-        for fn in callbacks:
-            try:
-                fn(execution)
-            except Exception:
-                pass
-        self._cond.notify_all()
+    def _requeue(self, slot: _Slot, execution: Execution, why: str) -> None:
+        """The replica never accepted the execution: it goes back for another replica; this one is replaced."""
+        logger.info("pool %s: %s; %s goes back to the queue", self.name, why, execution.id)
+        with self._cond:
+            slot.current = None
+            slot.lost = ReplicaDeath(slot.replica.name, why)
+            self._requeue_locked(execution)
 
     def _on_slot_gone(self, slot: _Slot) -> None:
+        callbacks: _Callbacks = []
         with self._cond:
             if slot in self._slots:
                 self._slots.remove(slot)
-            death = slot.replica.death or ReplicaDeath(slot.replica.name, "became unreachable and was stopped")
+            # what the pool saw first (it stops a replica it gives up, so the backend's death would say "killed")
+            death = slot.lost or slot.replica.death or ReplicaDeath(slot.replica.name, "became unreachable")
             if not self._closed:
                 self.deaths += 1
-            if slot.current is not None and not slot.current.state.terminal:
-                slot.current.death = death
-                self._complete_locked(slot.current, ExecutionState.REPLICA_DIED)
+            execution, slot.current = slot.current, None
+            if execution is not None and not execution.state.terminal:
+                callbacks += self._replica_lost_locked(execution, death)
             if slot.client is None and not self._closed:  # never became usable: a failed start
-                self._failed_start_locked(death, slot.replica.log_uri)
+                callbacks += self._failed_start_locked(death, slot.replica.log_uri)
             to_start = self._reserve_locked()  # a replacement starts if work is waiting
             self._cond.notify_all()
+        _run_callbacks(callbacks)
         self._start_replicas(to_start)
 
-    def _failed_start_locked(self, death: ReplicaDeath, log_uri: Optional[str]) -> None:
-        self._failed_starts += 1
-        if self._failed_starts < MAX_FAILED_STARTS:
+    def _replica_lost_locked(self, execution: Execution, death: ReplicaDeath) -> _Callbacks:
+        """The replica running `execution` is gone: cancelled, dispatched again (the platform's fault, within the
+        budget) or REPLICA_DIED naming the replica and the cause."""
+        if execution.cancel_requested:
+            return self._complete_locked(execution, ExecutionState.CANCELLED)
+        if death.cause is DeathCause.INFRASTRUCTURE:
+            if execution.system_retries < self.system_retries and not self._closed:
+                execution.system_retries += 1
+                logger.warning(
+                    "pool %s: %s (%s) while running %s: dispatching it again (system retry %d of %d)",
+                    self.name,
+                    death,
+                    death.cause.value,
+                    execution.id,
+                    execution.system_retries,
+                    self.system_retries,
+                )
+                self._requeue_locked(execution)
+                return []
+            death = ReplicaDeath(
+                death.replica,
+                f"{death.reason} (cause: {death.cause.value}; gave up after {execution.system_retries} system "
+                f"retries of {self.system_retries})",
+                death.exit_code,
+                death.cause,
+            )
+        execution.death = death
+        return self._complete_locked(execution, ExecutionState.REPLICA_DIED)
+
+    # ---- supervisor actions ----
+    def _deliver_cancel(self, slot: _Slot, execution: Execution) -> None:
+        """Asks the replica to interrupt the execution, and stops the replica if the execution has not ended
+        when the cancel's grace runs out."""
+        if execution.state.terminal:
             return
-        # do not crash-loop: fail what waits, and say why
-        where = f"; see {log_uri}" if log_uri else ""
-        failed = ReplicaDeath(
-            death.replica,
-            f"could not start ({MAX_FAILED_STARTS} replicas in a row failed before "
-            f"becoming ready; last one {death.reason}{where})",
-            death.exit_code,
+        address = slot.replica.address
+        try:
+            with contextlib.closing(ReplicaClient(address, self.token, timeout=CONTROL_TIMEOUT_S)) as c:
+                c.request("cancel", io_timeout=CONTROL_TIMEOUT_S, execution_id=execution.id)
+        except AuthenticationError as e:
+            logger.error("pool %s: replica %s refused the pool token on cancel: %s", self.name, slot.replica.name, e)
+        except (ProtocolError, OSError) as e:
+            logger.warning("pool %s: cancel of %s on %s failed: %s", self.name, execution.id, slot.replica.name, e)
+        self._supervisor.call_later(execution._cancel_grace_s, self._escalate_cancel, slot, execution)
+
+    def _escalate_cancel(self, slot: _Slot, execution: Execution) -> None:
+        if execution.state.terminal:
+            return
+        logger.warning(
+            "pool %s: %s did not stop on cancel; stopping replica %s", self.name, execution.id, slot.replica.name
         )
-        while self._queue:
-            queued = self._queue.popleft()
-            queued.death = failed
-            self._complete_locked(queued, ExecutionState.REPLICA_DIED)
-        self._failed_starts = 0
+        slot.replica.terminate(0)
+
+    def _keepalive(self) -> None:
+        """Pings every idle replica (a busy one hears `wait` rounds), so none sees its pool as gone."""
+        with self._cond:
+            if self._closed:
+                return
+            idle = [s for s in self._slots if s.client is not None and not s.busy and not self._gone(s)]
+        for slot in idle:
+            try:
+                slot.client.request("health", io_timeout=CONTROL_TIMEOUT_S)
+                with self._cond:
+                    self.keepalives += 1
+            except (ProtocolError, OSError) as e:
+                with self._cond:
+                    if slot not in self._slots or slot.busy or self._gone(slot):
+                        continue  # it went away or got work meanwhile: nothing to replace
+                    slot.lost = ReplicaDeath(slot.replica.name, f"failed its keepalive ({e})")
+                    self._cond.notify_all()
+                level = logger.error if isinstance(e, AuthenticationError) else logger.warning
+                level("pool %s: replica %s failed its keepalive (%s); replacing it", self.name, slot.replica.name, e)
+                slot.client.abort()
+        self._supervisor.call_later(KEEPALIVE_S, self._keepalive)
+
+
+_ENDED = {
+    ReplicaExecutionState.SUCCEEDED: ExecutionState.SUCCEEDED,
+    ReplicaExecutionState.FAILED: ExecutionState.FAILED,
+    ReplicaExecutionState.CANCELLED: ExecutionState.CANCELLED,
+}
+
+
+def _run_callbacks(callbacks: _Callbacks) -> None:
+    for fn, execution in callbacks:
+        try:
+            fn(execution)
+        except Exception:
+            logger.exception("on_done callback %r of execution %s failed", fn, execution.id)
 
 
 class PoolRegistry:
@@ -451,7 +737,6 @@ class PoolRegistry:
         self._pools: Dict[str, ReplicaPool] = {}
         self._stop = threading.Event()
         self._reaper: Optional[threading.Thread] = None
-        self.reaped = 0
 
     def _pool(self, key: str, create: Callable[[], ReplicaPool]) -> ReplicaPool:
         with self._lock:
@@ -474,17 +759,27 @@ class PoolRegistry:
 
     def _reap_forever(self) -> None:
         while not self._stop.wait(self.reap_interval_s):
-            self.reap()
+            try:
+                self.reap()
+            except Exception:  # never die of one bad pool: the next round tries again
+                logger.exception("actor pool reaper: a round failed")
 
     def reap(self) -> int:
-        """Tears down pools idle past their ttl; returns how many."""
+        """Tears down pools idle past their ttl; returns how many. One pool that fails is logged, not fatal."""
+        closed: List[ReplicaPool] = []
         with self._lock:
-            closed = [k for k, p in self._pools.items() if p.close_if_expired()]
-            pools = [self._pools.pop(k) for k in closed]
-        for p in pools:
-            p.shutdown()
-        self.reaped += len(pools)
-        return len(pools)
+            for key, pool in list(self._pools.items()):
+                try:
+                    if pool.close_if_expired():
+                        closed.append(self._pools.pop(key))
+                except Exception:
+                    logger.exception("actor pool reaper: could not check pool %s", key)
+        for pool in closed:
+            try:
+                pool.shutdown()
+            except Exception:
+                logger.exception("actor pool reaper: could not shut pool %s down", pool.key)
+        return len(closed)
 
     def submit(self, key: str, create: Callable[[], ReplicaPool], spec: ExecutionSpec, **kwargs) -> Execution:
         """Submits to the pool for `key`, creating it if needed; a pool reaped meanwhile is replaced, not failed."""
@@ -502,5 +797,8 @@ class PoolRegistry:
         self._stop.set()
         with self._lock:
             pools, self._pools = list(self._pools.values()), {}
+            reaper = self._reaper
         for p in pools:
             p.shutdown(grace_seconds=1.0)
+        if reaper is not None and reaper is not threading.current_thread():
+            reaper.join(timeout=5.0)

@@ -11,8 +11,9 @@ from flytekit.core.python_function_task import PythonFunctionTask
 from flytekit.extend import TaskPlugins
 from flytekit.models.literals import LiteralMap
 
-from flytekitplugins_actor.constants import ACTOR_TASK_TYPE
+from flytekitplugins_actor.constants import ACTOR_SYNC_TASK_TYPE, ACTOR_TASK_TYPE
 from flytekitplugins_actor.environment import ActorEnvironment
+from flytekitplugins_actor.errors import make_portable
 from flytekitplugins_actor.replica.execution import RUNTIME
 
 IN_PROCESS_ENV = "FLYTE_ACTOR_IN_PROCESS"
@@ -51,11 +52,25 @@ class ActorTask(PythonFunctionTask[ActorEnvironment]):
         )
 
     @property
-    def environment_key(self) -> str:
-        return self.task_config.key()
+    def sync(self) -> bool:
+        """True when the task takes propeller's synchronous connector path (task type "actor_sync")."""
+        return self.task_type == ACTOR_SYNC_TASK_TYPE
+
+    def on_sync_path(self) -> "ActorTask":
+        """Serializes this task as "actor_sync" (same custom): propeller then runs it with one ExecuteTaskSync call
+        and finishes the node in the same round, instead of polling GetTask. Local runs are unchanged."""
+        self._task_type = ACTOR_SYNC_TASK_TYPE
+        return self
 
     def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
         return execution_env(self.task_config, settings)
+
+    def sandbox_execute(self, ctx: FlyteContext, input_literal_map: LiteralMap) -> LiteralMap:
+        """A local run: flytekit would make (and remove) a task sandbox dir per call in the driver, where nothing of
+        the task runs; the replica gives the execution its own."""
+        if _runs_here(ctx):
+            return super().sandbox_execute(ctx, input_literal_map)
+        return self.dispatch_execute(ctx, input_literal_map)
 
     def dispatch_execute(self, ctx: FlyteContext, input_literal_map: LiteralMap) -> LiteralMap:
         if _runs_here(ctx):
@@ -69,6 +84,7 @@ class ActorTask(PythonFunctionTask[ActorEnvironment]):
             try:  # on a replica (or a pod): run the function here
                 return super().execute(**kwargs)
             except BaseException as e:
+                make_portable(e)  # the driver of a local run re-raises it as it was raised
                 RUNTIME.last_exception = e
                 raise
         from flytekitplugins_actor.local import run_on_replica

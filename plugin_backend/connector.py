@@ -1,4 +1,5 @@
-"""The actor connectors: task type "actor" (one execution on a warm replica) and "actor_map" (fan-out over the pool).
+"""The actor connectors: task type "actor" (one execution on a warm replica) and "actor_map" (fan-out over the pool);
+"actor_sync" (propeller's synchronous path) is in sync_connector.py.
 
 Registered with flytekit's ConnectorRegistry at import; `pyflyte serve connector` imports this package through
 the `flytekit.plugins` entry point. Calls stay on the event loop when they only touch memory and local files;
@@ -16,19 +17,9 @@ from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
 from plugin_backend import store
 from plugin_backend.meta import ActorResourceMeta
-from plugin_backend.service import Status, service
+from plugin_backend.service import service
+from plugin_backend.sync_connector import status_resource
 from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, SUPPORTED_TYPE_VERSION
-
-
-def _resource(status: Status) -> Resource:
-    outputs = LiteralMap.from_flyte_idl(status.outputs) if status.outputs is not None else None
-    return Resource(
-        phase=status.phase,
-        message=status.message,
-        log_links=status.log_links or None,
-        outputs=outputs,
-        custom_info=status.custom_info,
-    )
 
 
 class ActorConnector(AsyncConnectorBase):
@@ -58,8 +49,8 @@ class ActorConnector(AsyncConnectorBase):
     async def get(self, resource_meta: ActorResourceMeta, **kwargs) -> Resource:
         svc = service()
         if store.is_local(resource_meta.output_prefix) and svc.knows(resource_meta.execution_id):
-            return _resource(svc.get(resource_meta))
-        return _resource(await asyncio.to_thread(svc.get, resource_meta))
+            return status_resource(svc.get(resource_meta))
+        return status_resource(await asyncio.to_thread(svc.get, resource_meta))
 
     async def delete(self, resource_meta: ActorResourceMeta, **kwargs) -> None:
         await asyncio.to_thread(service().delete, resource_meta)

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
-from flytekitplugins_actor.constants import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE
+from flytekitplugins_actor.constants import ACTOR_MAP_TASK_TYPE, ACTOR_SYNC_TASK_TYPE, ACTOR_TASK_TYPE
 
+ACTOR_TASK_TYPES = (ACTOR_TASK_TYPE, ACTOR_SYNC_TASK_TYPE, ACTOR_MAP_TASK_TYPE)
 SUPPORTED_TYPE_VERSION = 0
-"""The task type version of `actor` and `actor_map` this connector serves."""
+"""The task type version of `actor`, `actor_sync` and `actor_map` this connector serves."""
 
 
 class InvalidActorRequest(ValueError):
@@ -41,7 +42,11 @@ def install_status_mapping() -> None:
     from flytekit.exceptions.system import FlyteConnectorNotFound
 
     def _handle_exception(e, context, task_type, operation):
-        if isinstance(e, FlyteConnectorNotFound) and task_type in (ACTOR_TASK_TYPE, ACTOR_MAP_TASK_TYPE):
+        if isinstance(e, FlyteConnectorNotFound) and task_type in (
+            ACTOR_TASK_TYPE,
+            ACTOR_SYNC_TASK_TYPE,
+            ACTOR_MAP_TASK_TYPE,
+        ):
             # The registry is keyed by (type, version): a template of another version never reaches our create.
             version = str(e).rsplit("_v", 1)[-1].rstrip(".") if "_v" in str(e) else "?"
             e = InvalidTaskTemplate(

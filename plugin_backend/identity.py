@@ -6,6 +6,7 @@ The connector is not given the env propeller would put on a pod, so it derives i
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import uuid
 from dataclasses import dataclass
@@ -13,9 +14,17 @@ from typing import Dict, Optional
 
 from flytekit.models.task import TaskExecutionMetadata
 
-from flytekitplugins_actor.replica.execution import identity_env as _env
+from flytekitplugins_actor.replica.identity import identity_env as _env
 
 LOCAL_NAMESPACE = "local"
+NAMESPACE_ENV = "FLYTE_ACTOR_K8S_NAMESPACE"
+
+
+def default_namespace() -> str:
+    """The namespace of an execution that carries none: FLYTE_ACTOR_K8S_NAMESPACE when set, else 'local'."""
+    return os.environ.get(NAMESPACE_ENV) or LOCAL_NAMESPACE
+
+
 DEFAULT_SERVICE_ACCOUNT = "default"
 
 
@@ -38,7 +47,7 @@ def identity_of(metadata: Optional[TaskExecutionMetadata], task_name: str) -> Ex
         # Local runs call create without metadata: every call is a new execution.
         local_id = uuid.uuid4().hex
         env = _env("local", "local", f"local-{local_id[:12]}", "local", "local", task_name, "local", 0)
-        return ExecutionIdentity(f"local-{local_id}", LOCAL_NAMESPACE, DEFAULT_SERVICE_ACCOUNT, env)
+        return ExecutionIdentity(f"local-{local_id}", default_namespace(), DEFAULT_SERVICE_ACCOUNT, env)
     wf, node, task = tei.node_execution_id.execution_id, tei.node_execution_id, tei.task_id
     retry = int(tei.retry_attempt or 0)
     full = ":".join(
@@ -53,7 +62,7 @@ def identity_of(metadata: Optional[TaskExecutionMetadata], task_name: str) -> Ex
     env.update({str(k): str(v) for k, v in (metadata.environment_variables or {}).items()})
     return ExecutionIdentity(
         execution_id,
-        metadata.namespace or LOCAL_NAMESPACE,
+        metadata.namespace or default_namespace(),
         metadata.k8s_service_account or DEFAULT_SERVICE_ACCOUNT,
         env,
     )

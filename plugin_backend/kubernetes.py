@@ -1,35 +1,54 @@
 """Replica pods: the `kubernetes` replica backend (FLYTE_ACTOR_BACKEND=kubernetes).
 
-Each replica is a pod running `python -m flytekitplugins_actor.replica.worker --port 8777` in the environment's
-image, in the execution's namespace under its service account (pools are keyed by both). The pool token reaches
-the pod through a Secret owned by the pod. Readiness comes from the pod's Ready condition and IP; loss from the
-primary container's termination (OOMKilled, Error, exit code), pod failure, eviction or deletion.
+Each replica is a pod running the worker in the environment's image, in the execution's namespace under its
+service account (pools are keyed by both), built by plugin_backend.pod_spec. The pool token reaches the pod
+through a Secret its pod owns. One label-selected watch per namespace (resumed from its last resource version,
+relisted after 410 Gone) reports every replica pod's state; one supervisor thread deletes pods and keeps the
+deadlines (a replica not ready for too long is lost). A restarted connector adopts the live replicas of its
+previous instance (`live_replicas`) and deletes the ones no pool claims within their orphan timeout.
+
+Deaths are classified (`DeathCause`): the container's own end (exit code, signal, OOMKilled) is TASK, or START
+when it never was ready (image pull and config errors too); a pod deleted, evicted or lost with its node is
+INFRASTRUCTURE.
 """
 
 from __future__ import annotations
 
-import copy
-import logging
+import base64
+import json
 import os
+import queue
 import threading
+import time
 import uuid
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
-from flytekitplugins_actor.replica.backend import Replica, ReplicaBackend, ReplicaSpec, ReplicaState
+from flytekit.loggers import logger
+
+from flytekitplugins_actor.replica.backend import DeathCause, Replica, ReplicaBackend, ReplicaSpec, ReplicaState
 from flytekitplugins_actor.replica.protocol import TOKEN_ENV
+from plugin_backend.pod_spec import (
+    LABEL_MANAGED_BY,
+    LABEL_POOL,
+    MANAGED_BY,
+    ORPHAN_TIMEOUT_ENV,
+    PRIMARY_ANNOTATION,
+    TOKEN_KEY,
+    WORKER_PORT,
+    PodDefaults,
+    replica_pod,
+    token_secret,
+)
 
-WORKER_PORT = 8777
-MANAGED_BY = "flyte-actor-connector"
-LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
-LABEL_INSTANCE = "flyte-actor/connector-instance"
-LABEL_REPLICA = "flyte-actor/replica"
-TOKEN_KEY = "token"
 READY_TIMEOUT_ENV = "FLYTE_ACTOR_K8S_READY_TIMEOUT_S"
-
-
-def _label_value(v: str) -> str:
-    v = "".join(c if c.isalnum() or c in "-_." else "-" for c in str(v))[:63]
-    return v.strip("-_.") or "x"
+NOT_READY_GRACE_ENV = "FLYTE_ACTOR_K8S_NOT_READY_GRACE_S"
+SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+MAX_RETRY_S = 30.0
+"""The longest pause between attempts of a failing watch (doubling from one second)."""
+START_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerError", "ErrImageNeverPull")
+"""Waiting reasons that mean the container will not start without a change to the environment: fail fast."""
+CONFIG_ERROR = "CreateContainerConfigError"
+"""Also a start failure, but only once it lasts: the pod's Secret is created right after the pod."""
 
 
 def _dns_name(v: str) -> str:
@@ -37,19 +56,48 @@ def _dns_name(v: str) -> str:
     return f"{v}-{uuid.uuid4().hex[:8]}"
 
 
-class KubernetesReplica(Replica):
-    """A replica pod, watched by a thread that polls its status until it is gone."""
+def _api_reason(e: Exception) -> str:
+    """An API error as the server words it (its Status message), else the exception."""
+    body = getattr(e, "body", None)
+    if body:
+        try:
+            return f"{e.status} {json.loads(body)['message']}"
+        except (ValueError, KeyError, TypeError):
+            pass
+    status = getattr(e, "status", None)
+    return f"{status} {getattr(e, 'reason', '')}".strip() if status else repr(e)
 
-    def __init__(self, spec: ReplicaSpec, backend: "KubernetesBackend"):
+
+def _status(e: Exception) -> Optional[int]:
+    return getattr(e, "status", None)
+
+
+def _condition(pod: dict, kind: str) -> Optional[dict]:
+    return next((c for c in (pod.get("status") or {}).get("conditions") or [] if c.get("type") == kind), None)
+
+
+def _env_value(pod: dict, container: str, name: str) -> Optional[dict]:
+    for c in pod["spec"]["containers"]:
+        if c["name"] == container:
+            return next((e for e in c.get("env") or [] if e["name"] == name), None)
+    return None
+
+
+class KubernetesReplica(Replica):
+    """A replica pod. Its state comes from its namespace's watch (`observe`) and the supervisor's clock (`tick`)."""
+
+    def __init__(self, spec: ReplicaSpec, backend: "KubernetesBackend", pod_name: Optional[str] = None):
         super().__init__(spec)
         self.backend = backend
         self.namespace = spec.namespace or backend.namespace
-        self.pod_name = _dns_name(spec.name)
+        self.pod_name = pod_name or _dns_name(spec.name)
         self.secret_name = f"{self.pod_name}-token"
-        self._terminating = threading.Event()
+        self.created_rv: Optional[int] = None  # the pod's creation version: a relist older than it may miss it
         self._terminate_requested = False
-        self._thread = threading.Thread(target=self._run, name=f"pod-{self.pod_name}", daemon=True)
-        self._thread.start()
+        self._was_ready = False
+        self._not_ready_since: Optional[float] = None
+        self._config_error_since: Optional[float] = None
+        self._deleting = False
 
     @property
     def log_uri(self) -> str:
@@ -57,138 +105,201 @@ class KubernetesReplica(Replica):
             namespace=self.namespace, pod=self.pod_name, container=self.spec.primary_container
         )
 
-    # ---- lifecycle thread ----
-    def _run(self) -> None:
-        try:
-            self._create()
-        except Exception as e:
-            self._set_dead(f"could not be created: {_api_reason(e)}")
-            self._cleanup()
-            return
-        while True:
-            try:
-                pod = self.backend.api.read_namespaced_pod(self.pod_name, self.namespace)
-            except Exception as e:
-                if _status(e) == 404:
-                    self._set_dead("was terminated (pod deleted)" if self._terminate_requested else "pod was deleted")
-                    self._cleanup()
-                    return
-                pod = None  # API hiccup: keep watching
-            if pod is not None:
-                death = pod_death(pod, self.spec.primary_container)
-                if death is not None:
-                    reason, code = death
-                    self._set_dead(reason, code)
-                    self._delete_pod(0)
-                    self._cleanup()
-                    return
-                if self.state is ReplicaState.STARTING and pod_ready(pod):
-                    self._set_ready(f"{pod.status.pod_ip}:{WORKER_PORT}")
-            if self._terminating.wait(self.backend.poll_interval):
-                self._delete_pod(self._grace)  # the next read sees the pod go (404)
-                self._terminating.clear()
-
-    def _create(self) -> None:
-        from kubernetes import client
-
-        api, spec = self.backend.api, self.spec
-        labels = {
-            LABEL_MANAGED_BY: MANAGED_BY,
-            LABEL_INSTANCE: self.backend.instance,
-            LABEL_REPLICA: _label_value(spec.name),
-            **{k: _label_value(v) for k, v in spec.labels.items()},
-        }
-        secret = client.V1Secret(
-            metadata=client.V1ObjectMeta(name=self.secret_name, namespace=self.namespace, labels=labels),
-            string_data={TOKEN_KEY: spec.token},
-            type="Opaque",
-        )
-        api.create_namespaced_secret(self.namespace, secret)
-        pod = self.backend.pod_manifest(spec, self.pod_name, self.secret_name, labels, self.namespace)
-        created = api.create_namespaced_pod(self.namespace, pod)
-        uid = getattr(getattr(created, "metadata", None), "uid", None)
-        if uid:  # the Secret goes away with its pod
-            owner = client.V1OwnerReference(api_version="v1", kind="Pod", name=self.pod_name, uid=uid)
-            try:
-                api.patch_namespaced_secret(
-                    self.secret_name, self.namespace, {"metadata": {"ownerReferences": [owner.to_dict()]}}
-                )
-            except Exception:  # the pod exists but the start failed: delete it too, or nothing ever would
-                try:
-                    api.delete_namespaced_pod(self.pod_name, self.namespace, grace_period_seconds=0)
-                except Exception as e:
-                    if _status(e) != 404:
-                        logging.getLogger(__name__).warning(
-                            "replica pod %s/%s may be left running: %s", self.namespace, self.pod_name, _api_reason(e)
-                        )
-                raise
-
-    def _delete_pod(self, grace: int) -> None:
-        try:
-            self.backend.api.delete_namespaced_pod(self.pod_name, self.namespace, grace_period_seconds=grace)
-        except Exception:  # already gone (404) or the API is down: the watch loop notices either way
-            pass
-
-    def _cleanup(self) -> None:
-        try:
-            self.backend.api.delete_namespaced_secret(self.secret_name, self.namespace)
-        except Exception:
-            pass
-
-    _grace = 5
-
     def terminate(self, grace_seconds: float = 5.0) -> None:
-        self._grace = int(grace_seconds)
+        """Deletes the pod (the kubelet sends SIGTERM, SIGKILL after the grace); the supervisor makes the call."""
         self._terminate_requested = True
-        if self.state is not ReplicaState.DEAD:
-            self._terminating.set()
+        self._delete(int(grace_seconds))
+
+    def _delete(self, grace: int) -> None:
+        """Asks for the pod's deletion, once: a dead replica's pod must not linger whoever noticed the death."""
+        with self._cond:
+            if self._deleting:
+                return
+            self._deleting = True
+        self.backend._delete_later(self, grace)
+
+    # ---- state, from the watch and the clock ----
+    def observe(self, pod: Optional[dict]) -> None:
+        """A new state of the pod (None: it is gone)."""
+        if self.state is ReplicaState.DEAD:
+            return
+        if pod is None:
+            if self._terminate_requested:
+                self._die("was terminated (pod deleted)", None, DeathCause.TASK)
+            else:
+                self._die("pod was deleted by someone else", None, DeathCause.INFRASTRUCTURE)
+            return
+        meta, status = pod["metadata"], pod.get("status") or {}
+        if meta.get("deletionTimestamp"):
+            if self._terminate_requested:
+                self._die("was terminated (pod deleted)", None, DeathCause.TASK, delete=False)
+                return
+            disruption = _condition(pod, "DisruptionTarget")
+            why = f" ({disruption.get('reason')})" if disruption else ""
+            self._die(f"pod is being deleted by someone else{why}", None, DeathCause.INFRASTRUCTURE, delete=False)
+            return
+        primary = self.spec.primary_container
+        self.waiting_reason = None  # recomputed from each state: a scheduled pod no longer waits for the scheduler
+        for cs in status.get("containerStatuses") or []:
+            if cs["name"] != primary:
+                continue
+            state = cs.get("state") or {}
+            term, waiting = state.get("terminated"), state.get("waiting")
+            if term is not None:
+                detail = f" ({term['message'].strip()})" if term.get("message") else ""
+                cause = DeathCause.TASK if self._was_ready else DeathCause.START
+                reason = (
+                    f"container {primary} terminated: {term.get('reason') or 'Error'}, exit code {term['exitCode']}"
+                )
+                self._die(reason + detail, term["exitCode"], cause)
+                return
+            if waiting is not None and waiting.get("reason") in START_FAILURES:
+                self._die(
+                    f"cannot start: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": "),
+                    None,
+                    DeathCause.START,
+                )
+                return
+            if waiting is not None and waiting.get("reason") == CONFIG_ERROR:
+                self.waiting_reason = f"{CONFIG_ERROR}: {waiting.get('message', '')}"
+                if self._config_error_since is None:
+                    self._config_error_since = time.monotonic()
+                return
+            self._config_error_since = None
+        if status.get("phase") in ("Failed", "Succeeded"):
+            evicted = status.get("reason") == "Evicted"
+            cause = DeathCause.INFRASTRUCTURE if evicted else (DeathCause.TASK if self._was_ready else DeathCause.START)
+            self._die(
+                f"pod {status['phase'].lower()}: {status.get('reason', '')} {status.get('message', '')}".rstrip(),
+                None,
+                cause,
+            )
+            return
+        scheduled = _condition(pod, "PodScheduled")
+        if scheduled is not None and scheduled.get("status") == "False":
+            self.waiting_reason = f"{scheduled.get('reason', 'Unschedulable')}: {scheduled.get('message', '')}".rstrip(
+                ": "
+            )
+            return
+        ready = _condition(pod, "Ready")
+        if ready is not None and ready.get("status") == "True" and status.get("podIP"):
+            self._not_ready_since = None
+            self._was_ready = True
+            self._set_ready(f"{status['podIP']}:{WORKER_PORT}")
+        elif self._was_ready and self._not_ready_since is None:
+            self._not_ready_since = time.monotonic()  # the node may be gone: tick() decides after the grace
+
+    def tick(self, now: float) -> None:
+        """Deadlines no event will announce: lost readiness (a lost node) and a lasting config error."""
+        since = self._not_ready_since
+        if since is not None and now - since > self.backend.not_ready_grace_s:
+            self._die(
+                f"pod not ready for {now - since:.0f}s after it was ready (node lost or unresponsive)",
+                None,
+                DeathCause.INFRASTRUCTURE,
+            )
+        since = self._config_error_since
+        if since is not None and now - since > self.backend.config_error_grace_s:
+            self._die(f"cannot start: {self.waiting_reason}", None, DeathCause.START)
+
+    def _die(self, reason: str, exit_code: Optional[int], cause: DeathCause, delete: bool = True) -> None:
+        if self.state is ReplicaState.DEAD:
+            return
+        logger.info(f"replica pod {self.namespace}/{self.pod_name} {reason} ({cause.value})")
+        self._set_dead(reason, exit_code, cause)
+        self.backend._forget(self)
+        if delete:
+            self._delete(0)
 
 
-def pod_ready(pod: Any) -> bool:
-    status = pod.status
-    if status is None or status.phase != "Running" or not status.pod_ip:
+class _NamespaceWatch:
+    """One label-selected watch of the replica pods of a namespace: list once, then watch from the list's resource
+    version, resume from the last one seen; relist after 410 Gone."""
+
+    def __init__(self, backend: "KubernetesBackend", namespace: str):
+        self.backend, self.namespace = backend, namespace
+        self.resource_version: Optional[str] = None
+        self.thread = threading.Thread(target=self._run, name=f"k8s-watch-{namespace}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        from kubernetes import watch
+        from kubernetes.client.rest import ApiException
+
+        backend, api = self.backend, self.backend.api
+        delay = backend.retry_s
+        while not backend._stop.is_set():
+            try:
+                if self.resource_version is None:
+                    self._relist()
+                w = watch.Watch()
+                stream = w.stream(
+                    api.list_namespaced_pod,
+                    self.namespace,
+                    label_selector=SELECTOR,
+                    resource_version=self.resource_version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=backend.watch_timeout_s,
+                    _request_timeout=(10, backend.watch_timeout_s + 60),
+                )
+                for event in stream:  # deserialized (the client's 410 handling needs it); the raw dict is used
+                    delay = backend.retry_s
+                    obj = event["raw_object"]
+                    self.resource_version = obj["metadata"]["resourceVersion"]
+                    if event["type"] == "BOOKMARK":
+                        continue
+                    backend._observe(
+                        self.namespace, obj["metadata"]["name"], None if event["type"] == "DELETED" else obj
+                    )
+                    if backend._stop.is_set():
+                        w.stop()
+            except ApiException as e:
+                if e.status == 410:
+                    logger.info(f"replica pod watch of {self.namespace}: resource version expired, relisting")
+                    self.resource_version = None
+                    continue
+                logger.warning(
+                    f"replica pod watch of {self.namespace} failed: {_api_reason(e)}; retrying in {delay:.0f}s"
+                )
+                backend._stop.wait(delay)
+                delay = min(MAX_RETRY_S, delay * 2)  # e.g. 403: no RBAC in this namespace; do not hammer the API
+            except Exception as e:  # connection reset, timeout, API server restart: resume from the last version
+                logger.warning(f"replica pod watch of {self.namespace} interrupted: {e!r}; resuming in {delay:.0f}s")
+                backend._stop.wait(delay)
+                delay = min(MAX_RETRY_S, delay * 2)
+
+    def _relist(self) -> None:
+        resp = self.backend.api.list_namespaced_pod(
+            self.namespace, label_selector=SELECTOR, _preload_content=False, _request_timeout=30
+        )
+        listing = json.loads(resp.data)
+        version = listing["metadata"]["resourceVersion"]
+        pods = {p["metadata"]["name"]: p for p in listing["items"]}
+        for replica in self.backend._replicas_in(self.namespace):
+            pod = pods.get(replica.pod_name)
+            if pod is not None:
+                replica.observe(pod)
+            elif replica.created_rv is not None and _version_at_least(version, replica.created_rv):
+                replica.observe(None)  # created before this listing, absent from it: deleted meanwhile
+        self.resource_version = version
+
+
+def _finished(pod: dict) -> bool:
+    """Ended or ending: nothing to adopt."""
+    return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") or bool(
+        pod["metadata"].get("deletionTimestamp")
+    )
+
+
+def _version_at_least(version: str, created: int) -> bool:
+    try:  # resource versions are opaque to clients; etcd's are integers, which is all this ordering needs
+        return int(version) >= created
+    except ValueError:
         return False
-    return any(c.type == "Ready" and c.status == "True" for c in status.conditions or [])
-
-
-def pod_death(pod: Any, container: str):
-    """(reason, exit code) when the pod or its primary container is gone for good, else None."""
-    status = pod.status
-    if status is None:
-        return None
-    if getattr(pod.metadata, "deletion_timestamp", None) is not None and status.phase not in ("Running", "Pending"):
-        return "pod was deleted", None
-    for cs in status.container_statuses or []:
-        if cs.name != container:
-            continue
-        term = cs.state.terminated if cs.state is not None else None
-        if term is not None:
-            reason = term.reason or "Error"
-            detail = f" ({term.message.strip()})" if term.message else ""
-            return f"container {container} terminated: {reason}, exit code {term.exit_code}{detail}", term.exit_code
-        waiting = cs.state.waiting if cs.state is not None else None
-        if waiting is not None and waiting.reason in (
-            "ErrImagePull",
-            "ImagePullBackOff",
-            "InvalidImageName",
-            "CreateContainerError",
-        ):
-            return f"container {container} cannot start: {waiting.reason}: {waiting.message or ''}".rstrip(": "), None
-    if status.phase in ("Failed", "Succeeded"):
-        return f"pod {status.phase.lower()}: {status.reason or ''} {status.message or ''}".strip(), None
-    return None
-
-
-def _status(e: Exception) -> Optional[int]:
-    return getattr(e, "status", None)
-
-
-def _api_reason(e: Exception) -> str:
-    return f"{getattr(e, 'status', '')} {getattr(e, 'reason', '') or e}".strip()
 
 
 class KubernetesBackend(ReplicaBackend):
-    """Replicas as pods. `api` is a kubernetes CoreV1Api (in-cluster or kubeconfig when omitted)."""
+    """Replicas as pods. `api` is a kubernetes CoreV1Api (in-cluster config, else the kubeconfig, when omitted)."""
 
     name = "kubernetes"
     ready_timeout_s: float = 600.0
@@ -198,10 +309,11 @@ class KubernetesBackend(ReplicaBackend):
         self,
         api: Any = None,
         namespace: str = "default",
-        poll_interval: float = 1.0,
         log_template: str = "k8s://{namespace}/{pod}/{container}",
-        instance: Optional[str] = None,
         ready_timeout_s: Optional[float] = None,
+        not_ready_grace_s: float = 20.0,
+        config_error_grace_s: float = 20.0,
+        watch_timeout_s: int = 300,
     ):
         if api is None:
             from kubernetes import client, config
@@ -213,74 +325,220 @@ class KubernetesBackend(ReplicaBackend):
             api = client.CoreV1Api()
         self.api = api
         self.namespace = namespace
-        self.poll_interval = poll_interval
         self.log_template = log_template
-        self.instance = instance or uuid.uuid4().hex[:12]
         if ready_timeout_s is not None:
             self.ready_timeout_s = ready_timeout_s
+        self.not_ready_grace_s = not_ready_grace_s
+        self.config_error_grace_s = config_error_grace_s
+        self.watch_timeout_s = watch_timeout_s
+        self.retry_s = 1.0
+        self._lock = threading.Lock()
+        self._replicas: Dict[Tuple[str, str], KubernetesReplica] = {}
+        self._watches: Dict[str, _NamespaceWatch] = {}
+        self._unclaimed: Dict[str, List[Tuple[dict, float]]] = {}  # pool digest -> [(pod, deadline)]
+        self._deletions: "queue.Queue[Tuple[str, str, int]]" = queue.Queue()
+        self._stop = threading.Event()
+        self._supervisor = threading.Thread(target=self._supervise, name="k8s-replica-supervisor", daemon=True)
+        self._supervisor.start()
 
     @classmethod
     def from_env(cls) -> "KubernetesBackend":
+        """The connector's backend: settings from FLYTE_ACTOR_K8S_* (a malformed pod default is refused now, not
+        at the first pod), then the inventory of the replica pods a previous connector left for adoption."""
+        PodDefaults.from_env()
         backend = cls(
             namespace=os.environ.get("FLYTE_ACTOR_K8S_NAMESPACE", "default"),
-            poll_interval=float(os.environ.get("FLYTE_ACTOR_K8S_POLL_S", "1.0")),
             log_template=os.environ.get("FLYTE_ACTOR_K8S_LOG_TEMPLATE", "k8s://{namespace}/{pod}/{container}"),
             ready_timeout_s=float(os.environ.get(READY_TIMEOUT_ENV, cls.ready_timeout_s)),
+            not_ready_grace_s=float(os.environ.get(NOT_READY_GRACE_ENV, "20")),
         )
         try:
-            backend.delete_orphans()
-        except Exception as e:  # e.g. no cluster-wide list permission: serve anyway, say what is left running
-            logging.getLogger(__name__).warning(
-                "could not delete replica pods of previous connector instances: %s", _api_reason(e)
-            )
+            backend.take_inventory()
+        except Exception as e:  # e.g. no cluster-wide list permission: serve anyway, say what is not adopted
+            logger.warning(f"could not list the replica pods of a previous connector instance: {_api_reason(e)}")
         return backend
 
+    # ---- starting ----
     def start(self, spec: ReplicaSpec) -> Replica:
-        return KubernetesReplica(spec, self)
+        """Creates the pod, then its token Secret owned by it; the namespace's watch reports the rest."""
+        replica = KubernetesReplica(spec, self)
+        ns = replica.namespace
+        with self._lock:
+            self._replicas[(ns, replica.pod_name)] = replica
+        self._watch(ns)
+        try:
+            created = self.api.create_namespaced_pod(
+                ns, replica_pod(spec, replica.pod_name, replica.secret_name, ns), _request_timeout=30
+            )
+        except Exception as e:
+            self._forget(replica)
+            raise RuntimeError(f"replica pod {ns}/{replica.pod_name} could not be created: {_api_reason(e)}") from None
+        pod = {"metadata": {"name": created.metadata.name, "uid": created.metadata.uid}}
+        replica.created_rv = (
+            int(created.metadata.resource_version) if created.metadata.resource_version.isdigit() else None
+        )
+        try:
+            self.api.create_namespaced_secret(ns, token_secret(spec, replica.secret_name, ns, pod), _request_timeout=30)
+        except Exception as e:
+            replica._die(
+                f"could not be started: its token Secret was refused: {_api_reason(e)}", None, DeathCause.START
+            )
+        return replica
 
-    def delete_orphans(self) -> int:
-        """Deletes replica pods a previous connector instance left: their executions already answer
-        RETRYABLE_FAILED from storage, so letting them run on would run those executions twice."""
-        selector = f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_INSTANCE}!={self.instance}"
-        pods = self.api.list_pod_for_all_namespaces(label_selector=selector).items
-        for pod in pods:
+    def _watch(self, namespace: str) -> None:
+        with self._lock:
+            if namespace not in self._watches:
+                self._watches[namespace] = _NamespaceWatch(self, namespace)
+
+    def _replicas_in(self, namespace: str) -> List[KubernetesReplica]:
+        with self._lock:
+            return [r for (ns, _), r in self._replicas.items() if ns == namespace]
+
+    def _observe(self, namespace: str, pod_name: str, pod: Optional[dict]) -> None:
+        with self._lock:
+            replica = self._replicas.get((namespace, pod_name))
+        if replica is not None:
+            replica.observe(pod)
+            if pod is None:
+                self._forget(replica)
+        else:  # a pod of another connector, of a dead replica, or one waiting to be adopted
+            self._update_unclaimed(namespace, pod_name, pod)
+
+    def _forget(self, replica: KubernetesReplica) -> None:
+        with self._lock:
+            if self._replicas.get((replica.namespace, replica.pod_name)) is replica:
+                del self._replicas[(replica.namespace, replica.pod_name)]
+
+    # ---- the supervisor: deletions and deadlines ----
+    def _delete_later(self, replica: KubernetesReplica, grace: int) -> None:
+        self._deletions.put((replica.namespace, replica.pod_name, grace))
+
+    def _supervise(self) -> None:
+        while not self._stop.is_set():
             try:
-                self.api.delete_namespaced_pod(pod.metadata.name, pod.metadata.namespace, grace_period_seconds=0)
-            except Exception:
+                ns, name, grace = self._deletions.get(timeout=1.0)
+                self._delete_pod(ns, name, grace)
+            except queue.Empty:
                 pass
-        return len(pods)
+            now = time.monotonic()
+            with self._lock:
+                replicas = list(self._replicas.values())
+            for r in replicas:
+                r.tick(now)
+            self._expire_unclaimed(now)
 
-    def pod_manifest(
-        self, spec: ReplicaSpec, pod_name: str, secret_name: str, labels: Dict[str, str], namespace: str
-    ) -> dict:
-        """The replica pod: the environment's pod spec (image, resources, env) with the worker as its command."""
-        pod_spec = copy.deepcopy(spec.pod_spec) if spec.pod_spec else {"containers": [{"name": spec.primary_container}]}
-        containers = pod_spec.setdefault("containers", [])
-        primary = next((c for c in containers if c.get("name") == spec.primary_container), None)
-        if primary is None:
-            primary = {"name": spec.primary_container}
-            containers.insert(0, primary)
-        primary["image"] = spec.image or primary.get("image")  # resources, volume mounts... stay as the spec has them
-        primary["command"] = ["python", "-m", "flytekitplugins_actor.replica.worker", "--port", str(WORKER_PORT)]
-        primary.pop("args", None)
-        env = [e for e in primary.get("env") or [] if e.get("name") not in spec.env and e.get("name") != TOKEN_ENV]
-        env += [{"name": k, "value": v} for k, v in sorted(spec.env.items())]
-        env += [
-            {"name": "FLYTE_ACTOR_REPLICA_NAME", "value": spec.name},
-            {"name": TOKEN_ENV, "valueFrom": {"secretKeyRef": {"name": secret_name, "key": TOKEN_KEY}}},
-        ]
-        primary["env"] = env
-        primary["ports"] = [{"name": "actor-control", "containerPort": WORKER_PORT}]
-        primary["readinessProbe"] = {"tcpSocket": {"port": WORKER_PORT}, "periodSeconds": 1}
-        pod_spec["restartPolicy"] = "Never"
-        if spec.service_account:
-            pod_spec["serviceAccountName"] = spec.service_account
-        metadata: Dict[str, Any] = {
-            "name": pod_name,
-            "namespace": namespace,
-            "labels": {**{k: _label_value(v) for k, v in getattr(spec, "pod_labels", {}).items()}, **labels},
-        }
-        annotations = dict(getattr(spec, "pod_annotations", {}) or {})
-        if annotations:
-            metadata["annotations"] = annotations
-        return {"apiVersion": "v1", "kind": "Pod", "metadata": metadata, "spec": pod_spec}
+    def _delete_pod(self, namespace: str, name: str, grace: int) -> None:
+        try:
+            self.api.delete_namespaced_pod(name, namespace, grace_period_seconds=grace, _request_timeout=30)
+        except Exception as e:
+            if _status(e) != 404:
+                logger.warning(f"could not delete replica pod {namespace}/{name}: {_api_reason(e)}")
+                return
+            with self._lock:
+                replica = self._replicas.get((namespace, name))
+            if replica is not None:
+                replica.observe(None)
+                self._forget(replica)
+
+    # ---- adoption ----
+    def take_inventory(self) -> int:
+        """At start: the live replica pods of a previous connector wait to be claimed by their pool
+        (`live_replicas`); dead or terminating ones are deleted. Returns how many wait."""
+        resp = self.api.list_pod_for_all_namespaces(
+            label_selector=SELECTOR, _preload_content=False, _request_timeout=30
+        )
+        waiting = 0
+        for pod in json.loads(resp.data)["items"]:
+            waiting += self._claimable(pod)
+        return waiting
+
+    def _claimable(self, pod: dict) -> int:
+        meta = pod["metadata"]
+        digest = (meta.get("labels") or {}).get(LABEL_POOL)
+        ns, name = meta["namespace"], meta["name"]
+        if not digest or _finished(pod):
+            self._deletions.put((ns, name, 0))
+            return 0
+        primary = (meta.get("annotations") or {}).get(PRIMARY_ANNOTATION, "primary")
+        timeout = (_env_value(pod, primary, ORPHAN_TIMEOUT_ENV) or {}).get("value") or "960"
+        with self._lock:
+            self._unclaimed.setdefault(digest, []).append((pod, time.monotonic() + float(timeout)))
+        self._watch(ns)
+        return 1
+
+    def _update_unclaimed(self, namespace: str, name: str, pod: Optional[dict]) -> None:
+        """Keeps a pod waiting for adoption current; one that ended meanwhile is deleted instead."""
+        with self._lock:
+            for digest, pods in self._unclaimed.items():
+                for i, (p, deadline) in enumerate(pods):
+                    if p["metadata"]["namespace"] == namespace and p["metadata"]["name"] == name:
+                        if pod is None or _finished(pod):
+                            del pods[i]
+                            break
+                        pods[i] = (pod, deadline)
+                        return
+                else:
+                    continue
+                break
+            else:
+                return
+        if pod is not None:
+            self._deletions.put((namespace, name, 0))
+
+    def _expire_unclaimed(self, now: float) -> None:
+        with self._lock:
+            expired = [(d, p) for d, ps in self._unclaimed.items() for p, deadline in ps if deadline <= now]
+            for d, p in expired:
+                self._unclaimed[d] = [(q, t) for q, t in self._unclaimed[d] if q is not p]
+        for _, pod in expired:
+            logger.info(
+                f"deleting replica pod {pod['metadata']['namespace']}/{pod['metadata']['name']}: no pool claimed it"
+            )
+            self._delete_pod(pod["metadata"]["namespace"], pod["metadata"]["name"], 0)
+
+    def live_replicas(self, pool_digest: str) -> Tuple[Optional[str], List[Replica]]:
+        """The pool token and the replicas a previous connector left for a pool, now this backend's (a pool calls
+        it once, when it is created, and serves with that token). (None, []) when there are none."""
+        with self._lock:
+            pods = [p for p, _ in self._unclaimed.pop(pool_digest, [])]
+        token: Optional[str] = None
+        adopted: List[Replica] = []
+        for pod in pods:
+            meta = pod["metadata"]
+            ns, name = meta["namespace"], meta["name"]
+            primary = (meta.get("annotations") or {}).get(PRIMARY_ANNOTATION, "primary")
+            try:
+                ref = _env_value(pod, primary, TOKEN_ENV)["valueFrom"]["secretKeyRef"]
+                secret = self.api.read_namespaced_secret(ref["name"], ns, _request_timeout=30)
+                pod_token = base64.b64decode(secret.data[ref.get("key", TOKEN_KEY)]).decode()
+            except Exception as e:
+                logger.warning(f"replica pod {ns}/{name} cannot be adopted (no readable token: {e!r}); deleting it")
+                self._deletions.put((ns, name, 0))
+                continue
+            if token is not None and pod_token != token:
+                self._deletions.put((ns, name, 0))
+                continue
+            token = pod_token
+            replica_name = (_env_value(pod, primary, "FLYTE_ACTOR_REPLICA_NAME") or {}).get("value") or name
+            spec = ReplicaSpec(
+                name=replica_name,
+                token=pod_token,
+                labels=dict(meta.get("labels") or {}),
+                namespace=ns,
+                service_account=pod["spec"].get("serviceAccountName"),
+                primary_container=primary,
+            )
+            replica = KubernetesReplica(spec, self, pod_name=name)
+            replica.secret_name = ref["name"]
+            version = meta.get("resourceVersion", "")
+            replica.created_rv = int(version) if version.isdigit() else None  # a relist after it must show it
+            with self._lock:
+                self._replicas[(ns, name)] = replica
+            replica.observe(pod)
+            adopted.append(replica)
+        return token, adopted
+
+    def shutdown(self) -> None:
+        """Stops the watches and the supervisor (replica pods stay: a restarted connector adopts them)."""
+        self._stop.set()
+        self._supervisor.join(5)

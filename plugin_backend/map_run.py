@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Union
 
 from flyteidl.core import literals_pb2
 from flytekit.loggers import logger
@@ -20,7 +20,6 @@ from flytekit.models.literals import LiteralMap
 from flytekitplugins_actor.map_model import (
     ABORTED,
     CANCEL_GRACE_S,
-    ItemError,
     MapDecision,
     MapPhase,
     MapSpec,
@@ -29,13 +28,17 @@ from flytekitplugins_actor.map_model import (
 )
 from flytekitplugins_actor.map_plan import MapInputError, MapPlan
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
-from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_document, write_error_document
+from flytekitplugins_actor.replica.error import ExecutionError, read_error_document, write_error_document
+from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
 from plugin_backend.template import ActorTemplate
 
 RECENT_REPLICAS = 8
 """How many replicas (the most recent) a map's status links to."""
+
+UNREADABLE_ITEM_ERROR = ExecutionError.system("ItemFailed", "failed; its error document could not be read", False)
+"""A failed item whose error could not be read back."""
 
 
 def plan_of(inputs: Union[LiteralMap, literals_pb2.LiteralMap, None], spec: MapSpec) -> MapPlan:
@@ -44,30 +47,6 @@ def plan_of(inputs: Union[LiteralMap, literals_pb2.LiteralMap, None], spec: MapS
         return MapPlan(inputs, spec)
     except MapInputError as e:
         raise InvalidActorRequest(str(e)) from None
-
-
-def item_args(args: Sequence[str], inputs_path: str, output_prefix: str, index: int) -> List[str]:
-    """The subtask's rendered container args with --inputs and --output-prefix (and checkpoints) made per item.
-    (Goes once the command model, `ExecutionCommand.with_paths`, is on main.)"""
-    per_item = {
-        "--inputs": lambda _: inputs_path,
-        "--output-prefix": lambda _: output_prefix,
-        "--checkpoint-path": lambda v: f"{v.rstrip('/')}/{index}" if v and v != '""' else v,
-        "--prev-checkpoint": lambda v: f"{v.rstrip('/')}/{index}" if v and v != '""' else v,
-    }
-    out = list(args)
-    i = 0
-    while i < len(out):
-        a = out[i]
-        if a in per_item and i + 1 < len(out):
-            out[i + 1] = per_item[a](out[i + 1])
-            i += 2
-            continue
-        key, eq, value = a.partition("=")
-        if eq and key in per_item:
-            out[i] = f"{key}={per_item[key](value)}"
-        i += 1
-    return out
 
 
 class MapRun:
@@ -91,7 +70,6 @@ class MapRun:
         self.phase = MapPhase.RUNNING
         self.message = ""
         self.recoverable = False
-        self.outputs: Optional[literals_pb2.LiteralMap] = None
         self.replicas: "collections.OrderedDict[str, str]" = collections.OrderedDict()  # replica -> log uri
         self._done_q: "queue.SimpleQueue[Optional[Execution]]" = queue.SimpleQueue()
         self._aborted = threading.Event()
@@ -138,7 +116,7 @@ class MapRun:
         for i, kind in sorted(self.record.finished_items(self.n).items()):
             error = None
             if kind == "error":
-                error = ItemError.from_wire(read_error_document(self.record.item_prefix(i)))
+                error = read_error_document(self.record.item_prefix(i)) or UNREADABLE_ITEM_ERROR
             self.tally.resume(i, error)
 
     def _decision(self) -> Optional[MapDecision]:
@@ -149,7 +127,8 @@ class MapRun:
         inputs_path = store.join(prefix, "inputs.pb")
         store.write_bytes(inputs_path, self.plan.item_inputs(i).SerializeToString())
         item_id = f"{self.execution_id}.{i}"
-        spec = ExecutionSpec(item_id, item_args(self.template.args, inputs_path, prefix, i), self.env)
+        command = self.template.command.with_paths(inputs=inputs_path, output_prefix=prefix, item=i)
+        spec = ExecutionSpec(item_id, command.to_args(), self.env)
         self.inflight[item_id] = i
         try:
             pool.submit(spec, on_done=self._on_done)
@@ -175,9 +154,9 @@ class MapRun:
         if state is ExecutionState.SUCCEEDED:
             tally.succeed(i)
         elif state is ExecutionState.FAILED:
-            tally.fail(i, ItemError.from_wire(execution.error))
+            tally.fail(i, execution.error or UNREADABLE_ITEM_ERROR)
         elif state is ExecutionState.REPLICA_DIED:
-            tally.fail(i, ItemError("ReplicaDied", f"{execution.death}", recoverable=True, origin="SYSTEM"))
+            tally.fail(i, ExecutionError.system("ReplicaDied", f"{execution.death}", recoverable=True))
         elif self._aborted.is_set():
             pass  # CANCELLED by the abort: the map ends aborted
         elif execution.replica is None:
@@ -187,7 +166,7 @@ class MapRun:
                 f"replica {execution.replica} reported item {i} cancelled, but the map was not aborted "
                 "(did the task raise KeyboardInterrupt?)"
             )
-            tally.fail(i, ItemError("Cancelled", message))
+            tally.fail(i, ExecutionError.user("Cancelled", message))
 
     def _conclude(self, decision: MapDecision) -> None:
         """Ends the map: gathers its outputs (succeeded) or writes its error document (failed), then sets the
@@ -196,19 +175,18 @@ class MapRun:
         self.message, self.recoverable = decision.message, decision.recoverable
         try:
             if decision.phase is MapPhase.SUCCEEDED:
-                self.outputs = self._gather()
+                self._gather()
             elif decision.phase is MapPhase.FAILED:
-                origin = "SYSTEM" if decision.recoverable else "USER"
-                error = {"code": "MapItemsFailed", "message": decision.message, "origin": origin}
-                write_error_document(self.record.prefix, {**error, "recoverable": decision.recoverable})
+                write_error_document(self.record.prefix, decision.error())
         except Exception as e:
             if decision.phase is MapPhase.SUCCEEDED:
                 raise  # the outputs are the result: the coordinator fails the map, retryably
             logger.error(f"map {self.execution_id}: could not write its error document under {self.record.prefix}: {e}")
-        self.phase = decision.phase  # last: GetTask reads the phase, then message, recoverable and outputs
+        self.phase = decision.phase  # last: GetTask reads the phase, then message and recoverable
 
-    def _gather(self) -> literals_pb2.LiteralMap:
-        """Every item's outputs from storage, one list per output name (none for a failed item), as outputs.pb."""
+    def _gather(self) -> None:
+        """Every item's outputs from storage, one list per output name (none for a failed item), into outputs.pb
+        (propeller reads it there: GetTask answers by reference)."""
         results: List[Optional[literals_pb2.LiteralMap]] = []
         for i in range(self.n):
             if i not in self.tally.succeeded:
@@ -220,7 +198,6 @@ class MapRun:
             results.append(m)
         outputs = MapPlan.gather(self.template.output_names, results)
         store.write_bytes(self.record.path("outputs.pb"), outputs.SerializeToString(), atomic=True)  # = SUCCEEDED
-        return outputs
 
     def _cancel_inflight(self) -> None:
         """Cancels every in-flight item together (a bounded executor, not a thread each): their grace periods

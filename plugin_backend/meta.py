@@ -34,12 +34,26 @@ class ActorResourceMeta(ResourceMeta):
 
     @classmethod
     def decode(cls, data: bytes) -> "ActorResourceMeta":
+        """The meta propeller sent back; InvalidResourceMeta (INVALID_ARGUMENT) naming the field when it is not one
+        this connector wrote: not JSON, a field missing or of the wrong type, an empty id or output prefix."""
         try:
             raw = json.loads(data.decode())
+            if not isinstance(raw, dict):
+                raise ValueError(f"a JSON {type(raw).__name__}, not an object")
             names = {f.name for f in fields(cls)}
             meta = cls(**{k: v for k, v in raw.items() if k in names})
         except Exception as e:
             raise InvalidResourceMeta(f"resource meta is not an actor execution's ({e})") from None
+        for f in fields(cls):
+            value = getattr(meta, f.name)
+            expected = int if f.name == "v" else str
+            if isinstance(value, bool) or not isinstance(value, expected):
+                raise InvalidResourceMeta(
+                    f"resource meta field {f.name}={value!r} is invalid: must be a {expected.__name__}"
+                )
+        for name in ("execution_id", "output_prefix"):
+            if not getattr(meta, name).strip():
+                raise InvalidResourceMeta(f"resource meta field {name} is empty")
         if meta.v != META_VERSION:
             raise InvalidResourceMeta(
                 f"resource meta version {meta.v} is unknown; this connector reads version {META_VERSION}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import weakref
 from typing import Iterator
 
-from prometheus_client import REGISTRY, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "flyte_actor_"
@@ -19,6 +19,13 @@ DISPATCH_LATENCY = Histogram(
     "Time from an execution's arrival in its pool to its dispatch to a replica",
     ["env"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
+
+
+SYNC_OVERRUNS = Counter(
+    f"{PREFIX}sync_overruns",
+    "actor_sync executions cancelled at the end of their budget (answered RETRYABLE_FAILED), by reason",
+    ["env", "reason"],
 )
 
 

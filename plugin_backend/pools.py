@@ -6,73 +6,23 @@ one code version. Pools idle past their environment's `ttl_seconds` are torn dow
 
 from __future__ import annotations
 
-import copy
 import functools
 import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from dataclasses import dataclass
+from typing import Any, Optional
 
-from flytekitplugins_actor.pool import PoolRegistry, ReplicaPool
+from flytekitplugins_actor.pool import Execution, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaBackend, ReplicaSpec
+from flytekitplugins_actor.replica.execution import ExecutionSpec
+from plugin_backend.pod_spec import PodReplicaSpec, replica_pod_spec
 from plugin_backend.template import ActorTemplate
 
 BACKEND_ENV = "FLYTE_ACTOR_BACKEND"
 REPLICA_TMPDIR_ENV = "FLYTE_ACTOR_REPLICA_TMPDIR"
 STATE_DIR_ENV = "FLYTE_ACTOR_STATE_DIR"
-GPU_NODE_LABEL_ENV = "FLYTE_ACTOR_K8S_GPU_NODE_LABEL"
-DEFAULT_GPU_NODE_LABEL = "k8s.amazonaws.com/accelerator"  # propeller's default gpu-device-node-label
-
-
-INTERRUPTIBLE_TOLERATIONS_ENV = "FLYTE_ACTOR_K8S_INTERRUPTIBLE_TOLERATIONS"
-INTERRUPTIBLE_NODE_SELECTOR_ENV = "FLYTE_ACTOR_K8S_INTERRUPTIBLE_NODE_SELECTOR"
-
-
-def _json_env(name: str, default: Any) -> Any:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    value = json.loads(raw)
-    if not isinstance(value, type(default)):
-        raise ValueError(f"{name} must be a JSON {type(default).__name__}, got {raw!r}")
-    return value
-
-
-@dataclass
-class PodReplicaSpec(ReplicaSpec):
-    """A ReplicaSpec with the pod template's metadata, for the Kubernetes backend."""
-
-    pod_labels: Dict[str, str] = field(default_factory=dict)
-    pod_annotations: Dict[str, str] = field(default_factory=dict)
-
-
-def replica_pod_spec(template: ActorTemplate, env: Dict[str, str]) -> Dict[str, Any]:
-    """The replica's pod spec: the task's own k8s_pod spec when its environment has a pod template (its other
-    containers, volumes, tolerations, node selectors... kept), else one built from its container; the primary
-    container gets the template's image, `env` and resources. kubernetes.py swaps in the worker command."""
-    pod_spec: Dict[str, Any] = copy.deepcopy(template.pod_spec) if template.pod_spec else {}
-    containers = pod_spec.setdefault("containers", [])
-    primary = next((c for c in containers if c.get("name") == template.primary_container_name), None)
-    if primary is None:
-        primary = {"name": template.primary_container_name}
-        containers.insert(0, primary)
-    primary["image"] = template.image
-    value_from = [e for e in primary.get("env") or [] if e.get("value") is None and e.get("name") not in env]
-    primary["env"] = [{"name": k, "value": v} for k, v in sorted(env.items())] + value_from
-    if template.resources:
-        primary["resources"] = copy.deepcopy(template.resources)
-    else:
-        primary.pop("resources", None)
-    if template.interruptible:  # as propeller's interruptible-tolerations / interruptible-node-selector config
-        pod_spec.setdefault("tolerations", []).extend(_json_env(INTERRUPTIBLE_TOLERATIONS_ENV, []))
-        for k, v in _json_env(INTERRUPTIBLE_NODE_SELECTOR_ENV, {}).items():
-            pod_spec.setdefault("nodeSelector", {}).setdefault(k, v)
-    if template.accelerator:
-        label = os.environ.get(GPU_NODE_LABEL_ENV, DEFAULT_GPU_NODE_LABEL)
-        pod_spec.setdefault("nodeSelector", {}).setdefault(label, template.accelerator)
-    return pod_spec
 
 
 @dataclass(frozen=True)
@@ -118,17 +68,27 @@ class PoolManager(PoolRegistry):
         self.log_dir = os.path.join(self.state_dir, "logs")
 
     def pool_for(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
-        return self._pool(
+        """The pool for a key, created (no replica started yet) if there is none: for callers about to submit."""
+        return self._pool(key.digest, lambda: self._new_pool(key, template))
+
+    def submit_for(self, key: PoolKey, template: ActorTemplate, spec: ExecutionSpec, **kwargs: Any) -> Execution:
+        """Submits to the key's pool, creating it if needed; a pool reaped meanwhile is replaced, not failed."""
+        return self.submit(key.digest, lambda: self._new_pool(key, template), spec, **kwargs)
+
+    def _new_pool(self, key: PoolKey, template: ActorTemplate) -> ReplicaPool:
+        """A pool for the key, adopting the live replicas a previous connector left for it (Kubernetes pods)."""
+        pool = ReplicaPool(
             key.digest,
-            lambda: ReplicaPool(
-                key.digest,
-                self.backend,
-                self._spec_maker(key, template),
-                template.replica_count,
-                template.ttl_seconds,
-                name=template.env_name,
-            ),
+            self.backend,
+            self._spec_maker(key, template),
+            template.replica_count,
+            template.ttl_seconds,
+            name=template.env_name,
         )
+        token, replicas = self.backend.live_replicas(key.digest)
+        if token is not None and replicas:
+            pool.adopt(token, replicas)
+        return pool
 
     def find(self, key: PoolKey) -> Optional[ReplicaPool]:
         """The live pool for a key, without creating one."""

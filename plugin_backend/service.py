@@ -10,74 +10,53 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from dataclasses import dataclass, replace
+from typing import Dict, Optional
 
 from flyteidl.core import literals_pb2
-from flyteidl.core.execution_pb2 import TaskExecution, TaskLog
+from flyteidl.core.execution_pb2 import TaskExecution
+from flytekit.loggers import logger
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
 from flytekitplugins_actor.map_plan import MapPlan
-from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
-from flytekitplugins_actor.replica.execution import ExecutionSpec, read_error_document
+from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
+from flytekitplugins_actor.replica.error import read_error_document
+from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
 from plugin_backend.identity import identity_of
 from plugin_backend.map_run import MapRun, plan_of
 from plugin_backend.meta import MAX_META_BYTES, ActorResourceMeta
 from plugin_backend.pools import PoolKey, PoolManager
-from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ActorTemplate, parse_template
+from plugin_backend.runs import MapRunView, Run, SingleRun, StoredRun
+from plugin_backend.status import TERMINAL_PHASES, Status, SyncOverrun, failure
+from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ACTOR_SYNC_TASK_TYPE, ActorTemplate, parse_template
+
+__all__ = ["ActorService", "Status", "TERMINAL_PHASES", "service"]
 
 KEEP_TERMINAL_S = 600.0
 """How long a finished execution is answered from memory; after that, from storage."""
-
-
-@dataclass
-class Status:
-    """What GetTask answers, before it becomes a flytekit Resource."""
-
-    phase: int
-    message: str = ""
-    log_links: List[TaskLog] = field(default_factory=list)
-    outputs: Optional[literals_pb2.LiteralMap] = None
-    custom_info: Optional[dict] = None
+GC_INTERVAL_S = 5.0
+ABANDON_CHECK_S = 0.1
+"""How often a sync wait checks whether its caller gave up."""
+MAX_INLINE_OUTPUTS_BYTES = 1024 * 1024
+"""Sync answers carry outputs up to this size inline; larger ones go by reference (outputs.pb)."""
 
 
 @dataclass
 class _Entry:
+    """An execution this process serves: its meta, pool key, template and run (set once create queued it). An
+    execution answered from storage alone gets a transient entry (no key, no template, a StoredRun)."""
+
     meta: ActorResourceMeta
-    key: PoolKey
-    template: ActorTemplate
-    execution: Optional[Execution] = None
-    map_run: Optional[MapRun] = None
+    key: Optional[PoolKey]
+    template: Optional[ActorTemplate]
+    run: Optional[Run] = None
     ready: bool = False  # set once create (or adoption) has queued it; waiters use ActorService._ready
     final: Optional[Status] = None
     final_at: float = 0.0
-
-
-def _log_links(replicas: List[Tuple[str, Optional[str]]]) -> List[TaskLog]:
-    links = []
-    for name, uri in replicas:
-        if uri:
-            if "://" not in uri:
-                uri = f"file://{uri}"
-            links.append(TaskLog(uri=uri, name=f"Actor replica {name}", message_format=TaskLog.UNKNOWN))
-    return links
-
-
-def _forget_when_done(pool: ReplicaPool, execution: Execution, timeout: float = 120.0) -> None:
-    """Drops a cancelled execution from its pool's table now, or once it ends (a replica restarted to stop it
-    reports the execution's end a moment later): a pool that never goes idle would otherwise keep it forever."""
-    if execution.state.terminal:
-        pool.forget(execution.id)
-        return
-
-    def later() -> None:
-        execution.wait(timeout)
-        pool.forget(execution.id)
-
-    threading.Thread(target=later, name=f"forget-{execution.id}", daemon=True).start()
+    released: bool = False  # its pool no longer keeps it
 
 
 class ActorService:
@@ -100,6 +79,11 @@ class ActorService:
         task_execution_metadata: Optional[TaskExecutionMetadata],
         task_type: str,
     ) -> ActorResourceMeta:
+        if not isinstance(output_prefix, str) or not output_prefix.strip():
+            raise InvalidActorRequest(
+                f"output_prefix={output_prefix!r} is invalid: the attempt's output prefix (where its request record, "
+                "outputs.pb and error.pb live) must be a non-empty path or URI"
+            )
         template = parse_template(task_template, task_type)
         if template.needs_render:
             template = self._render(template, output_prefix, inputs)
@@ -149,6 +133,12 @@ class ActorService:
                 self._adopt(meta)
                 return meta
             if previous is not None:  # another execution's record under this prefix: never expected
+                logger.error(
+                    "CreateTask %s refused: %s already holds execution %s",
+                    meta.execution_id,
+                    output_prefix,
+                    previous.get("execution_id"),
+                )
                 raise InvalidActorRequest(
                     f"output prefix {output_prefix} already holds execution {previous.get('execution_id')}"
                 )
@@ -188,134 +178,180 @@ class ActorService:
             with self._ready:
                 self._ready.wait_for(lambda: entry.ready, timeout)
 
-    def _pool(self, entry: _Entry) -> ReplicaPool:
-        return self.manager.pool_for(entry.key, entry.template)
+    def _find_pool(self, entry: _Entry) -> Optional[ReplicaPool]:
+        """The entry's live pool, or None: lookups for status and cancels never create a pool."""
+        return self.manager.find(entry.key) if entry.key is not None else None
 
     def _start(
         self, entry: _Entry, env: Dict[str, str], plan: Optional[MapPlan], record: store.ExecutionRecord
     ) -> None:
+        """Queues the execution (or starts the map's coordinator) and sets the entry's run."""
         if plan is not None:
-            entry.map_run = MapRun(
-                entry.meta.execution_id, entry.template, plan, record, env, lambda: self._pool(entry)
-            ).start()
+            run = MapRun(
+                entry.meta.execution_id,
+                entry.template,
+                plan,
+                record,
+                env,
+                lambda: self.manager.pool_for(entry.key, entry.template),  # the coordinator submits: it may create
+            )
+            entry.run = MapRunView(run.start())
             return
         spec = ExecutionSpec(entry.meta.execution_id, entry.template.args, env)
 
         def mark_started(execution: Execution) -> None:
             record.mark(store.STARTED, f"{execution.replica or ''}\n{time.time()}")
 
-        for _ in range(3):
-            try:
-                entry.execution = self._pool(entry).submit(
-                    spec, before_dispatch=mark_started, on_done=metrics.observe_done
-                )
-                return
-            except PoolClosed:  # reaped between lookup and submit: the next lookup makes a new pool
-                continue
-        raise RuntimeError(f"pool for {entry.template.env_name} kept closing")
+        execution = self.manager.submit_for(
+            entry.key, entry.template, spec, before_dispatch=mark_started, on_done=metrics.observe_done
+        )
+        entry.run = SingleRun(execution, entry.template.env_name, lambda: self._find_pool(entry))
+
+    # ---- sync path ----
+    def execute_sync(
+        self,
+        task_template: TaskTemplate,
+        output_prefix: str,
+        inputs: Optional[LiteralMap],
+        task_execution_metadata: Optional[TaskExecutionMetadata],
+        budget_s: float,
+        abandoned: Optional[threading.Event] = None,
+    ) -> Status:
+        """Runs an `actor_sync` execution and answers with a terminal status (outputs inline): propeller keeps no
+        resource meta for a sync task, so it cannot poll a non-terminal answer later. Same pools, queue, replicas
+        and idempotency record as `actor`. Past `budget_s` the execution is cancelled and the answer is
+        RETRYABLE_FAILED saying why and what to change; so it is as soon as `abandoned` is set (the caller gave up:
+        propeller's deadline was shorter than the budget), so that nobody's work keeps a replica busy."""
+        deadline = time.monotonic() + budget_s
+        meta = self.create(task_template, output_prefix, inputs, task_execution_metadata, ACTOR_SYNC_TASK_TYPE)
+        while True:
+            status = self.get(meta)
+            if status.phase in TERMINAL_PHASES:
+                return self._sync_answer(meta, status)
+            entry = self._lookup(meta.execution_id)
+            remaining = deadline - time.monotonic()
+            if entry is None or entry.run is None or remaining <= 0:
+                return self._sync_timeout(meta, entry, budget_s)
+            if abandoned is not None and abandoned.is_set():
+                return self._sync_timeout(meta, entry, budget_s, SyncOverrun.ABANDONED)
+            entry.run.wait(remaining if abandoned is None else min(remaining, ABANDON_CHECK_S))
+
+    @staticmethod
+    def _sync_answer(meta: ActorResourceMeta, status: Status) -> Status:
+        """A terminal sync answer: outputs inline up to MAX_INLINE_OUTPUTS_BYTES; larger ones by reference (propeller
+        then reads outputs.pb, as for async tasks), so an answer never nears gRPC's 4 MiB limit."""
+        if status.phase == TaskExecution.SUCCEEDED and status.outputs is None:
+            data = store.read_bytes(store.join(meta.output_prefix, "outputs.pb"))
+            if data is not None and len(data) <= MAX_INLINE_OUTPUTS_BYTES:
+                status = replace(status, outputs=literals_pb2.LiteralMap.FromString(data))
+        elif status.phase == TaskExecution.ABORTED:  # only our own budget cancels a sync execution
+            status = replace(status, phase=TaskExecution.RETRYABLE_FAILED)
+        return status
+
+    def _sync_timeout(
+        self,
+        meta: ActorResourceMeta,
+        entry: Optional[_Entry],
+        budget_s: float,
+        cause: Optional[SyncOverrun] = None,
+    ) -> Status:
+        """Cancels an execution that outlived the sync budget (or its caller); the answer says why and what to
+        change."""
+        env = meta.env
+        change = (
+            f"raise FLYTE_ACTOR_SYNC_BUDGET_S on the connector (now {budget_s:g}s; keep propeller's "
+            "connector timeouts.ExecuteTaskSync above it), or take this task off the sync path (@env.task without "
+            "sync=True)"
+        )
+        run = entry.run if entry is not None else None
+        execution = run.execution if isinstance(run, SingleRun) else None  # the sync path runs single executions
+        pool = self._find_pool(entry) if entry is not None else None
+        stats = pool.stats() if pool is not None else {"starting": 0, "busy": 0, "idle": 0, "queued": 0}
+        if cause is SyncOverrun.ABANDONED:
+            overrun = SyncOverrun.ABANDONED
+            reason = (
+                f"propeller stopped waiting for this sync execution before the connector's sync budget of "
+                f"{budget_s:g}s ran out, so it was cancelled: set propeller's connector timeouts.ExecuteTaskSync "
+                f"above FLYTE_ACTOR_SYNC_BUDGET_S plus a few seconds"
+            )
+        elif execution is not None and execution.state is ExecutionState.RUNNING and execution.warm is False:
+            overrun = SyncOverrun.POOL_STARTING
+            reason = (
+                f"pool still starting: the execution was the first on new replica {execution.replica} (which imports "
+                f"the task's code) and did not finish within the sync budget of {budget_s:g}s; the replica stays "
+                f"warm, so a retry is fast. Warm the environment before sync tasks need it (an async task of it, "
+                f"or a longer ttl_seconds), or {change}"
+            )
+        elif execution is not None and execution.state is ExecutionState.RUNNING:
+            overrun = SyncOverrun.TOO_LONG
+            reason = (
+                f"task too long for the sync path: it ran on replica {execution.replica} longer than the sync "
+                f"budget of {budget_s:g}s and was cancelled. Tasks that long belong on the async path: {change}"
+            )
+        elif stats["starting"] and not stats["busy"] and not stats["idle"]:
+            overrun = SyncOverrun.POOL_STARTING
+            reason = (
+                f"pool still starting: no replica of actor environment {env} was ready within the sync budget "
+                f"of {budget_s:g}s ({stats['starting']} starting; they keep starting, so a retry finds them "
+                f"warm). Warm the environment before sync tasks need it (an async task of it, or a longer "
+                f"ttl_seconds), or {change}"
+            )
+        else:
+            overrun = SyncOverrun.NO_FREE_REPLICA
+            reason = (
+                f"no replica of actor environment {env} was free within the sync budget of {budget_s:g}s "
+                f"({stats['busy']} busy, {stats['queued']} queued): raise its replica_count, or {change}"
+            )
+        self.delete(meta)
+        after = self.get(meta)
+        if after.phase != TaskExecution.ABORTED:  # it finished just as the budget ran out: that result stands
+            return self._sync_answer(meta, after)
+        metrics.SYNC_OVERRUNS.labels(env=env, reason=overrun.value).inc()
+        logger.info("actor_sync execution %s cancelled at the end of its budget: %s", meta.execution_id, overrun.value)
+        status = Status(TaskExecution.RETRYABLE_FAILED, reason, after.log_links)
+        if entry is not None:  # a repeated ExecuteTaskSync of this attempt gets the same answer
+            entry.final, entry.final_at = status, time.monotonic()
+        return status
 
     # ---- get ----
     def get(self, meta: ActorResourceMeta) -> Status:
         self._gc()
         entry = self._entry(meta)
-        if isinstance(entry, Status):
-            return entry
         self._wait_ready(entry)
         if entry.final is not None:
             return entry.final
-        status = self._map_status(entry) if entry.map_run is not None else self._status(entry)
-        if status.phase in (
-            TaskExecution.SUCCEEDED,
-            TaskExecution.FAILED,
-            TaskExecution.RETRYABLE_FAILED,
-            TaskExecution.ABORTED,
-        ):
+        status = entry.run.status()
+        if status.terminal:
             entry.final, entry.final_at = status, time.monotonic()
-            pool = self.manager.find(entry.key)
-            if entry.execution is not None and pool is not None:
-                pool.forget(entry.execution.id)
+            self._release(entry)
         return status
 
-    def _entry(self, meta: ActorResourceMeta) -> "_Entry | Status":
-        """The in-memory entry of an execution, adopting it from storage when this process does not know it;
-        a Status when storage alone answers. An entry gone again right after adoption (its start failed in
-        another thread, or it was collected) is adopted again."""
+    def _lookup(self, execution_id: str) -> Optional[_Entry]:
+        with self._lock:
+            return self._entries.get(execution_id)
+
+    def _entry(self, meta: ActorResourceMeta) -> _Entry:
+        """The in-memory entry of an execution, adopting it from storage when this process does not know it (a
+        transient entry with a StoredRun when storage alone answers). An entry gone again right after adoption (its
+        start failed in another thread, or it was collected) is adopted again."""
         for _ in range(3):
-            entry = self._entries.get(meta.execution_id)
+            entry = self._lookup(meta.execution_id)
             if entry is not None:
                 return entry
-            status = self._adopt(meta)
-            if status is not None:
-                return status
-            entry = self._entries.get(meta.execution_id)
+            answer = self._adopt(meta)
+            if answer is not None:
+                return _Entry(meta, None, None, run=StoredRun(answer), ready=True)
+            entry = self._lookup(meta.execution_id)
             if entry is not None:
                 return entry
         raise RuntimeError(f"execution {meta.execution_id} could not be adopted from {meta.output_prefix}")
-
-    def _status(self, entry: _Entry) -> Status:
-        e = entry.execution
-        links = _log_links([(e.replica, e.log_uri)]) if e.replica else []
-        state = e.state
-        if state is ExecutionState.QUEUED:
-            stats = self._pool(entry).stats()
-            if stats["starting"] and not stats["busy"] and not stats["idle"]:
-                return Status(
-                    TaskExecution.INITIALIZING,
-                    f"starting {stats['starting']} replica(s) of actor environment {entry.template.env_name}",
-                )
-            return Status(
-                TaskExecution.QUEUED,
-                f"queued for actor environment {entry.template.env_name}: "
-                f"{stats['queued']} queued, {stats['busy']} of {stats['replicas']} replicas busy",
-            )
-        if state is ExecutionState.RUNNING:
-            return Status(
-                TaskExecution.RUNNING, f"running on replica {e.replica} ({'warm' if e.warm else 'cold'})", links
-            )
-        if state is ExecutionState.SUCCEEDED:
-            return Status(TaskExecution.SUCCEEDED, f"succeeded on replica {e.replica}", links)
-        if state is ExecutionState.FAILED:
-            return self._failure(e.error or {}, f"on replica {e.replica}", links)
-        if state is ExecutionState.CANCELLED:
-            return Status(TaskExecution.ABORTED, "aborted", links)
-        # REPLICA_DIED
-        return Status(
-            TaskExecution.RETRYABLE_FAILED,
-            f"replica died: {e.death or 'replica ' + str(e.replica) + ' vanished'} while running execution {e.id}; "
-            f"a replacement replica serves the retry",
-            links,
-        )
-
-    @staticmethod
-    def _failure(error: dict, where: str, links: List[TaskLog]) -> Status:
-        phase = TaskExecution.RETRYABLE_FAILED if error.get("recoverable") else TaskExecution.FAILED
-        code = error.get("code") or "Error"
-        return Status(phase, f"[{code}] {where}: {error.get('message', 'unknown error')}", links)
-
-    def _map_status(self, entry: _Entry) -> Status:
-        run = entry.map_run
-        links = _log_links(list(run.replicas.items()))
-        info = run.progress()
-        if run.phase == "running":
-            return Status(
-                TaskExecution.RUNNING,
-                f"{info['succeeded'] + info['failed']} of {run.n} items done",
-                links,
-                custom_info=info,
-            )
-        if run.phase == "succeeded":
-            return Status(TaskExecution.SUCCEEDED, run.message, links, outputs=run.outputs, custom_info=info)
-        if run.phase == "aborted":
-            return Status(TaskExecution.ABORTED, run.message, links, custom_info=info)
-        phase = TaskExecution.RETRYABLE_FAILED if run.recoverable else TaskExecution.FAILED
-        return Status(phase, run.message, links, custom_info=info)
 
     # ---- restart path ----
     def _adopt(self, meta: ActorResourceMeta) -> Optional[Status]:
         """Answers for an execution this process did not create, from storage; re-enqueues or resumes if it must."""
         record = store.ExecutionRecord(meta.output_prefix)
         if record.has_error():
-            return self._failure(read_error_document(meta.output_prefix) or {}, "recorded in error.pb", [])
+            return failure(read_error_document(meta.output_prefix), "recorded in error.pb", [])
         if record.has_outputs():
             return Status(TaskExecution.SUCCEEDED, "succeeded (answered from storage)")
         if record.marker(store.ABORTED) is not None:
@@ -337,6 +373,11 @@ class ActorService:
                     "the connector "
                     "restarted (or the replica died) while it ran; it is not run twice",
                 )
+        logger.info(
+            "adopting execution %s from its record under %s (created before this connector started)",
+            meta.execution_id,
+            meta.output_prefix,
+        )
         template = ActorTemplate.from_record(request["template"])
         key = PoolKey(request["namespace"], request["service_account"], template.env_key, template.code_version)
         plan = None
@@ -361,47 +402,67 @@ class ActorService:
     # ---- delete ----
     def delete(self, meta: ActorResourceMeta) -> None:
         """Aborts a running execution or drops a queued one. Repeated or late deletes succeed quietly."""
-        entry = self._entries.get(meta.execution_id)
+        entry = self._lookup(meta.execution_id)
         record = store.ExecutionRecord(meta.output_prefix)
         if entry is not None:
             self._wait_ready(entry)
         if entry is None or entry.final is None:
-            try:
-                if not record.has_outputs() and not record.has_error():
-                    record.mark(store.ABORTED, str(time.time()))
-            except OSError:
-                pass
-        if entry is None:
+            self._mark_aborted(meta, record)
+        if entry is None or entry.run is None:
             return
-        if entry.map_run is not None:
-            entry.map_run.abort()
-            entry.map_run.finished.wait(10.0)
-        elif entry.execution is not None and not entry.execution.state.terminal:
-            pool = self._pool(entry)
-            pool.cancel(entry.execution.id, grace_seconds=3.0)
-            if entry.execution.state not in (ExecutionState.SUCCEEDED, ExecutionState.FAILED):
-                # cancelled, or its replica had to be restarted to stop it: either way, what propeller asked for
-                entry.final, entry.final_at = Status(TaskExecution.ABORTED, "aborted by DeleteTask"), time.monotonic()
-            _forget_when_done(pool, entry.execution)  # the entry keeps it; the pool (maybe never idle) must not
+        was_terminal = entry.run.terminal
+        if not was_terminal:
+            logger.info("DeleteTask: aborting execution %s", meta.execution_id)
+        entry.run.abort()
+        if not was_terminal and entry.run.status().phase not in (TaskExecution.SUCCEEDED, TaskExecution.FAILED):
+            # cancelled, or its replica had to be restarted to stop it: either way, what propeller asked for
+            entry.final, entry.final_at = Status(TaskExecution.ABORTED, "aborted by DeleteTask"), time.monotonic()
+        self._release(entry)
+
+    def _release(self, entry: _Entry) -> None:
+        """Drops a terminal run from its pool's table (once); a run still stopping is released by _gc later."""
+        if not entry.released and entry.run is not None and entry.run.terminal:
+            entry.released = True
+            entry.run.release()
+
+    @staticmethod
+    def _mark_aborted(meta: ActorResourceMeta, record: store.ExecutionRecord) -> None:
+        """Records the abort for a restarted connector, only under a prefix holding this execution's request and
+        no result: DeleteTask never creates directories or writes where its request points at random."""
+        try:
+            request = record.read_request()
+            if request is None or request.get("execution_id") != meta.execution_id:
+                return
+            if not record.has_outputs() and not record.has_error():
+                record.mark(store.ABORTED, str(time.time()), make_dirs=False)
+        except OSError:  # storage trouble: the in-memory abort still happens; a restart would re-queue it
+            logger.exception("DeleteTask %s: could not record the abort under %s", meta.execution_id, record.prefix)
 
     # ---- housekeeping ----
     def _gc(self) -> None:
+        """Every GC_INTERVAL_S (on GetTask): releases answered runs that have since stopped (a cancelled execution
+        ends after DeleteTask answered) and forgets entries answered more than KEEP_TERMINAL_S ago."""
         now = time.monotonic()
-        if now - self._last_gc < 5.0:
-            return
-        self._last_gc = now
         with self._lock:
+            if now - self._last_gc < GC_INTERVAL_S:
+                return
+            self._last_gc = now
+            unreleased = [e for e in self._entries.values() if e.final is not None and not e.released]
             old = [k for k, e in self._entries.items() if e.final is not None and now - e.final_at > KEEP_TERMINAL_S]
             for k in old:
                 del self._entries[k]
+        for entry in unreleased:
+            self._release(entry)
 
     def knows(self, execution_id: str) -> bool:
         """True when this process serves the execution from memory (GetTask needs no storage read)."""
-        entry = self._entries.get(execution_id)
+        entry = self._lookup(execution_id)
         return entry is not None and entry.ready
 
     def entries(self) -> int:
-        return len(self._entries)
+        """How many executions this process answers from memory."""
+        with self._lock:
+            return len(self._entries)
 
     def shutdown(self) -> None:
         self.manager.shutdown()

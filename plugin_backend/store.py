@@ -54,15 +54,18 @@ def read_bytes(path: str) -> Optional[bytes]:
         return None
 
 
-def write_bytes(path: str, data: bytes, atomic: bool = False) -> None:
+def write_bytes(path: str, data: bytes, atomic: bool = False, make_dirs: bool = True) -> None:
     """Writes a whole object. Blob stores are atomic per object; locally, atomic=True writes a temp file and
-    renames it (for files another process may read while they are written)."""
+    renames it (for files another process may read while they are written), and make_dirs=False raises
+    FileNotFoundError instead of creating a missing directory."""
     local = local_path(path)
     if local is not None:
         parent = os.path.dirname(local) or "."
         try:
             f = open(f"{local}.tmp{os.getpid()}" if atomic else local, "wb")
         except FileNotFoundError:
+            if not make_dirs:
+                raise
             os.makedirs(parent, exist_ok=True)
             f = open(f"{local}.tmp{os.getpid()}" if atomic else local, "wb")
         with f:
@@ -122,8 +125,8 @@ class ExecutionRecord:
             return None
 
     # ---- markers ----
-    def mark(self, marker: str, detail: str = "") -> None:
-        write_bytes(self.path(marker), detail.encode())
+    def mark(self, marker: str, detail: str = "", make_dirs: bool = True) -> None:
+        write_bytes(self.path(marker), detail.encode(), make_dirs=make_dirs)
 
     def marker(self, marker: str) -> Optional[str]:
         data = read_bytes(self.path(marker))

@@ -14,14 +14,20 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from flytekit.models.task import TaskTemplate
 
-from flytekitplugins_actor.constants import ACTOR_MAP_TASK_TYPE, ACTOR_TASK_TYPE, DEFAULT_TTL_SECONDS
+from flytekitplugins_actor.constants import (
+    ACTOR_MAP_TASK_TYPE,
+    ACTOR_SYNC_TASK_TYPE,
+    ACTOR_TASK_TYPE,
+    DEFAULT_TTL_SECONDS,
+)
 from flytekitplugins_actor.map_model import MapSpec, MapSpecError
-from flytekitplugins_actor.replica.execution import ParsedCommand, parse_command
+from flytekitplugins_actor.replica.command import ExecutionCommand
 from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidTaskTemplate
 
 __all__ = [
     "ACTOR_TASK_TYPE",
     "ACTOR_MAP_TASK_TYPE",
+    "ACTOR_SYNC_TASK_TYPE",
     "DEFAULT_TTL_SECONDS",
     "SUPPORTED_TYPE_VERSION",
     "ActorTemplate",
@@ -42,7 +48,7 @@ class ActorTemplate:
     replica_count: int
     ttl_seconds: int
     args: List[str]
-    command: ParsedCommand
+    command: ExecutionCommand
     container_env: Dict[str, str] = field(default_factory=dict)
     input_names: Tuple[str, ...] = ()
     output_names: Tuple[str, ...] = ()
@@ -70,7 +76,7 @@ class ActorTemplate:
             return values[m.group(1).lower()]
 
         args = [_PLACEHOLDER.sub(sub, a) for a in self.args]
-        return replace(self, args=args, command=parse_command(args))
+        return replace(self, args=args, command=ExecutionCommand.parse(args))
 
     @property
     def code_version(self) -> str:
@@ -92,7 +98,7 @@ class ActorTemplate:
             for f in _RECORD_FIELDS
             if f in record
         }  # records of older connectors lack the pod fields
-        return cls(command=parse_command(record["args"]), map=map_spec, **fields_)
+        return cls(command=ExecutionCommand.parse(record["args"]), map=map_spec, **fields_)
 
 
 _RECORD_FIELDS = (
@@ -136,9 +142,10 @@ def _refuse(template: TaskTemplate, reason: str) -> InvalidTaskTemplate:
 
 
 def _int(template: TaskTemplate, spec: dict, key: str, default: Optional[int], minimum: int) -> Optional[int]:
-    value = spec.get(key, default)
+    """An integer field of custom.spec; missing or null means `default` (Union's SDK writes unset fields as null)."""
+    value = spec.get(key)
     if value is None:
-        return None
+        return default
     if isinstance(value, float) and value.is_integer():  # a protobuf Struct carries numbers as doubles
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
@@ -147,7 +154,7 @@ def _int(template: TaskTemplate, spec: dict, key: str, default: Optional[int], m
 
 
 def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
-    """Validates a template for `task_type` ("actor" or "actor_map"); raises InvalidTaskTemplate naming the problem."""
+    """Validates a template for `task_type` (actor, actor_sync or actor_map); raises InvalidTaskTemplate naming why."""
     if template.type != task_type:
         raise _refuse(template, f"this connector serves task type {task_type!r} here")
     if template.task_type_version != SUPPORTED_TYPE_VERSION:
@@ -175,6 +182,7 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
     replica_count = _int(template, spec, "replica_count", 1, 1)
     ttl_seconds = _int(template, spec, "ttl_seconds", DEFAULT_TTL_SECONDS, 0)
     _int(template, spec, "parallelism", 1, 1)  # validated; a replica runs one execution at a time
+    _int(template, spec, "backlog_length", None, 0)  # validated; Union's SDK sends it (null when unset), unused here
     container = template.container
     pod = template.k8s_pod
     primary_name = (template.config or {}).get("primary_container_name") or "primary"
@@ -220,7 +228,7 @@ def parse_template(template: TaskTemplate, task_type: str) -> ActorTemplate:
             f"{where} args hold placeholders the connector cannot render: {sorted(placeholders - set(RENDERABLE))}",
         )
     try:  # placeholders are rendered once the output prefix is known; they stand in for paths here
-        command = parse_command([_PLACEHOLDER.sub("x", a) for a in args] if placeholders else args)
+        command = ExecutionCommand.parse([_PLACEHOLDER.sub("x", a) for a in args] if placeholders else args)
     except Exception as e:  # click usage errors, ValueError
         raise _refuse(template, f"{where} args are not a pyflyte-execute command: {e}") from None
     image = spec.get("container_image") or container_image

@@ -15,9 +15,12 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
+
+from flytekit.loggers import logger
 
 from flytekitplugins_actor.replica.protocol import TOKEN_ENV
+from flytekitplugins_actor.replica.supervisor import Supervisor
 
 
 class ReplicaState(enum.Enum):
@@ -78,6 +81,8 @@ class Replica(abc.ABC):
         self._address: Optional[str] = None
         self._death: Optional[ReplicaDeath] = None
         self._death_callbacks: List = []
+        self.waiting_reason: Optional[str] = None
+        """Why a starting replica waits, as its platform says (e.g. the scheduler's Unschedulable message)."""
 
     def add_death_callback(self, fn) -> None:
         """Calls fn(death) once the replica is dead (at once if it already is)."""
@@ -110,16 +115,26 @@ class Replica(abc.ABC):
                 self._address, self._state = address, ReplicaState.READY
             self._cond.notify_all()
 
-    def _set_dead(self, reason: str, exit_code: Optional[int] = None) -> None:
+    def _set_dead(self, reason: str, exit_code: Optional[int] = None, cause: DeathCause = DeathCause.TASK) -> None:
+        """Records the replica's death (the first one recorded wins) and runs the death callbacks."""
         with self._cond:
             if self._death is not None:
                 return
-            self._death = ReplicaDeath(self.name, reason, exit_code)
+            self._death = ReplicaDeath(self.name, reason, exit_code, cause)
             self._state = ReplicaState.DEAD
             callbacks, self._death_callbacks = self._death_callbacks, []
             self._cond.notify_all()
         for fn in callbacks:
-            fn(self._death)
+            try:
+                fn(self._death)
+            except Exception:
+                logger.exception("replica %s: a death callback failed", self.name)
+
+    def abandon(self, reason: str, cause: DeathCause) -> None:
+        """Gives the replica up for `reason` (e.g. it never became ready, or the platform took it away): records
+        that as its death, then stops it at once. A death already recorded stays the one reported."""
+        self._set_dead(reason, None, cause)
+        self.terminate(0)
 
     def wait_ready(self, timeout: Optional[float] = None) -> ReplicaState:
         """Blocks until the replica is ready or dead (or the timeout passes); returns the state."""
@@ -138,13 +153,19 @@ class Replica(abc.ABC):
 
 
 class ReplicaBackend(abc.ABC):
-    name: str = "abstract"
+    """Starts replicas for pools: local processes or Kubernetes pods."""
+
     ready_timeout_s: float = 120.0
     """How long a started replica may take to become ready before it counts as a failed start."""
 
     @abc.abstractmethod
     def start(self, spec: ReplicaSpec) -> Replica:
         """Starts a replica without waiting for it to be ready."""
+
+    def live_replicas(self, pool_key: str) -> "Tuple[Optional[str], List[Replica]]":
+        """The token and the live replicas a previous process left for a pool, for the pool to adopt (a restarted
+        connector's warm pools). None and no replicas by default: local replicas die with their parent."""
+        return None, []
 
 
 def describe_exit(returncode: int) -> str:
@@ -160,8 +181,9 @@ def describe_exit(returncode: int) -> str:
 class LocalProcessReplica(Replica):
     """A replica that is a child process of this one. It exits when this process dies (its stdin closes)."""
 
-    def __init__(self, spec: ReplicaSpec):
+    def __init__(self, spec: ReplicaSpec, supervisor: Supervisor):
         super().__init__(spec)
+        self._supervisor = supervisor
         log_dir = spec.log_dir or os.path.join(os.environ.get("TMPDIR", "/tmp"), "flyte-actor-logs")
         os.makedirs(log_dir, exist_ok=True)
         self._log_path = os.path.join(log_dir, f"{spec.name}.log")
@@ -216,13 +238,16 @@ class LocalProcessReplica(Replica):
         """SIGTERM to the replica's process group (the task's own subprocesses too), SIGKILL after the grace."""
         if self.process.poll() is not None:
             return
+        if grace_seconds <= 0:
+            self._signal(signal.SIGKILL)
+            return
         self._signal(signal.SIGTERM)
+        self._supervisor.call_later(grace_seconds, self._kill_if_alive)
 
-        def _kill_later() -> None:
-            if self.wait_dead(grace_seconds) is None:
-                self._signal(signal.SIGKILL)
-
-        threading.Thread(target=_kill_later, daemon=True).start()
+    def _kill_if_alive(self) -> None:
+        if self.process.poll() is None:
+            logger.warning("replica %s did not stop on SIGTERM within its grace: killing it", self.name)
+            self._signal(signal.SIGKILL)
 
     def _signal(self, sig: int) -> None:
         try:  # the replica leads its own session (start_new_session), so its group is its pid
@@ -234,7 +259,9 @@ class LocalProcessReplica(Replica):
 class LocalProcessBackend(ReplicaBackend):
     """Replicas as processes on this host: the default for local runs and the connector's embedded backend."""
 
-    name = "local"
+    def __init__(self) -> None:
+        self.supervisor = Supervisor("actor-local-replicas")
+        """Sends the SIGKILL of a terminate whose grace ran out (one thread for all replicas, only while needed)."""
 
     def start(self, spec: ReplicaSpec) -> Replica:
-        return LocalProcessReplica(spec)
+        return LocalProcessReplica(spec, self.supervisor)

@@ -6,8 +6,8 @@ pods): inputs.pb -> task -> outputs.pb or error.pb under the output prefix, exac
 
 from __future__ import annotations
 
+import atexit
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -15,10 +15,25 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from flytekitplugins_actor.replica.command import ExecutionCommand
+from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError, read_engine_dir_error, write_error_document
+from flytekitplugins_actor.replica.protocol import ReplicaExecutionState
+from flytekitplugins_actor.replica.sandbox import (
+    ExecutionDirs,
+    engine_dir_error_file,
+    execution_context,
+    fast_path_applies,
+    run_coroutines_inline,
+    use_frugal_serialization,
+)
+
 SYS_PATH_ENV = "FLYTE_ACTOR_SYS_PATH"
 """Extra sys.path entries an execution needs (set by local runs: the task module's root)."""
-_FAST_EXECUTE = "pyflyte-fast-execute"
-_EXECUTE = "pyflyte-execute"
+
+
+class CancelRequested(BaseException):
+    """Raised into a running task by the replica's cancel signal, and only by it: the execution is cancelled.
+    A KeyboardInterrupt the task raises itself is a failure like any other exception."""
 
 
 class CodeVersionMismatch(RuntimeError):
@@ -33,143 +48,45 @@ class ExecutionSpec:
     args: List[str]
     env: Dict[str, str] = field(default_factory=dict)
 
-    def parsed(self) -> "ParsedCommand":
+    def parsed(self) -> ExecutionCommand:
         cached = self.__dict__.get("_parsed")
         if cached is None:
-            cached = self.__dict__["_parsed"] = parse_command(self.args)
+            cached = self.__dict__["_parsed"] = ExecutionCommand.parse(self.args)
         return cached
-
-
-def identity_env(
-    project: str,
-    domain: str,
-    name: str,
-    task_project: str,
-    task_domain: str,
-    task_name: str,
-    task_version: str,
-    attempt: int = 0,
-) -> Dict[str, str]:
-    """The FLYTE_INTERNAL_* identity env propeller gives a task pod; a replica sets it per execution."""
-    return {
-        "FLYTE_INTERNAL_EXECUTION_PROJECT": project,
-        "FLYTE_INTERNAL_EXECUTION_DOMAIN": domain,
-        "FLYTE_INTERNAL_EXECUTION_ID": name,
-        "FLYTE_INTERNAL_EXECUTION_WORKFLOW": "",
-        "FLYTE_INTERNAL_EXECUTION_LAUNCHPLAN": "",
-        "FLYTE_INTERNAL_TASK_PROJECT": task_project,
-        "FLYTE_INTERNAL_TASK_DOMAIN": task_domain,
-        "FLYTE_INTERNAL_TASK_NAME": task_name,
-        "FLYTE_INTERNAL_TASK_VERSION": task_version,
-        "FLYTE_ATTEMPT_NUMBER": str(attempt),
-    }
-
-
-@dataclass
-class ParsedCommand:
-    inputs: str
-    output_prefix: str
-    raw_output_data_prefix: Optional[str]
-    checkpoint_path: Optional[str]
-    prev_checkpoint: Optional[str]
-    resolver: str
-    resolver_args: List[str]
-    distribution: Optional[str] = None
-    dest_dir: Optional[str] = None
-
-
-_EXECUTE_OPTIONS = {
-    "--inputs": "inputs",
-    "--output-prefix": "output_prefix",
-    "--raw-output-data-prefix": "raw_output_data_prefix",
-    "--checkpoint-path": "checkpoint_path",
-    "--prev-checkpoint": "prev_checkpoint",
-    "--resolver": "resolver",
-    "--dynamic-addl-distro": "distribution",
-    "--dynamic-dest-dir": "dest_dir",
-}
-_FAST_OPTIONS = {"--additional-distribution": "distribution", "--dest-dir": "dest_dir"}
-
-
-def _parse_options(args: List[str], options: Dict[str, str], command: str) -> Tuple[Dict[str, str], List[str]]:
-    """`--opt value` / `--opt=value` pairs up to `--` (or the first positional); returns (options, the rest)."""
-    found: Dict[str, str] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg == "--":
-            return found, args[i + 1 :]
-        if not arg.startswith("--"):
-            return found, args[i:]
-        name, eq, value = arg.partition("=")
-        if name == "--test":
-            raise ValueError(f"{command} --test (dry run) is not supported on a replica")
-        if name not in options:
-            raise ValueError(f"{command} got unknown option {name!r}; expected one of {sorted(options)}")
-        if not eq:
-            i += 1
-            if i >= len(args):
-                raise ValueError(f"{command} option {name} needs a value")
-            value = args[i]
-        found[options[name]] = value
-        i += 1
-    return found, []
-
-
-def parse_command(args: List[str]) -> ParsedCommand:
-    """Parses `[pyflyte-fast-execute ... --] pyflyte-execute ...` with the options flytekit's commands take."""
-    args = list(args)
-    fast: Dict[str, str] = {}
-    if args and args[0] == _FAST_EXECUTE:
-        fast, args = _parse_options(args[1:], _FAST_OPTIONS, _FAST_EXECUTE)
-    if not args or args[0] != _EXECUTE:
-        raise ValueError(f"an actor execution must run {_EXECUTE!r}, got command {args[:1]!r}")
-    opts, resolver_args = _parse_options(args[1:], _EXECUTE_OPTIONS, _EXECUTE)
-    for required in ("inputs", "output_prefix", "resolver"):
-        if not opts.get(required):
-            raise ValueError(f"{_EXECUTE} args carry no --{required.replace('_', '-')}")
-    return ParsedCommand(
-        inputs=opts["inputs"],
-        output_prefix=opts["output_prefix"],
-        raw_output_data_prefix=opts.get("raw_output_data_prefix"),
-        checkpoint_path=opts.get("checkpoint_path"),
-        prev_checkpoint=opts.get("prev_checkpoint"),
-        resolver=opts["resolver"],
-        resolver_args=[a for a in resolver_args if a != "--"],
-        distribution=fast.get("distribution") or opts.get("distribution"),
-        dest_dir=fast.get("dest_dir") or opts.get("dest_dir"),
-    )
 
 
 @dataclass
 class ExecutionOutcome:
-    """How an execution ended. `error` mirrors flyteidl's ContainerError: code, message, kind, origin."""
+    """How an execution ended: SUCCEEDED, FAILED or CANCELLED, with the error (as error.pb says) unless it succeeded."""
 
     execution_id: str
-    state: str  # "succeeded" | "failed" | "cancelled"
-    error: Optional[Dict[str, Any]] = None
+    state: ReplicaExecutionState
+    error: Optional[ExecutionError] = None
     duration_s: float = 0.0
     exception: Optional[BaseException] = None
 
     def to_wire(self) -> Dict[str, Any]:
         return {
             "execution_id": self.execution_id,
-            "state": self.state,
-            "error": self.error,
+            "state": self.state.value,
+            "error": None if self.error is None else self.error.to_wire(),
             "duration_s": self.duration_s,
         }
 
 
 class ReplicaRuntime:
-    """Process-wide state of one replica: the code version it has imported and the execution in flight."""
+    """Process-wide state of one replica: the code version it has imported, the executions it ran."""
 
     def __init__(self) -> None:
         self.code_version: Optional[str] = None
-        self.current: Optional[ExecutionSpec] = None
         self.last_exception: Optional[BaseException] = None
         self.executions = 0
+        self.dirs = ExecutionDirs()
+        self._cwd_on_path: Optional[Tuple[str, int]] = None
+        self._start_cwd = os.getcwd()
+        atexit.register(self.dirs.close)  # a replica leaves nothing in its temp dir
 
-    def _activate_distribution(self, cmd: ParsedCommand) -> None:
+    def _activate_distribution(self, cmd: ExecutionCommand) -> None:
         if not cmd.distribution:
             return
         if self.code_version is None:
@@ -187,57 +104,49 @@ class ReplicaRuntime:
             )
 
     def run_deferred(self, spec: ExecutionSpec) -> Tuple[ExecutionOutcome, Callable[[], None]]:
-        """Runs one execution; returns its outcome and the cleanup to do once the outcome is reported.
+        """Runs one execution; returns its outcome and the tidying to do once the outcome is reported.
 
-        Never raises for anything the task does (KeyboardInterrupt = cancel)."""
-        from flytekit.bin.entrypoint import _execute_task, normalize_inputs
-        from flytekit.core.context_manager import FlyteContextManager
-        from flytekit.core.data_persistence import FileAccessProvider
+        The execution gets a prepared private dir (its temp dir and flytekit's sandbox); the moment it ends, the
+        dir is moved away (so nothing of it is visible to the next execution, however soon that starts) and the
+        returned callable recycles it off the hot path. Never raises for anything the task does; only a
+        CancelRequested (the replica's cancel) means cancelled."""
+        from flytekit.bin.entrypoint import normalize_inputs
 
         started = time.perf_counter()
         cmd = spec.parsed()
         saved_env = {k: os.environ.get(k) for k in spec.env}
         saved_tempdir = tempfile.tempdir
-        scratch = tempfile.mkdtemp(prefix="actor-exec-")
-        self.current, self.last_exception = spec, None
+        exec_dir = self.dirs.take()
+        self.last_exception = None
         outcome: Optional[ExecutionOutcome] = None
+        fast = fast_path_applies()
+        if not self.executions:  # the first execution of this process: it is a replica
+            use_frugal_serialization()
+            run_coroutines_inline()
         try:
             os.environ.update(spec.env)
             for path in spec.env.get(SYS_PATH_ENV, "").split(os.pathsep):  # a local driver's module roots
                 if path and path not in sys.path:
                     sys.path.append(path)
-            tempfile.tempdir = scratch
+            tempfile.tempdir = exec_dir
             self._activate_distribution(cmd)
             raw, ckpt, prev = normalize_inputs(cmd.raw_output_data_prefix, cmd.checkpoint_path, cmd.prev_checkpoint)
-            # flytekit makes its working dirs under the current context's sandbox: point it into scratch
-            ctx = FlyteContextManager.current_context()
-            sandbox = ctx.new_builder().with_file_access(
-                FileAccessProvider(local_sandbox_dir=scratch, raw_output_prefix=raw)
-            )
-            with FlyteContextManager.with_context(sandbox):
-                _execute_task(
-                    inputs=cmd.inputs,
-                    output_prefix=cmd.output_prefix,
-                    test=False,
-                    raw_output_data_prefix=raw,
-                    resolver=cmd.resolver,
-                    resolver_args=cmd.resolver_args,
-                    checkpoint_path=ckpt,
-                    prev_checkpoint=prev,
-                    dynamic_addl_distro=cmd.distribution,
-                    dynamic_dest_dir=cmd.dest_dir,
-                )
-        except KeyboardInterrupt:
-            outcome = ExecutionOutcome(
-                spec.execution_id, "cancelled", error=_error("ABORTED", "execution was cancelled", "USER", False)
-            )
+            if fast:
+                self._execute_in(exec_dir, cmd, raw, ckpt, prev)
+            else:
+                self._execute_with_flytekit_setup(exec_dir, cmd, raw, ckpt, prev)
+        except CancelRequested:
+            outcome = ExecutionOutcome(spec.execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED)
+        except KeyboardInterrupt as e:  # raised by the task's own code: its failure, named as such
+            message = f"task raised KeyboardInterrupt (not a cancel):\n{traceback.format_exc()}"
+            outcome = self._fail(spec, cmd, ExecutionError.user("KeyboardInterrupt", message), e)
         except SystemExit as e:
             message = f"task called sys.exit({e.code!r}); a replica survives it, but the execution fails"
-            outcome = self._fail(spec, cmd, _error("SystemExit", message, "USER", False), e)
+            outcome = self._fail(spec, cmd, ExecutionError.user("SystemExit", message), e)
         except CodeVersionMismatch as e:
-            outcome = self._fail(spec, cmd, _error("CodeVersionMismatch", str(e), "SYSTEM", True), e)
+            outcome = self._fail(spec, cmd, ExecutionError.system("CodeVersionMismatch", str(e)), e)
         except BaseException as e:  # _dispatch_execute catches task errors; this is a failure around it
-            outcome = self._fail(spec, cmd, _error("SYSTEM", traceback.format_exc(), "SYSTEM", True), e)
+            outcome = self._fail(spec, cmd, ExecutionError.system("SYSTEM", traceback.format_exc()), e)
         finally:
             for k, v in saved_env.items():
                 if v is None:
@@ -245,100 +154,85 @@ class ReplicaRuntime:
                 else:
                     os.environ[k] = v
             tempfile.tempdir = saved_tempdir
-            self.current = None
             self.executions += 1
         if outcome is None:
-            try:  # pyflyte-execute wrote error.pb into its engine dir (in scratch) before uploading it: no round trip
-                error = _engine_dir_error(scratch)
+            try:  # pyflyte-execute wrote error.pb into its engine dir before uploading it: no storage round trip
+                error = _engine_dir_error(exec_dir, fast)
             except Exception as e:  # storage trouble must not take the replica down
-                error = _error("SYSTEM", f"could not read the execution's error.pb: {e!r}", "SYSTEM", True)
-            outcome = ExecutionOutcome(spec.execution_id, "failed" if error else "succeeded", error=error)
+                error = ExecutionError.system("SYSTEM", f"could not read the execution's error.pb: {e!r}")
+            state = ReplicaExecutionState.FAILED if error else ReplicaExecutionState.SUCCEEDED
+            outcome = ExecutionOutcome(spec.execution_id, state, error=error)
             outcome.exception = self.last_exception if error else None
+        self.dirs.retire(exec_dir)
         outcome.duration_s = time.perf_counter() - started
-        return outcome, lambda: shutil.rmtree(scratch, ignore_errors=True)
+        return outcome, self.dirs.tidy_one
+
+    def _execute_in(
+        self, exec_dir: str, cmd: ExecutionCommand, raw: str, ckpt: Optional[str], prev: Optional[str]
+    ) -> None:
+        """What `_execute_task` does, in a context built on the prepared dir (see replica/sandbox.py)."""
+        from flytekit.bin.entrypoint import _dispatch_execute
+        from flytekit.tools.module_loader import load_object_from_module
+
+        with execution_context(cmd, exec_dir, raw, ckpt, prev) as ctx:
+            try:
+                cwd = os.getcwd()
+            except FileNotFoundError:  # an earlier task moved into its own temp dir, which is gone now
+                os.chdir(self._start_cwd)
+                cwd = self._start_cwd
+            if self._cwd_on_path != (cwd, len(sys.path)):  # as pyflyte-execute: the working dir is importable
+                if all(os.path.realpath(p) != cwd for p in sys.path):
+                    sys.path.append(cwd)
+                self._cwd_on_path = (cwd, len(sys.path))
+            resolver = load_object_from_module(cmd.resolver)
+            loader_args = list(cmd.resolver_args)
+            _dispatch_execute(ctx, lambda: resolver.load_task(loader_args=loader_args), cmd.inputs, cmd.output_prefix)
+
+    def _execute_with_flytekit_setup(
+        self, exec_dir: str, cmd: ExecutionCommand, raw: str, ckpt: Optional[str], prev: Optional[str]
+    ) -> None:
+        """flytekit's own `_execute_task`, its sandbox pointed into the execution's dir (runtime pip installs)."""
+        from flytekit.bin.entrypoint import _execute_task
+        from flytekit.core.context_manager import FlyteContextManager
+        from flytekit.core.data_persistence import FileAccessProvider
+
+        ctx = FlyteContextManager.current_context()
+        sandbox = ctx.new_builder().with_file_access(
+            FileAccessProvider(local_sandbox_dir=exec_dir, raw_output_prefix=raw)
+        )
+        with FlyteContextManager.with_context(sandbox):
+            _execute_task(
+                inputs=cmd.inputs,
+                output_prefix=cmd.output_prefix,
+                test=False,
+                raw_output_data_prefix=raw,
+                resolver=cmd.resolver,
+                resolver_args=list(cmd.resolver_args),
+                checkpoint_path=ckpt,
+                prev_checkpoint=prev,
+                dynamic_addl_distro=cmd.distribution,
+                dynamic_dest_dir=cmd.dest_dir,
+            )
 
     def _fail(
-        self, spec: ExecutionSpec, cmd: ParsedCommand, error: Dict[str, Any], exc: BaseException
+        self, spec: ExecutionSpec, cmd: ExecutionCommand, error: ExecutionError, exc: BaseException
     ) -> ExecutionOutcome:
         try:
             write_error_document(cmd.output_prefix, error)
         except Exception as e:  # the outcome still reports the failure; storage trouble is added to it
-            error = {**error, "message": f"{error['message']}\n(and error.pb could not be written: {e!r})"}
-        return ExecutionOutcome(spec.execution_id, "failed", error=error, exception=exc)
+            error = error.with_note(f"(and error.pb could not be written: {e!r})")
+        return ExecutionOutcome(spec.execution_id, ReplicaExecutionState.FAILED, error=error, exception=exc)
 
 
-def _error(code: str, message: str, origin: str, recoverable: bool) -> Dict[str, Any]:
-    return {"code": code, "message": message, "origin": origin, "recoverable": recoverable}
-
-
-def _join(prefix: str, name: str) -> str:
-    return prefix.rstrip("/") + "/" + name
-
-
-def write_error_document(output_prefix: str, error: Dict[str, Any]) -> None:
-    """Writes error.pb the way pyflyte-execute does, for failures that happen around `_dispatch_execute`."""
-    from flytekit.core.context_manager import FlyteContextManager
-    from flytekit.core.utils import write_proto_to_file
-    from flytekit.models.core import errors as error_models
-    from flytekit.models.core import execution as execution_models
-
-    kind = error_models.ContainerError.Kind
-    origin = execution_models.ExecutionError.ErrorKind
-    doc = error_models.ErrorDocument(
-        error_models.ContainerError(
-            code=error["code"],
-            message=error["message"],
-            kind=kind.RECOVERABLE if error["recoverable"] else kind.NON_RECOVERABLE,
-            origin=origin.USER if error["origin"] == "USER" else origin.SYSTEM,
-        )
-    )
-    with tempfile.TemporaryDirectory() as d:
-        local = os.path.join(d, "error.pb")
-        write_proto_to_file(doc.to_flyte_idl(), local)
-        FlyteContextManager.current_context().file_access.put_data(local, _join(output_prefix, "error.pb"))
-
-
-def _parse_error_document(data: bytes) -> Dict[str, Any]:
-    from flyteidl.core import errors_pb2
-
-    doc = errors_pb2.ErrorDocument()
-    doc.ParseFromString(data)
-    e = doc.error
-    return _error(
-        e.code, e.message, "USER" if e.origin == 1 else "SYSTEM", e.kind == errors_pb2.ContainerError.RECOVERABLE
-    )
-
-
-def _engine_dir_error(scratch: str) -> Optional[Dict[str, Any]]:
-    """The error document an execution wrote into its local engine dir under `scratch`, if any."""
-    import glob
-
-    for path in glob.glob(os.path.join(scratch, "flyte*", "local_flytekit", "engine_dir", "error*.pb")):
-        with open(path, "rb") as f:
-            return _parse_error_document(f.read())
-    return None
-
-
-def read_error_document(output_prefix: str) -> Optional[Dict[str, Any]]:
-    """Returns the error.pb under an output prefix as a dict, or None when there is none."""
-    from flytekit.core.context_manager import FlyteContextManager
-
-    path = _join(output_prefix, "error.pb")
-    fa = FlyteContextManager.current_context().file_access
-    if fa.is_remote(path):
-        if not fa.exists(path):
-            return None
-        with tempfile.TemporaryDirectory() as d:
-            fa.get_data(path, os.path.join(d, "error.pb"))
-            data = open(os.path.join(d, "error.pb"), "rb").read()
-    else:
-        local = path[len("file://") :] if path.startswith("file://") else path
-        try:
-            with open(local, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return None
-    return _parse_error_document(data)
+def _engine_dir_error(exec_dir: str, fast: bool) -> Optional[ExecutionError]:
+    """The error document an execution wrote into its local engine dir, if any."""
+    if not fast:  # flytekit's own setup made its flyte* sandbox inside the execution's dir
+        return read_engine_dir_error(exec_dir)
+    path = engine_dir_error_file(exec_dir)
+    if path is None:
+        return None
+    with open(path, "rb") as f:
+        return ExecutionError.from_error_document(f.read())
 
 
 RUNTIME = ReplicaRuntime()

@@ -6,6 +6,7 @@ A request is ``{"op": ..., "token": ..., ...}``; a reply is ``{"ok": true, ...}`
 
 from __future__ import annotations
 
+import enum
 import hmac
 import json
 import socket
@@ -23,17 +24,83 @@ class ProtocolError(ConnectionError):
     """The peer sent something that is not a protocol message, or closed the connection."""
 
 
-class RequestRefused(ProtocolError):
-    """The replica answered, but refused the request. `transient` when it may succeed later (busy, stopping)."""
+class ReplicaExecutionState(enum.Enum):
+    """An execution's state as a replica reports it (`state` in replies): one vocabulary for worker and pool."""
 
-    def __init__(self, message: str, code: Optional[str] = None):
+    ACCEPTED = "accepted"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    UNKNOWN = "unknown"
+    """The replica has no record of it (never submitted there, or forgotten)."""
+
+    @property
+    def ended(self) -> bool:
+        return self in (ReplicaExecutionState.SUCCEEDED, ReplicaExecutionState.FAILED, ReplicaExecutionState.CANCELLED)
+
+    @classmethod
+    def from_wire(cls, value: Any) -> "ReplicaExecutionState":
+        """Reads a reply's `state`; anything outside the vocabulary is a protocol error, never a guess."""
+        try:
+            return cls(value)
+        except ValueError:
+            raise ProtocolError(
+                f"replica reported execution state {value!r}; expected one of {[s.value for s in cls]}"
+            ) from None
+
+
+class ReplicaActivity(enum.Enum):
+    """What a replica is doing (`state` in a `health` reply)."""
+
+    IDLE = "idle"
+    BUSY = "busy"
+    STOPPING = "stopping"
+
+
+class RefusalCode(enum.Enum):
+    """Why a replica refused a request (`code` in a refusal): clients branch on it, never on the message."""
+
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    """The token does not match the pool token: a misconfiguration, never retried."""
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    """The request is malformed (unknown op, missing field, a command that is not pyflyte-execute)."""
+    BUSY = "BUSY"
+    """The replica already runs (or holds) another execution: it runs one at a time."""
+    STOPPING = "STOPPING"
+    """The replica is shutting down and takes no new execution."""
+
+    @property
+    def transient(self) -> bool:
+        """The same request may succeed on another (or a later) replica."""
+        return self in (RefusalCode.BUSY, RefusalCode.STOPPING)
+
+
+class RequestRefused(ProtocolError):
+    """The replica answered, but refused the request; `code` says why."""
+
+    def __init__(self, message: str, code: RefusalCode):
         super().__init__(message)
         self.code = code
-        self.transient = "busy" in message or "stopping" in message
+
+    @property
+    def transient(self) -> bool:
+        return self.code.transient
+
+
+class Refusal(Exception):
+    """Raised by a replica's op handler to refuse a request with a code (answered as `{"ok": false, ...}`)."""
+
+    def __init__(self, code: RefusalCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {"ok": False, "code": self.code.value, "error": str(self)}
 
 
 class AuthenticationError(PermissionError):
-    """The request's token does not match the replica's pool token."""
+    """The request's token does not match the replica's pool token: a misconfiguration, never a transient fault."""
 
 
 def send_message(sock: socket.socket, message: Dict[str, Any]) -> None:
@@ -93,9 +160,15 @@ class ReplicaClient:
                 raise ProtocolError(f"{op} to replica at {self.address} failed: {e}") from e
         if not reply.get("ok"):
             error = reply.get("error", "unknown error")
-            if reply.get("code") == "UNAUTHENTICATED":
-                raise AuthenticationError(error)
-            raise RequestRefused(f"replica at {self.address} refused {op}: {error}", reply.get("code"))
+            try:
+                code = RefusalCode(reply.get("code"))
+            except ValueError:
+                raise ProtocolError(
+                    f"replica at {self.address} refused {op} with unknown code {reply.get('code')!r}: {error}"
+                ) from None
+            if code is RefusalCode.UNAUTHENTICATED:
+                raise AuthenticationError(f"replica at {self.address} refused {op}: {error}")
+            raise RequestRefused(f"replica at {self.address} refused {op}: {error}", code)
         return reply
 
     def abort(self) -> None:

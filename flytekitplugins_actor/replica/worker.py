@@ -9,11 +9,11 @@ The main thread executes; a server thread per connection answers the control pro
 
 from __future__ import annotations
 
-import _thread
 import argparse
 import base64
 import collections
 import json
+import logging
 import os
 import queue
 import signal
@@ -21,13 +21,21 @@ import socket
 import socketserver
 import sys
 import threading
+import time
 from typing import Any, Callable, Dict, List, Optional
 
-from flytekitplugins_actor.replica.execution import RUNTIME, ExecutionOutcome, ExecutionSpec
+from flytekit.loggers import logger
+
+from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError
+from flytekitplugins_actor.replica.execution import RUNTIME, CancelRequested, ExecutionOutcome, ExecutionSpec
 from flytekitplugins_actor.replica.protocol import (
     PROTOCOL_VERSION,
     TOKEN_ENV,
     ProtocolError,
+    Refusal,
+    RefusalCode,
+    ReplicaActivity,
+    ReplicaExecutionState,
     recv_message,
     send_message,
     token_matches,
@@ -39,8 +47,26 @@ IDLE_CLEANUP_S = 0.02
 not delay the next execution; a replica that is never idle keeps at most MAX_PENDING_CLEANUPS of them."""
 MAX_PENDING_CLEANUPS = 32
 CANCEL_SIGNAL = signal.SIGUSR2
-"""Raised into the main thread (via _thread.interrupt_main) to cancel the running execution. Not SIGINT:
-importing flytekit installs a SIGINT handler that calls exit(1), which would turn a cancel into a failure."""
+"""Sent to the main thread (signal.pthread_kill) to cancel the running execution: a real signal interrupts
+time.sleep and blocking I/O, not only bytecode. Not SIGINT: importing flytekit installs a SIGINT handler that
+calls exit(1), which would turn a cancel into a failure."""
+ORPHAN_TIMEOUT_ENV = "FLYTE_ACTOR_ORPHAN_TIMEOUT_S"
+"""Seconds without an authenticated request after which the replica exits on its own (unset: never). Its pool
+pings idle replicas every 10 s and waits in bounded rounds, so only a replica whose pool is gone hits it."""
+STOP_GRACE_S = 5.0
+"""How long a replica that stops on its own gives its execution to end before it exits regardless."""
+
+
+log = logger.getChild("replica")
+"""The replica's own log (flytekit's logger): one plain line per event on stdout, whatever flytekit's level."""
+
+
+def _setup_log(name: str) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter(f"[actor-replica {name}] %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # flytekit's own handler wraps lines for a terminal; a replica log is read line by line
 
 
 _CANCEL_ARMED = [False]  # read by the handler on the main thread: True only while a task's code runs
@@ -48,10 +74,7 @@ _CANCEL_ARMED = [False]  # read by the handler on the main thread: True only whi
 
 def _raise_cancel(signum, frame):
     if _CANCEL_ARMED[0]:  # anywhere else (bookkeeping, logging, locks) a late cancel is ignored
-        raise KeyboardInterrupt(f"execution cancelled (signal {signum})")
-
-
-_CANCELLED = {"code": "ABORTED", "message": "execution was cancelled", "origin": "USER", "recoverable": False}
+        raise CancelRequested(f"execution cancelled (signal {signum})")
 
 
 class ReplicaTerminated(BaseException):
@@ -71,23 +94,25 @@ class Worker:
         self._outcomes: "collections.OrderedDict[str, ExecutionOutcome]" = collections.OrderedDict()
         self._cancelled: set = set()
         self.stopping = False
+        self.last_request = time.monotonic()  # of an authenticated request: the orphan timeout counts from it
 
     # ---- control plane (server threads) ----
     def handle(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         if not token_matches(self.token, msg.get("token")):
-            return {"ok": False, "code": "UNAUTHENTICATED", "error": "bad or missing pool token"}
+            return Refusal(RefusalCode.UNAUTHENTICATED, "bad or missing pool token").to_wire()
+        self.last_request = time.monotonic()
         op = msg.get("op")
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
-            return {
-                "ok": False,
-                "code": "INVALID_ARGUMENT",
-                "error": f"unknown op {op!r}; expected submit, status, wait, cancel or health",
-            }
+            return Refusal(
+                RefusalCode.INVALID_ARGUMENT, f"unknown op {op!r}; expected submit, status, wait, cancel or health"
+            ).to_wire()
         try:
             return {"ok": True, **handler(msg)}
+        except Refusal as e:
+            return e.to_wire()
         except (KeyError, TypeError, ValueError) as e:
-            return {"ok": False, "code": "INVALID_ARGUMENT", "error": f"{op}: {e}"}
+            return Refusal(RefusalCode.INVALID_ARGUMENT, f"{op}: {e}").to_wire()
 
     def _state_of(self, execution_id: str, include_exception: bool = False) -> Dict[str, Any]:
         outcome = self._outcomes.get(execution_id)
@@ -97,10 +122,12 @@ class Worker:
                 wire["exception"] = _pickle_exception(outcome.exception)
             return wire
         if execution_id == self._running:
-            return {"execution_id": execution_id, "state": "running"}
-        if execution_id in self._accepted:
-            return {"execution_id": execution_id, "state": "accepted"}
-        return {"execution_id": execution_id, "state": "unknown"}
+            state = ReplicaExecutionState.RUNNING
+        elif execution_id in self._accepted:
+            state = ReplicaExecutionState.ACCEPTED
+        else:
+            state = ReplicaExecutionState.UNKNOWN
+        return {"execution_id": execution_id, "state": state.value}
 
     def op_health(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         with self._lock:
@@ -109,7 +136,13 @@ class Worker:
                 "replica": self.name,
                 "pid": os.getpid(),
                 "protocol": PROTOCOL_VERSION,
-                "state": "stopping" if self.stopping else ("busy" if busy else "idle"),
+                "state": (
+                    ReplicaActivity.STOPPING
+                    if self.stopping
+                    else ReplicaActivity.BUSY
+                    if busy
+                    else ReplicaActivity.IDLE
+                ).value,
                 "running": self._running,
                 "executions": RUNTIME.executions,
                 "code_version": RUNTIME.code_version,
@@ -124,18 +157,19 @@ class Worker:
         spec.parsed()  # refuse a malformed command now, not on the main thread
         with self._lock:
             known = self._state_of(spec.execution_id)
-            if known["state"] != "unknown":  # idempotent: the same execution is never run twice
+            if known["state"] != ReplicaExecutionState.UNKNOWN.value:  # idempotent: never run twice
                 return known
             if self.stopping:
-                raise ValueError("replica is stopping")
+                raise Refusal(RefusalCode.STOPPING, "replica is stopping")
             if self._running is not None or self._accepted:
-                raise ValueError(
+                raise Refusal(
+                    RefusalCode.BUSY,
                     f"replica is busy with {self._running or next(iter(self._accepted))}; "
-                    "it runs one execution at a time"
+                    "it runs one execution at a time",
                 )
             self._accepted[spec.execution_id] = spec
         self._queue.put(spec)
-        return {"execution_id": spec.execution_id, "state": "accepted"}
+        return {"execution_id": spec.execution_id, "state": ReplicaExecutionState.ACCEPTED.value}
 
     def op_status(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         with self._lock:
@@ -146,7 +180,11 @@ class Worker:
         timeout = msg.get("timeout")
         with self._lock:
             self._lock.wait_for(
-                lambda: execution_id in self._outcomes or self._state_of(execution_id)["state"] == "unknown", timeout
+                lambda: (
+                    execution_id in self._outcomes
+                    or self._state_of(execution_id)["state"] == ReplicaExecutionState.UNKNOWN.value
+                ),
+                timeout,
             )
             return self._state_of(execution_id, bool(msg.get("include_exception")))
 
@@ -154,21 +192,11 @@ class Worker:
         execution_id = str(msg["execution_id"])
         with self._lock:
             if self._accepted.pop(execution_id, None) is not None:
-                self._record(
-                    ExecutionOutcome(
-                        execution_id,
-                        "cancelled",
-                        error={
-                            "code": "ABORTED",
-                            "message": "cancelled before it started",
-                            "origin": "USER",
-                            "recoverable": False,
-                        },
-                    )
-                )
+                error = ExecutionError.user("ABORTED", "cancelled before it started")
+                self._record(ExecutionOutcome(execution_id, ReplicaExecutionState.CANCELLED, error=error))
             elif self._running == execution_id and execution_id not in self._cancelled:
                 self._cancelled.add(execution_id)  # seen by the main thread even if the signal lands late
-                _thread.interrupt_main(CANCEL_SIGNAL)
+                signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)
             return self._state_of(execution_id)
 
     def _record(self, outcome: ExecutionOutcome) -> None:
@@ -202,23 +230,19 @@ class Worker:
                 if self._accepted.pop(spec.execution_id, None) is None:
                     continue  # cancelled while queued
                 self._running = spec.execution_id
-            print(f"[actor-replica {self.name}] execution {spec.execution_id} started", flush=True)
+            log.info("execution %s started", spec.execution_id)
             cleanup = None
             try:
                 try:
                     _CANCEL_ARMED[0] = True
                     if spec.execution_id in self._cancelled:  # the cancel came before the task could start
-                        raise KeyboardInterrupt("cancelled before it started")
+                        raise CancelRequested("cancelled before it started")
                     outcome, cleanup = RUNTIME.run_deferred(spec)
                 finally:
                     _CANCEL_ARMED[0] = False
-            except KeyboardInterrupt:  # a cancel that landed around the task, not in it
-                outcome = ExecutionOutcome(spec.execution_id, "cancelled", error=dict(_CANCELLED))
-            print(
-                f"[actor-replica {self.name}] execution {spec.execution_id} {outcome.state} "
-                f"in {outcome.duration_s:.4f}s",
-                flush=True,
-            )
+            except CancelRequested:  # a cancel that landed around the task, not in it
+                outcome = ExecutionOutcome(spec.execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED)
+            log.info("execution %s %s in %.4fs", spec.execution_id, outcome.state.value, outcome.duration_s)
             with self._lock:
                 self._running = None
                 self._cancelled.discard(spec.execution_id)
@@ -235,8 +259,8 @@ def _run_all(cleanups: List[Callable[[], None]]) -> None:
     while cleanups:
         try:
             cleanups.pop()()
-        except Exception:
-            pass
+        except Exception:  # a temp dir that cannot be removed must not stop the replica
+            log.warning("could not clean up after an execution", exc_info=True)
 
 
 def _pickle_exception(exc: BaseException) -> Optional[str]:
@@ -244,7 +268,8 @@ def _pickle_exception(exc: BaseException) -> Optional[str]:
         import cloudpickle
 
         return base64.b64encode(cloudpickle.dumps(exc)).decode()
-    except Exception:
+    except Exception as e:  # the driver then raises ActorTaskFailed with the message instead of the original type
+        log.warning("the task's %s cannot be pickled back to the driver: %r", type(exc).__name__, e)
         return None
 
 
@@ -268,6 +293,51 @@ class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
 
 
+def _group_members() -> List[int]:
+    """The live processes of this replica's process group other than itself (its task's subprocesses)."""
+    me, group = os.getpid(), os.getpgrp()
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == group and fields[0] not in ("Z", "X"):
+            members.append(int(entry))
+    return members
+
+
+def stop_process_group(grace_s: float = 1.0) -> None:
+    """Takes the task's subprocesses along when the replica stops: SIGTERM to its process group, SIGKILL to what
+    is left after `grace_s`. Only when the replica leads its group (as the local backend and pods start it), so a
+    worker started inside someone else's group never signals strangers."""
+    if os.getpgrp() != os.getpid() or not os.path.isdir("/proc"):
+        return
+    members = _group_members()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in members:
+            try:
+                os.kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass
+        deadline = time.monotonic() + grace_s
+        while members and time.monotonic() < deadline:
+            time.sleep(0.02)  # polling for other processes to exit: there is no event to wait on
+            members = _group_members()
+        if not members:
+            return
+
+
+def _exit_now(code: int, reason: str) -> None:
+    """Ends the replica at once (from any thread), its task's process group with it."""
+    log.warning("%s: exiting", reason)
+    stop_process_group()
+    os._exit(code)
+
+
 def _watch_parent_stdin() -> None:
     """Exits the replica when its parent's end of stdin closes: the parent died, even by SIGKILL."""
     try:
@@ -275,7 +345,34 @@ def _watch_parent_stdin() -> None:
             pass
     except OSError:
         pass
-    os._exit(0)
+    _exit_now(0, "parent process is gone (stdin closed)")
+
+
+def _watch_orphan(worker: Worker, timeout_s: float) -> None:
+    """Stops the replica once no authenticated request came for `timeout_s`: its pool (and connector) is gone."""
+    while True:
+        idle = time.monotonic() - worker.last_request
+        if idle < timeout_s:
+            time.sleep(min(timeout_s - idle, 1.0) + 0.01)  # a deadline to sleep to, not a synchronisation
+            continue
+        log.warning("no request from any pool for %.0fs (%s=%g): stopping", idle, ORPHAN_TIMEOUT_ENV, timeout_s)
+        # a clean stop, delivered to the main thread so a blocking call is interrupted: a running execution fails
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGTERM)
+        time.sleep(STOP_GRACE_S)
+        _exit_now(1, f"did not stop within {STOP_GRACE_S:g}s of the orphan timeout")
+
+
+def _orphan_timeout(parser: argparse.ArgumentParser) -> Optional[float]:
+    raw = os.environ.get(ORPHAN_TIMEOUT_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        parser.error(f"{ORPHAN_TIMEOUT_ENV}={raw!r}: expected a number of seconds > 0 (unset: never)")
+    return value
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -292,7 +389,9 @@ def main(argv: Optional[list] = None) -> None:
     token = os.environ.pop(TOKEN_ENV, "")  # the task code never sees the pool token
     if not token:
         parser.error(f"{TOKEN_ENV} must be set: every control request is authenticated with the pool token")
+    orphan_timeout = _orphan_timeout(parser)
     os.environ["FLYTE_ACTOR_REPLICA"] = args.name
+    _setup_log(args.name)
     if args.watch_stdin:
         threading.Thread(target=_watch_parent_stdin, name="parent-watch", daemon=True).start()
 
@@ -302,6 +401,8 @@ def main(argv: Optional[list] = None) -> None:
     server = _Server((args.host, args.port), _Handler)
     server.worker = worker  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, name="control", daemon=True).start()
+    if orphan_timeout is not None:
+        threading.Thread(target=_watch_orphan, args=(worker, orphan_timeout), name="orphan-watch", daemon=True).start()
 
     def _terminate(signum, frame):
         # Raise, never take a lock here: the handler runs between any two bytecodes of the main thread,
@@ -317,12 +418,13 @@ def main(argv: Optional[list] = None) -> None:
         if args.ready_fd is not None:
             with os.fdopen(args.ready_fd, "w") as f:
                 f.write(json.dumps({"host": host, "port": port, "pid": os.getpid()}) + "\n")
-        print(f"[actor-replica {args.name}] listening on {host}:{port} (pid {os.getpid()})", flush=True)
+        log.info("listening on %s:%s (pid %d)", host, port, os.getpid())
         worker.serve_forever()
     except (KeyboardInterrupt, ReplicaTerminated):
         pass
     finally:
         server.shutdown()
+        stop_process_group()  # whatever stopped the replica, its task's subprocesses stop with it
         sys.stdout.flush()
 
 

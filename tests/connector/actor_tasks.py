@@ -25,6 +25,11 @@ def add(a: int, b: int) -> int:
 
 
 @env.task
+def echo(s: str) -> str:
+    return s
+
+
+@env.task
 def echo_identity() -> str:
     return "/".join(
         os.environ.get(k, "")
@@ -99,6 +104,31 @@ def inc1(x: int) -> int:
 def inc2(x: int) -> int:
     """Trivial work on the two-replica environment (benchmarks)."""
     return x + 1
+
+
+@env.task(sync=True)
+def add_sync(a: int, b: int) -> int:
+    return a + b
+
+
+@env.task(sync=True)
+def big_sync(n: int) -> str:
+    return "x" * n
+
+
+@env.task(sync=True)
+def pid_sync() -> int:
+    return os.getpid()
+
+
+@env.task(sync=True)
+def nap_sync(seconds: float, counter: str) -> int:
+    """Longer than a small sync budget; naps in short steps so a cancel interrupts it at once."""
+    _count(counter, "nap")
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(0.01)
+    return os.getpid()
 
 
 env_ttl = ActorEnvironment(name="conn-ttl", replica_count=1, ttl_seconds=1)

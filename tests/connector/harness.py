@@ -95,6 +95,7 @@ class ConnectorServer:
             )
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
         self.stub = agent_pb2_grpc.AsyncAgentServiceStub(self.channel)
+        self.sync_stub = agent_pb2_grpc.SyncAgentServiceStub(self.channel)
         self.metadata_stub = agent_pb2_grpc.AgentMetadataServiceStub(self.channel)
         deadline = time.monotonic() + timeout
         while True:
@@ -242,6 +243,19 @@ class Propeller:
             task_type=task_type, resource_meta=meta, task_category=agent_pb2.TaskCategory(name=task_type, version=0)
         )
         self.server.stub.DeleteTask(req, timeout=15.0)
+
+    def execute_sync(self, attempt: Attempt, timeout: float = 60.0) -> agent_pb2.Resource:
+        """ExecuteTaskSync as propeller's connector plugin sends it: a header (template, output prefix, task
+        execution metadata), then the inputs, then it closes its side and reads one answer header."""
+        header = agent_pb2.CreateRequestHeader(
+            template=attempt.template, output_prefix=attempt.dir, task_execution_metadata=attempt.metadata
+        )
+        requests = iter(
+            [agent_pb2.ExecuteTaskSyncRequest(header=header), agent_pb2.ExecuteTaskSyncRequest(inputs=attempt.inputs)]
+        )
+        answers = list(self.server.sync_stub.ExecuteTaskSync(requests, timeout=timeout))
+        assert len(answers) == 1 and answers[0].HasField("header"), answers
+        return answers[0].header.resource
 
     def wait(self, meta: bytes, task_type: str = "actor", timeout: float = 60.0, phases=TERMINAL) -> agent_pb2.Resource:
         return wait_for(

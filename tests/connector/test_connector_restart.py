@@ -91,3 +91,17 @@ def test_map_resumes_after_a_connector_sigkill_without_rerunning_finished_items(
     assert [runs.count(str(x)) for x in (1, 2, 3, 4)] == [1, 1, 1, 1]  # finished items never ran again
     assert runs.count("100") == 2 and runs.count("101") == 2  # mid-flight at the kill: run again
     assert r.custom_info["resumed"] == 4
+
+
+def test_a_repeated_execute_task_sync_after_a_sigkill_is_answered_from_the_record(restartable, tmp_path):
+    server, propeller, base = restartable, Propeller(restartable), str(tmp_path / "runs")
+    counter = str(tmp_path / "count")
+    a = Attempt(base, t.nap_sync, literal_map(t.nap_sync, seconds=0.0, counter=counter))
+    first = propeller.execute_sync(a)
+    assert first.phase == PHASE.SUCCEEDED, first.message
+    server.kill()
+    server.start()
+    again = Propeller(server).execute_sync(a)  # propeller repeats the Create whose answer it lost
+    assert again.phase == PHASE.SUCCEEDED, again.message
+    assert output_value(again.outputs, "o0", int) == output_value(first.outputs, "o0", int)
+    assert len(_lines(counter)) == 1  # answered from outputs.pb, not run again

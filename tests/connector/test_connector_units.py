@@ -11,9 +11,9 @@ from harness import Attempt, literal_map
 from flytekitplugins_actor.actor_map import map as actor_map
 from plugin_backend.errors import InvalidActorRequest, InvalidResourceMeta, InvalidTaskTemplate
 from plugin_backend.identity import identity_of
-from plugin_backend.map_run import item_args, plan_of
+from plugin_backend.map_run import plan_of
 from plugin_backend.meta import ActorResourceMeta
-from plugin_backend.template import parse_template
+from plugin_backend.template import DEFAULT_TTL_SECONDS, parse_template
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -121,43 +121,6 @@ def test_mapped_lists_of_different_lengths_are_refused(tmp_path):
         plan_of(inputs, MapSpec(("a", "b"), (), "s"))
 
 
-def test_item_args_rewrite_inputs_outputs_and_checkpoints_only():
-    args = [
-        "pyflyte-fast-execute",
-        "--additional-distribution",
-        "s3://d.tgz",
-        "--dest-dir",
-        ".",
-        "--",
-        "pyflyte-execute",
-        "--inputs",
-        "s3://x/inputs.pb",
-        "--output-prefix",
-        "s3://x",
-        "--raw-output-data-prefix",
-        "s3://raw",
-        "--checkpoint-path",
-        "s3://ck",
-        "--prev-checkpoint",
-        '""',
-        "--resolver",
-        "r",
-        "--",
-        "task-module",
-        "m",
-        "task-name",
-        "t",
-    ]
-    out = item_args(args, "s3://x/items/4/inputs.pb", "s3://x/items/4", 4)
-    assert out[out.index("--inputs") + 1] == "s3://x/items/4/inputs.pb"
-    assert out[out.index("--output-prefix") + 1] == "s3://x/items/4"
-    assert out[out.index("--checkpoint-path") + 1] == "s3://ck/4"
-    assert out[out.index("--prev-checkpoint") + 1] == '""'
-    assert (
-        out[out.index("--raw-output-data-prefix") + 1] == "s3://raw" and out[-4:] == args[-4:] and out[:6] == args[:6]
-    )
-
-
 def test_template_record_round_trips_for_restarts(tmp_path):
     import json
 
@@ -227,7 +190,10 @@ def test_map_items_cancelled_under_the_map_are_dispatched_again(tmp_path):
     assert run.finished.wait(10), "the map never finished: a cancelled item left it waiting forever"
     assert run.phase == "succeeded", run.message
     assert sorted(pool.runs) == [0, 0, 1, 1]
-    lits = run.outputs.literals["o0"].collection.literals
+    from plugin_backend import store
+
+    outputs = literals_pb2.LiteralMap.FromString(store.read_bytes(run.record.path("outputs.pb")))
+    lits = outputs.literals["o0"].collection.literals
     assert [lit.scalar.primitive.integer for lit in lits] == [0, 1]
 
 
@@ -240,11 +206,34 @@ def test_map_failure_is_decided_even_when_its_error_document_cannot_be_written(t
     assert run.phase == "failed" and run.message == "1 of 1 items failed" and run.recoverable
 
 
-def _stored_execution(tmp_path):
+class _FakeManager:
+    """A PoolManager stand-in behind ActorService's public constructor: submit_for answers from `submits` (an
+    Execution, or an exception to raise), find returns `pool`."""
+
+    def __init__(self, submits, pool=None):
+        self.submits, self.pool, self.submitted = list(submits), pool, 0
+
+    def submit_for(self, key, template, spec, **kwargs):
+        self.submitted += 1
+        result = self.submits.pop(0)
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def find(self, key):
+        return self.pool
+
+    def pools(self):
+        return []
+
+    def shutdown(self):
+        pass
+
+
+def _stored_execution(tmp_path, manager):
     """An execution created by a previous connector process: only its request record is in storage."""
     from plugin_backend import store
     from plugin_backend.meta import ActorResourceMeta
-    from plugin_backend.pools import PoolManager
     from plugin_backend.service import ActorService
 
     a, tt = _template(t.add, str(tmp_path), a=1, b=2)
@@ -260,53 +249,87 @@ def _stored_execution(tmp_path):
         }
     )
     meta = ActorResourceMeta("x1", a.dir, "actor", template.env_name, template.env_key, "ns", "sa", "c")
-    return ActorService(PoolManager(backend=object(), state_dir=str(tmp_path / "state"))), meta
+    return ActorService(manager), meta, template
 
 
-def test_adoption_whose_start_fails_leaves_no_broken_entry(tmp_path, mocker):
-    from flyteidl.core.execution_pb2 import TaskExecution
-
-    from flytekitplugins_actor.pool import Execution, ExecutionState
+def _execution(template, state):
+    from flytekitplugins_actor.pool import Execution
     from flytekitplugins_actor.replica.execution import ExecutionSpec
 
-    svc, meta = _stored_execution(tmp_path)
-    mocker.patch.object(svc, "_start", side_effect=RuntimeError("pool for add kept closing"))
+    return Execution(spec=ExecutionSpec("x1", template.args, {}), state=state)
+
+
+def test_adoption_whose_start_fails_leaves_no_broken_entry(tmp_path):
+    from flyteidl.core.execution_pb2 import TaskExecution
+
+    from flytekitplugins_actor.pool import ExecutionState
+
+    manager = _FakeManager([RuntimeError("pool for add kept closing")])
+    svc, meta, template = _stored_execution(tmp_path, manager)
     with pytest.raises(RuntimeError, match="kept closing"):
         svc.get(meta)
     assert svc.entries() == 0  # not a ready entry without an execution
-
-    def start(entry, env, plan, record):
-        entry.execution = Execution(spec=ExecutionSpec("x1", entry.template.args, env), state=ExecutionState.SUCCEEDED)
-
-    svc._start.side_effect = start  # the next GetTask adopts it again
+    manager.submits.append(_execution(template, ExecutionState.SUCCEEDED))  # the next GetTask adopts it again
     assert svc.get(meta).phase == TaskExecution.SUCCEEDED
+    assert manager.submitted == 2
 
 
-def test_delete_forgets_the_cancelled_execution_in_its_pool(tmp_path, mocker):
+def test_delete_forgets_the_cancelled_execution_in_its_pool(tmp_path):
     from flyteidl.core.execution_pb2 import TaskExecution
 
-    from flytekitplugins_actor.pool import Execution, ExecutionState
-    from flytekitplugins_actor.replica.execution import ExecutionSpec
-    from plugin_backend.pools import PoolKey
-    from plugin_backend.service import _Entry
+    from flytekitplugins_actor.pool import ExecutionState
 
-    svc, meta = _stored_execution(tmp_path)
-    template = parse_template(_template(t.add, str(tmp_path), a=1, b=2)[1], "actor")
-    execution = Execution(spec=ExecutionSpec("x1", template.args, {}), state=ExecutionState.RUNNING)
     pool = _FakePool()
+    svc, meta, template = _stored_execution(tmp_path, _FakeManager([], pool))
+    execution = _execution(template, ExecutionState.RUNNING)
+    svc.manager.submits.append(execution)
 
     def cancel(execution_id, grace_seconds=0.0):
         execution.state = ExecutionState.CANCELLED
         execution._done.set()
 
     pool.cancel = cancel
-    mocker.patch.object(svc.manager, "pool_for", return_value=pool)
-    svc._entries["x1"] = _Entry(
-        meta, PoolKey("ns", "sa", template.env_key, template.code_version), template, execution=execution, ready=True
-    )
+    assert svc.get(meta).phase == TaskExecution.RUNNING  # adopted: queued again on the (fake) pool
     svc.delete(meta)
     assert pool.forgotten == ["x1"]  # a never-idle pool does not keep it
     assert svc.get(meta).phase == TaskExecution.ABORTED
+
+
+def test_an_execution_that_stops_after_delete_answered_is_forgotten_later_without_a_thread(tmp_path, mocker):
+    import threading
+
+    from flyteidl.core.execution_pb2 import TaskExecution
+
+    from flytekitplugins_actor.pool import ExecutionState
+
+    pool = _FakePool()
+    svc, meta, template = _stored_execution(tmp_path, _FakeManager([], pool))
+    execution = _execution(template, ExecutionState.RUNNING)
+    svc.manager.submits.append(execution)
+    pool.cancel = lambda execution_id, grace_seconds=0.0: None  # its replica is still being restarted to stop it
+    assert svc.get(meta).phase == TaskExecution.RUNNING
+    threads = threading.active_count()
+    svc.delete(meta)
+    assert threading.active_count() == threads  # no fire-and-forget thread waits for it
+    assert svc.get(meta).phase == TaskExecution.ABORTED and pool.forgotten == []
+    execution.state = ExecutionState.REPLICA_DIED  # the restart ends it
+    execution._done.set()
+    mocker.patch("plugin_backend.service.GC_INTERVAL_S", 0.0)
+    assert svc.get(meta).phase == TaskExecution.ABORTED
+    assert pool.forgotten == ["x1"]
+
+
+def test_getters_never_create_a_pool(tmp_path):
+    from flyteidl.core.execution_pb2 import TaskExecution
+
+    from flytekitplugins_actor.pool import ExecutionState
+
+    svc, meta, template = _stored_execution(tmp_path, _FakeManager([], pool=None))
+    svc.manager.submits.append(_execution(template, ExecutionState.QUEUED))
+    status = svc.get(meta)  # its pool is gone (find answers None): QUEUED, and nothing is created
+    assert status.phase == TaskExecution.QUEUED
+    svc.delete(meta)
+    assert svc.manager.submitted == 1
 
 
 def test_map_abort_cancels_its_inflight_items_in_parallel(tmp_path):
@@ -355,3 +378,52 @@ def test_pod_template_task_parses_from_its_primary_container_and_round_trips(tmp
     a.template.config["primary_container_name"] = "nope"
     with pytest.raises(InvalidTaskTemplate, match="no primary container named 'nope'"):
         parse_template(TaskTemplate.from_flyte_idl(a.template), "actor")
+
+
+def test_union_sdk_nulls_mean_the_defaults(tmp_path):
+    a, tt = _template(t.add, str(tmp_path), a=1, b=2)
+    tt.custom["spec"] = {
+        "container_image": None,
+        "replica_count": None,
+        "ttl_seconds": None,
+        "parallelism": None,
+        "backlog_length": None,
+    }
+    parsed = parse_template(tt, "actor")
+    assert parsed.replica_count == 1 and parsed.ttl_seconds == DEFAULT_TTL_SECONDS
+    assert parsed.image == a.template.container.image  # a null image falls back to the container's
+
+
+def test_the_pool_reaper_survives_a_pool_that_cannot_say_whether_it_expired(tmp_path):
+    from harness import wait_for
+
+    from flytekitplugins_actor.pool import ReplicaPool
+    from flytekitplugins_actor.replica.backend import LocalProcessBackend
+    from plugin_backend.pools import PoolManager
+
+    manager = PoolManager(LocalProcessBackend(), state_dir=str(tmp_path))
+    manager.reap_interval_s = 0.02
+    try:
+
+        def pool(key, ttl):
+            return manager._pool(key, lambda: ReplicaPool(key, manager.backend, lambda n, tok: None, 1, ttl))
+
+        pool("bad", None)  # what a null ttl_seconds used to become: expired() raises TypeError
+        pool("short-1", 0)
+        wait_for(lambda: manager.get("short-1") is None, 10, "the expired pool to be reaped beside the bad one")
+        pool("short-2", 0)  # the reaper is still alive for pools that come later
+        wait_for(lambda: manager.get("short-2") is None, 10, "a later expired pool to be reaped too")
+        assert manager.get("bad") is not None
+    finally:
+        manager.shutdown()
+
+
+@pytest.mark.parametrize("raw", ["0", "-1", "soon", "nan"])
+def test_a_bad_sync_budget_is_refused_naming_the_variable(monkeypatch, raw):
+    from plugin_backend.sync_connector import SYNC_BUDGET_ENV, sync_budget_s
+
+    monkeypatch.setenv(SYNC_BUDGET_ENV, raw)
+    with pytest.raises(ValueError, match=f"{SYNC_BUDGET_ENV}='{raw}' on the connector is invalid"):
+        sync_budget_s()
+    monkeypatch.setenv(SYNC_BUDGET_ENV, "2.5")
+    assert sync_budget_s() == 2.5

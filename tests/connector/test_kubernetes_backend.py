@@ -1,197 +1,233 @@
-"""The kubernetes replica backend against a mocked CoreV1Api (pytest-mock): manifests, readiness, loss, deletion."""
+"""The kubernetes replica backend against the loopback API stand-in (tests/kube): real pods (local processes at
+127.a.b.N) created, watched, faulted and deleted through the unmodified `kubernetes` client, every object
+validated strictly against Kubernetes 1.30 and every request checked against deploy/'s ClusterRole."""
 
+import contextlib
 import json
+import os
+import sys
 
 import pytest
-from kubernetes import client
-from kubernetes.client.rest import ApiException
+from kubernetes import client, config
 
-from flytekitplugins_actor.replica.backend import ReplicaSpec, ReplicaState
-from flytekitplugins_actor.replica.protocol import TOKEN_ENV
-from plugin_backend.kubernetes import LABEL_INSTANCE, WORKER_PORT, KubernetesBackend
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
 
-pytestmark = pytest.mark.timeout(30)
+from harness import Attempt, literal_map, wait_for  # noqa: E402
+from kube import NAMESPACE, ROOT, standin  # noqa: E402
 
+from flytekitplugins_actor.replica.backend import DeathCause, ReplicaSpec, ReplicaState  # noqa: E402
+from flytekitplugins_actor.replica.protocol import ReplicaClient  # noqa: E402
+from plugin_backend.kubernetes import KubernetesBackend  # noqa: E402
+from plugin_backend.pod_spec import ORPHAN_TIMEOUT_ENV, PodDefaults, resolve_resources  # noqa: E402
 
-def _pod(phase="Pending", ip=None, ready=False, terminated=None, waiting=None):
-    state = client.V1ContainerState(
-        terminated=terminated,
-        waiting=waiting,
-        running=client.V1ContainerStateRunning() if phase == "Running" and not terminated else None,
-    )
-    return client.V1Pod(
-        metadata=client.V1ObjectMeta(name="p", uid="uid-1"),
-        status=client.V1PodStatus(
-            phase=phase,
-            pod_ip=ip,
-            conditions=[client.V1PodCondition(type="Ready", status="True" if ready else "False")],
-            container_statuses=[
-                client.V1ContainerStatus(
-                    name="primary", ready=ready, restart_count=0, image="img", image_id="", state=state
-                )
-            ],
-        ),
-    )
+pytestmark = pytest.mark.timeout(60)
 
 
 @pytest.fixture
-def api(mocker):
-    api = mocker.Mock(name="CoreV1Api")
-    api.create_namespaced_pod.return_value = client.V1Pod(metadata=client.V1ObjectMeta(name="p", uid="uid-1"))
-    api.read_namespaced_pod.return_value = _pod()
-    return api
+def cluster(tmp_path):
+    c = standin(str(tmp_path), image_paths=(HERE, ROOT))
+    yield c
+    c.stop()
+
+
+def _backend(cluster, **kw) -> KubernetesBackend:
+    api = client.CoreV1Api(config.new_client_from_config(cluster.kubeconfig))
+    kw = {"namespace": NAMESPACE, "not_ready_grace_s": 1.0, "config_error_grace_s": 3.0, **kw}
+    return KubernetesBackend(api=api, **kw)
 
 
 @pytest.fixture
-def backend(api):
-    return KubernetesBackend(api=api, namespace="actors", poll_interval=0.01, instance="inst1")
+def backend(cluster):
+    b = _backend(cluster)
+    yield b
+    b.shutdown()
 
 
-def _spec(**kw):
-    base = dict(
-        name="env-a-1",
-        token="sekret",
-        env={"A": "1"},
-        labels={"flyte-actor/env": "env-a"},
-        image="ghcr.io/x/img:1",
-        pod_spec={
-            "containers": [
-                {
-                    "name": "primary",
-                    "image": "old",
-                    "resources": {"limits": {"memory": "1Gi"}},
-                    "args": ["pyflyte-execute"],
-                }
-            ]
-        },
-        namespace="team-a",
-        service_account="sa-a",
+def _spec(name="env-a-1", token="sekret", image="ghcr.io/x/img:1", resources=None, env=None, **kw) -> ReplicaSpec:
+    container = {"name": "primary", "image": image, "resources": resolve_resources(resources or {}, PodDefaults())}
+    container["env"] = env or []
+    return ReplicaSpec(
+        name=name,
+        token=token,
+        env={"A": "1", ORPHAN_TIMEOUT_ENV: "120"},
+        labels={"flyte-actor/env": "env-a", "flyte-actor/pool": "pool-digest-1"},
+        image=image,
+        pod_spec={"containers": [container]},
+        namespace=NAMESPACE,
+        service_account="team-sa",
+        **kw,
     )
-    base.update(kw)
-    return ReplicaSpec(**base)
 
 
-def test_start_creates_a_token_secret_and_a_worker_pod(backend, api):
+def _pod(cluster, replica) -> dict:
+    return cluster.store.get("pods", replica.namespace, replica.pod_name)
+
+
+def test_a_replica_pod_starts_binds_its_pod_ip_and_reads_its_token_from_an_owned_secret(cluster, backend):
     replica = backend.start(_spec())
-    replica.wait_ready(0.5)
-    ns, secret = api.create_namespaced_secret.call_args.args
-    assert ns == "team-a" and secret.string_data == {"token": "sekret"}
-    ns, pod = api.create_namespaced_pod.call_args.args
-    assert ns == "team-a"
-    c = pod["spec"]["containers"][0]
-    assert c["command"] == ["python", "-m", "flytekitplugins_actor.replica.worker", "--port", str(WORKER_PORT)]
-    assert "args" not in c and c["image"] == "ghcr.io/x/img:1" and c["resources"] == {"limits": {"memory": "1Gi"}}
-    token = next(e for e in c["env"] if e["name"] == TOKEN_ENV)
-    assert token["valueFrom"]["secretKeyRef"]["name"] == secret.metadata.name and "value" not in token
-    assert {"name": "A", "value": "1"} in c["env"]
-    assert pod["spec"]["serviceAccountName"] == "sa-a" and pod["spec"]["restartPolicy"] == "Never"
-    labels = pod["metadata"]["labels"]
-    assert labels["flyte-actor/env"] == "env-a" and labels[LABEL_INSTANCE] == "inst1"
-    patched = api.patch_namespaced_secret.call_args.args[2]
-    assert patched["metadata"]["ownerReferences"][0]["uid"] == "uid-1"  # the Secret is deleted with its pod
-    replica.terminate(0)
-
-
-def test_ready_pod_gives_the_replica_its_address(backend, api):
-    api.read_namespaced_pod.return_value = _pod("Running", ip="10.1.2.3", ready=True)
-    replica = backend.start(_spec())
-    assert replica.wait_ready(5) is ReplicaState.READY
-    assert replica.address == f"10.1.2.3:{WORKER_PORT}"
-    assert replica.log_uri.startswith("k8s://team-a/env-a-1-")
-    replica.terminate(0)
-
-
-def test_oom_killed_container_is_a_named_death(backend, api):
-    api.read_namespaced_pod.return_value = _pod("Running", ip="10.1.2.3", ready=True)
-    replica = backend.start(_spec())
-    assert replica.wait_ready(5) is ReplicaState.READY
-    api.read_namespaced_pod.return_value = _pod(
-        "Failed", terminated=client.V1ContainerStateTerminated(exit_code=137, reason="OOMKilled")
-    )
-    death = replica.wait_dead(5)
-    assert death is not None and "OOMKilled" in death.reason and death.exit_code == 137
-    assert "replica env-a-1" in str(death)
-    api.delete_namespaced_pod.assert_called()
-
-
-def test_image_pull_failure_is_a_death_before_ready(backend, api):
-    api.read_namespaced_pod.return_value = _pod(
-        waiting=client.V1ContainerStateWaiting(reason="ImagePullBackOff", message="not found")
-    )
-    replica = backend.start(_spec())
-    assert replica.wait_ready(5) is ReplicaState.DEAD
-    assert "ImagePullBackOff" in replica.death.reason
-
-
-def test_terminate_deletes_the_pod_and_the_replica_dies(backend, api):
-    api.read_namespaced_pod.return_value = _pod("Running", ip="10.1.2.3", ready=True)
-    replica = backend.start(_spec())
-    assert replica.wait_ready(5) is ReplicaState.READY
-
-    def gone(*a, **k):
-        api.read_namespaced_pod.side_effect = ApiException(status=404, reason="Not Found")
-
-    api.delete_namespaced_pod.side_effect = gone
-    replica.terminate(3)
-    death = replica.wait_dead(5)
+    assert replica.wait_ready(30) is ReplicaState.READY, cluster.kubelet.log(replica.pod_name)
+    pod = _pod(cluster, replica)
+    ip = pod["status"]["podIP"]
+    assert ip.startswith("127.") and ip != "127.0.0.1" and replica.address == f"{ip}:8777"
+    assert pod["spec"]["serviceAccountName"] == "team-sa" and pod["spec"]["restartPolicy"] == "Never"
+    limits = pod["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"cpu": "1000m", "memory": "1024Mi"}  # propeller's defaults: a quota'd namespace admits it
+    with contextlib.closing(ReplicaClient(replica.address, "sekret")) as c:  # the worker has the Secret's token
+        assert c.request("health")["replica"] == "env-a-1"
+    (secret,) = cluster.secrets(NAMESPACE)
+    assert secret["metadata"]["ownerReferences"] == [
+        {"apiVersion": "v1", "kind": "Pod", "name": replica.pod_name, "uid": pod["metadata"]["uid"]}
+    ]
+    replica.terminate(1)
+    death = replica.wait_dead(15)
     assert death is not None and "terminated" in death.reason
-    name, ns = api.delete_namespaced_pod.call_args.args
-    assert ns == "team-a" and api.delete_namespaced_pod.call_args.kwargs["grace_period_seconds"] == 3
+    wait_for(lambda: not cluster.pods() and not cluster.secrets(), 15, "pod and Secret gone (owner GC)")
+    assert cluster.requests[("create", "secrets")] == 1 and ("patch", "secrets") not in cluster.requests
 
 
-def test_deleted_pod_is_a_death(backend, api):
-    api.read_namespaced_pod.side_effect = ApiException(status=404, reason="Not Found")
+def test_an_oom_killed_replica_is_a_task_death_and_its_pod_is_deleted(cluster, backend):
     replica = backend.start(_spec())
-    assert replica.wait_dead(5).reason == "pod was deleted"
+    assert replica.wait_ready(30) is ReplicaState.READY
+    cluster.kubelet.oom_kill(replica.pod_name)
+    death = replica.wait_dead(15)
+    assert death.cause is DeathCause.TASK and death.exit_code == 137 and "OOMKilled" in death.reason
+    wait_for(lambda: not cluster.pods(), 15, "the dead replica's pod deleted")
 
 
-def test_forbidden_create_is_a_death_with_the_api_reason(backend, api):
-    api.create_namespaced_pod.side_effect = ApiException(status=403, reason="Forbidden")
+def test_an_image_pull_failure_fails_the_start_at_once(cluster, backend):
+    cluster.kubelet.bad_images.add("ghcr.io/x/missing:1")
+    replica = backend.start(_spec(image="ghcr.io/x/missing:1"))
+    assert replica.wait_ready(15) is ReplicaState.DEAD
+    assert replica.death.cause is DeathCause.START and "ErrImagePull" in replica.death.reason
+    assert "ghcr.io/x/missing:1" in replica.death.reason
+    wait_for(lambda: not cluster.pods(), 15, "the pod that cannot start deleted")
+
+
+def test_a_lasting_config_error_fails_the_start_with_its_cause(cluster, backend):
+    env = [{"name": "DB", "valueFrom": {"secretKeyRef": {"name": "db-creds", "key": "password"}}}]
+    replica = backend.start(_spec(env=env))
+    assert replica.wait_ready(15) is ReplicaState.DEAD
+    assert replica.death.cause is DeathCause.START
+    assert "CreateContainerConfigError" in replica.death.reason and "db-creds" in replica.death.reason
+
+
+def test_an_unschedulable_replica_waits_and_says_why(cluster, backend):
+    replica = backend.start(_spec(resources={"limits": {"nvidia.com/gpu": "1"}}))
+    wait_for(lambda: replica.waiting_reason, 15, "the scheduler's reason on the replica")
+    assert "Insufficient nvidia.com/gpu" in replica.waiting_reason and "Unschedulable" in replica.waiting_reason
+    assert replica.state is ReplicaState.STARTING
+    tolerations = _pod(cluster, replica)["spec"].get("tolerations")
+    assert tolerations is None  # tolerations come from replica_pod_spec (see test_pod_spec), not this bare spec
+    replica.terminate(0)
+    wait_for(lambda: not cluster.pods(), 15, "the pending pod deleted")
+
+
+def test_a_lost_node_ends_the_replica_as_infrastructure(cluster, backend):
     replica = backend.start(_spec())
-    death = replica.wait_dead(5)
-    assert "could not be created" in death.reason and "403" in death.reason
-    api.delete_namespaced_secret.assert_called()
+    assert replica.wait_ready(30) is ReplicaState.READY
+    cluster.kubelet.lose_node(replica.pod_name)
+    death = replica.wait_dead(15)
+    assert death is not None and death.cause is DeathCause.INFRASTRUCTURE and "not ready" in death.reason
 
 
-def test_orphans_of_a_previous_connector_are_deleted(backend, api, mocker):
-    orphan = client.V1Pod(metadata=client.V1ObjectMeta(name="old-1", namespace="team-a"))
-    api.list_pod_for_all_namespaces.return_value = client.V1PodList(items=[orphan])
-    assert backend.delete_orphans() == 1
-    selector = api.list_pod_for_all_namespaces.call_args.kwargs["label_selector"]
-    assert f"{LABEL_INSTANCE}!=inst1" in selector
-    api.delete_namespaced_pod.assert_called_with("old-1", "team-a", grace_period_seconds=0)
+@pytest.mark.parametrize("grace", [0, 30])
+def test_a_pod_deleted_by_someone_else_is_an_infrastructure_death(cluster, backend, grace):
+    replica = backend.start(_spec())
+    assert replica.wait_ready(30) is ReplicaState.READY
+    cluster.delete_pod(NAMESPACE, replica.pod_name, grace)
+    death = replica.wait_dead(15)
+    assert death is not None and death.cause is DeathCause.INFRASTRUCTURE and "someone else" in death.reason
 
 
-def test_pools_start_replica_pods_in_the_executions_namespace_and_service_account(api, backend, tmp_path):
-    """PoolManager -> KubernetesBackend: the pool key's namespace and service account become the pod's."""
-    import actor_tasks as t
-    from flytekit.models.task import TaskTemplate
-    from harness import Attempt, literal_map, wait_for
-
-    from flytekitplugins_actor.replica.execution import ExecutionSpec
-    from plugin_backend.pools import PoolKey, PoolManager
-    from plugin_backend.template import parse_template
-
-    a = Attempt(str(tmp_path), t.add, literal_map(t.add, a=1, b=2))
-    template = parse_template(TaskTemplate.from_flyte_idl(a.template), "actor")
-    manager = PoolManager(backend=backend, state_dir=str(tmp_path / "state"))
+def test_the_watch_relists_after_410_gone_and_still_sees_deaths(cluster):
+    backend = _backend(cluster, watch_timeout_s=1)
     try:
-        pool = manager.pool_for(PoolKey("team-z", "sa-z", template.env_key, template.code_version), template)
-        pool.submit(ExecutionSpec("e1", template.args, {}))
-        wait_for(lambda: api.create_namespaced_pod.called, 5, "the replica pod to be created")
-        ns, pod = api.create_namespaced_pod.call_args.args
-        assert ns == "team-z" and pod["spec"]["serviceAccountName"] == "sa-z"
-        assert pod["spec"]["containers"][0]["image"] == template.image
-        assert pod["metadata"]["labels"]["flyte-actor/env"] == "conn-test"
+        replica = backend.start(_spec())
+        assert replica.wait_ready(30) is ReplicaState.READY
+        lists = cluster.requests[("list", "pods")]
+        cluster.store.create("secrets", "default", {"metadata": {"name": "unrelated"}})  # a version it never saw
+        cluster.store.compact()  # the next watch resumes from a version etcd no longer has
+        wait_for(lambda: cluster.requests[("list", "pods")] > lists, 15, "a relist after 410 Gone")
+        cluster.kubelet.oom_kill(replica.pod_name)
+        assert replica.wait_dead(15).cause is DeathCause.TASK
     finally:
-        manager.shutdown()
+        backend.shutdown()
 
 
-def _pod_for(task, api, backend, tmp_path, **inputs):
+def test_a_missing_namespace_or_service_account_is_a_clear_start_error(cluster, backend):
+    with pytest.raises(RuntimeError, match='namespaces "nowhere" not found'):
+        backend.start(_with(_spec(), namespace="nowhere"))
+    with pytest.raises(RuntimeError, match='serviceaccount "ghost" not found'):
+        backend.start(_with(_spec(), service_account="ghost"))
+    assert not cluster.pods()
+
+
+def _with(spec: ReplicaSpec, **changes) -> ReplicaSpec:
+    for k, v in changes.items():
+        setattr(spec, k, v)
+    return spec
+
+
+def test_a_restarted_connector_adopts_live_replicas_with_their_token(cluster, backend):
+    first = backend.start(_spec(token="pool-token"))
+    assert first.wait_ready(30) is ReplicaState.READY
+    backend.shutdown()  # the connector goes; its pod stays
+
+    successor = _backend(cluster)
+    try:
+        assert successor.take_inventory() == 1
+        assert successor.live_replicas("another-pool") == (None, [])
+        token, (adopted,) = successor.live_replicas("pool-digest-1")
+        assert token == "pool-token" and adopted.name == "env-a-1"
+        assert adopted.state is ReplicaState.READY and adopted.address == first.address
+        with contextlib.closing(ReplicaClient(adopted.address, token)) as c:
+            assert c.request("health")["replica"] == "env-a-1"
+        cluster.kubelet.oom_kill(adopted.pod_name)  # the successor's watch follows the adopted pod
+        assert adopted.wait_dead(15).cause is DeathCause.TASK
+    finally:
+        successor.shutdown()
+
+
+def test_pods_no_pool_claims_are_deleted_after_their_orphan_timeout(cluster, backend):
+    spec = _spec()
+    spec.env[ORPHAN_TIMEOUT_ENV] = "1"
+    replica = backend.start(spec)
+    assert replica.wait_ready(30) is ReplicaState.READY
+    backend.shutdown()
+    successor = _backend(cluster)
+    try:
+        assert successor.take_inventory() == 1
+        wait_for(lambda: not cluster.pods() and not cluster.secrets(), 15, "the unclaimed pod and its Secret deleted")
+    finally:
+        successor.shutdown()
+
+
+def test_a_replica_whose_connector_is_gone_exits_and_the_next_connector_removes_its_pod(cluster, backend):
+    spec = _spec()
+    spec.env[ORPHAN_TIMEOUT_ENV] = "2"  # ttl_seconds + margin, shortened
+    replica = backend.start(spec)
+    assert replica.wait_ready(30) is ReplicaState.READY
+    backend.shutdown()  # the connector is gone for good: nobody talks to the replica any more
+    wait_for(
+        lambda: cluster.pods()[0]["status"]["phase"] in ("Succeeded", "Failed"), 30, "the replica exiting on its own"
+    )
+    assert "no request from any pool" in cluster.kubelet.log(replica.pod_name)
+    successor = _backend(cluster)
+    try:
+        assert successor.take_inventory() == 0  # nothing to adopt: the finished pod is deleted, its Secret with it
+        wait_for(lambda: not cluster.pods() and not cluster.secrets(), 15, "the finished pod and its Secret deleted")
+    finally:
+        successor.shutdown()
+
+
+# ---- pods built from real task templates (strictly validated by the stand-in when created) ----
+
+
+def _pod_for(cluster, backend, task, tmp_path, **inputs) -> dict:
     """CreateTask-like: parse and (for a pod template) render the template, start its pool, return the pod made."""
     from flytekit.models.literals import LiteralMap
     from flytekit.models.task import TaskTemplate
-    from harness import Attempt, literal_map, wait_for
 
     from flytekitplugins_actor.replica.execution import ExecutionSpec
     from plugin_backend.pools import PoolKey, PoolManager
@@ -204,73 +240,103 @@ def _pod_for(task, api, backend, tmp_path, **inputs):
         template = ActorService._render(template, a.dir, LiteralMap.from_flyte_idl(a.inputs))
     manager = PoolManager(backend=backend, state_dir=str(tmp_path / "state"))
     try:
-        pool = manager.pool_for(PoolKey("team-z", "sa-z", template.env_key, template.code_version), template)
+        pool = manager.pool_for(PoolKey(NAMESPACE, "team-sa", template.env_key, template.code_version), template)
         pool.submit(ExecutionSpec("e1", template.args, {}))
-        wait_for(lambda: api.create_namespaced_pod.called, 5, "the replica pod to be created")
-        return template, api.create_namespaced_pod.call_args.args[1]
+        (pod,) = wait_for(lambda: cluster.pods(NAMESPACE), 15, "the replica pod to be created")
+        return pod
     finally:
         manager.shutdown()
 
 
-def test_pod_template_environment_pods_carry_the_pod_templates_spec_and_resources(api, backend, tmp_path):
+def test_pod_template_environments_keep_their_pod_spec(cluster, backend, tmp_path):
     import actor_tasks as t
 
-    template, pod = _pod_for(t.get_and_set, api, backend, tmp_path, x=1)
-    assert "{{" not in " ".join(template.args) and template.command.inputs.endswith("_actor.inputs.pb")
+    pod = _pod_for(cluster, backend, t.get_and_set, tmp_path, x=1)
     spec = pod["spec"]
     main = next(c for c in spec["containers"] if c["name"] == "main")
-    assert main["command"] == ["python", "-m", "flytekitplugins_actor.replica.worker", "--port", str(WORKER_PORT)]
-    assert "args" not in main and main["image"] == template.image
+    assert main["command"] == ["python", "-m", "flytekitplugins_actor.replica.worker", "--port", "8777"]
+    assert "args" not in main
     assert main["resources"] == {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": {"cpu": "1", "memory": "1Gi"}}
-    assert {"name": "COMP_KEY_EX", "value": "compile_time"} in main["env"]
     assert {"name": "ENV_KEY", "value": "from-environment"} in main["env"]
+    assert {"name": "FLYTE_ACTOR_HOST", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in main["env"]
     sidecar = next(c for c in spec["containers"] if c["name"] == "sidecar")
     assert sidecar["image"] == "busybox:1.36" and sidecar["args"] == ["sleep", "infinity"]
     assert spec["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
     assert spec["nodeSelector"] == {"pool": "ml"}
-    assert spec["serviceAccountName"] == "sa-z" and spec["restartPolicy"] == "Never"
     assert pod["metadata"]["labels"]["team"] == "ml" and pod["metadata"]["labels"]["flyte-actor/env"] == "conn-pod"
-    assert pod["metadata"]["annotations"] == {"example.com/note": "from-pod-template"}
-    assert len(json.dumps(template.to_record())) < 4096  # the request record stays small
+    assert pod["metadata"]["annotations"]["example.com/note"] == "from-pod-template"
+    assert pod["metadata"]["annotations"]["kubectl.kubernetes.io/default-container"] == "main"
 
 
-def test_container_environment_pods_carry_requests_limits_gpus_secrets_and_interruptible(
-    api, backend, tmp_path, monkeypatch
-):
+def test_gpu_interruptible_and_default_settings_reach_the_pod(cluster, backend, tmp_path, monkeypatch):
     import actor_tasks as t
 
     monkeypatch.setenv("FLYTE_ACTOR_K8S_INTERRUPTIBLE_TOLERATIONS", json.dumps([{"key": "spot", "operator": "Exists"}]))
     monkeypatch.setenv("FLYTE_ACTOR_K8S_INTERRUPTIBLE_NODE_SELECTOR", json.dumps({"lifecycle": "spot"}))
-    _, pod = _pod_for(t.gpu_task, api, backend, tmp_path)
+    monkeypatch.setenv("FLYTE_ACTOR_K8S_DEFAULT_ENV_VARS", json.dumps({"TEAM": "ml", "A": "platform"}))
+    monkeypatch.setenv("FLYTE_ACTOR_K8S_DEFAULT_NODE_SELECTOR", json.dumps({"zone": "a"}))
+    pod = _pod_for(cluster, backend, t.gpu_task, tmp_path)
     c = pod["spec"]["containers"][0]
-    assert c["name"] == "primary"
     assert c["resources"] == {
         "requests": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"},
         "limits": {"cpu": "2", "memory": "8Gi", "nvidia.com/gpu": "1"},
     }
-    assert pod["spec"]["nodeSelector"] == {"k8s.amazonaws.com/accelerator": "nvidia-tesla-t4", "lifecycle": "spot"}
-    assert pod["spec"]["tolerations"] == [{"key": "spot", "operator": "Exists"}]
+    assert pod["spec"]["nodeSelector"] == {
+        "k8s.amazonaws.com/accelerator": "nvidia-tesla-t4",
+        "lifecycle": "spot",
+        "zone": "a",
+    }
+    assert pod["spec"]["tolerations"] == [
+        {"key": "spot", "operator": "Exists"},
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+    ]
+    assert {"name": "TEAM", "value": "ml"} in c["env"]
     assert pod["metadata"]["labels"]["inject-flyte-secrets"] == "true"  # flyte's pod webhook injects the secret
-    assert list(pod["metadata"]["annotations"]) == ["flyte.secrets/s0"]
+    assert "flyte.secrets/s0" in pod["metadata"]["annotations"]
+    orphan = next(e for e in c["env"] if e["name"] == ORPHAN_TIMEOUT_ENV)
+    assert int(orphan["value"]) > 60  # ttl_seconds + margin: the replica outlives no connector by more
 
 
-def test_pod_whose_secret_cannot_be_owned_is_deleted_too(backend, api):
-    api.patch_namespaced_secret.side_effect = ApiException(status=403, reason="Forbidden")
-    api.delete_namespaced_pod.side_effect = ApiException(status=404, reason="Not Found")  # already gone: fine
-    replica = backend.start(_spec())
-    death = replica.wait_dead(5)
-    assert death is not None and "could not be created" in death.reason and "403" in death.reason
-    name, ns = api.delete_namespaced_pod.call_args.args
-    assert name == replica.pod_name and ns == "team-a"  # no pod is left running without its owner
-    api.delete_namespaced_secret.assert_called()
+def test_resources_follow_propellers_defaulting():
+    d = PodDefaults(cpu="500m", memory="1Gi")
+    assert resolve_resources({}, d) == {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"cpu": "500m", "memory": "1Gi"},
+    }
+    assert resolve_resources({"limits": {"cpu": "2"}}, d)["requests"]["cpu"] == "2"  # request = limit
+    assert resolve_resources({"requests": {"memory": "4Gi"}}, d)["limits"]["memory"] == "4Gi"  # limit = request
+    assert resolve_resources({"requests": {"cpu": "4"}, "limits": {"cpu": "2"}}, d)["requests"]["cpu"] == "2"
+    gpu = resolve_resources({"requests": {"nvidia.com/gpu": "1"}}, d)
+    assert gpu["limits"]["nvidia.com/gpu"] == gpu["requests"]["nvidia.com/gpu"] == "1"
 
 
-def test_pods_get_a_long_configurable_readiness_timeout(api, monkeypatch):
-    assert KubernetesBackend(api=api).ready_timeout_s == 600.0  # image pulls of big GPU images take minutes
-    from kubernetes import config
+def test_malformed_pod_defaults_are_refused_naming_the_variable(monkeypatch):
+    monkeypatch.setenv("FLYTE_ACTOR_K8S_DEFAULT_CPU", "lots")
+    with pytest.raises(ValueError, match="FLYTE_ACTOR_K8S_DEFAULT_CPU.*'lots'"):
+        PodDefaults.from_env()
+    monkeypatch.delenv("FLYTE_ACTOR_K8S_DEFAULT_CPU")
+    monkeypatch.setenv("FLYTE_ACTOR_K8S_DEFAULT_TOLERATIONS", '{"key": "x"}')
+    with pytest.raises(ValueError, match="FLYTE_ACTOR_K8S_DEFAULT_TOLERATIONS must be a JSON list"):
+        PodDefaults.from_env()
 
-    monkeypatch.setattr(config, "load_incluster_config", lambda: None)
-    monkeypatch.setattr(client, "CoreV1Api", lambda: api)
-    api.list_pod_for_all_namespaces.return_value = client.V1PodList(items=[])
+
+def test_executions_without_a_namespace_use_the_configured_one(monkeypatch):
+    from plugin_backend.identity import identity_of
+
+    monkeypatch.setenv("FLYTE_ACTOR_K8S_NAMESPACE", "actors")
+    assert identity_of(None, "t").namespace == "actors"
+    monkeypatch.delenv("FLYTE_ACTOR_K8S_NAMESPACE")
+    assert identity_of(None, "t").namespace == "local"
+
+
+def test_readiness_timeout_is_long_and_configurable(cluster, monkeypatch):
+    from kubernetes.config import kube_config
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", cluster.kubeconfig)  # $KUBECONFIG, read at import
     monkeypatch.setenv("FLYTE_ACTOR_K8S_READY_TIMEOUT_S", "900")
-    assert KubernetesBackend.from_env().ready_timeout_s == 900.0
+    backend = KubernetesBackend.from_env()
+    try:
+        assert backend.ready_timeout_s == 900.0
+    finally:
+        backend.shutdown()
+    assert KubernetesBackend.ready_timeout_s == 600.0  # image pulls of big GPU images take minutes

@@ -35,8 +35,15 @@ def saw_overlap(probe_dir: str, me: str, hold: float) -> bool:
     seen = False
     deadline = time.monotonic() + hold
     while time.monotonic() < deadline and not seen:
-        seen = any(f.startswith("running-") and f != f"running-{me}" for f in os.listdir(probe_dir))
-        time.sleep(0.01)
+        names = os.listdir(probe_dir)
+        # an overlap seen by the other one counts too: it may have seen us and left between two of our looks
+        seen = f"saw-{me}" in names or any(f.startswith("running-") and f != f"running-{me}" for f in names)
+        if not seen:
+            time.sleep(0.01)
+    if seen:
+        for f in os.listdir(probe_dir):
+            if f.startswith("running-") and f != f"running-{me}":
+                open(os.path.join(probe_dir, f"saw-{f[len('running-') :]}"), "w").close()
     os.remove(mine)
     return seen
 

@@ -16,6 +16,14 @@ class Boom(Exception):
     """A user exception type the driver must get back as itself."""
 
 
+class CodedError(Exception):
+    """A user exception whose __init__ does not take its args back: pickle's default rebuild cannot make it."""
+
+    def __init__(self, code: int, detail: str):
+        super().__init__(f"error {code}: {detail}")
+        self.code, self.detail = code, detail
+
+
 basic = ActorEnvironment(name="sdk-local", ttl_seconds=300)
 
 _counter = 0
@@ -47,6 +55,12 @@ def read_env(name: str) -> str:
 @basic.task
 def raise_boom(message: str) -> int:
     raise Boom(message)
+    return 0
+
+
+@basic.task
+def raise_coded(code: int, detail: str) -> int:
+    raise CodedError(code, detail)
     return 0
 
 
@@ -216,3 +230,67 @@ def write_report(stats: Stats) -> FlyteFile:
 @workflow
 def wf_files(f: FlyteFile) -> FlyteFile:
     return write_report(stats=count_words(f=f))
+
+
+# ---- state that outlives an execution: never an execution's temp dir, always replica_dir() ----
+import tempfile  # noqa: E402
+
+from flytekitplugins_actor import replica_dir  # noqa: E402
+
+
+@basic.task
+def file_in_execution_temp_dir(content: str) -> str:
+    path = os.path.join(tempfile.gettempdir(), "held.txt")
+    with open(path, "w") as fh:
+        fh.write(content)
+    return path
+
+
+@basic.task
+def file_in_replica_dir(content: str) -> str:
+    path = os.path.join(replica_dir(), "held.txt")
+    with open(path, "w") as fh:
+        fh.write(content)
+    return path
+
+
+@basic.task
+def read_file_or_gone(path: str) -> str:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return "<gone>"
+
+
+# ---- the context a task sees: on a replica, as under pyflyte-execute ----
+import json  # noqa: E402
+
+import flytekit  # noqa: E402
+from flytekit.core.context_manager import FlyteContextManager  # noqa: E402
+
+
+@basic.task
+def describe_context(payload: str) -> str:
+    """What a task can see of its execution, with paths reduced to facts that hold for any run."""
+    params = flytekit.current_context()
+    ctx = FlyteContextManager.current_context()
+    params.checkpoint.write(payload.encode())
+    scratch = tempfile.NamedTemporaryFile(delete=False)
+    scratch.close()
+    ss = ctx.serialization_settings
+    return json.dumps(
+        {
+            "execution_id": [params.execution_id.project, params.execution_id.domain, params.execution_id.name],
+            "task_id": [params.task_id.project, params.task_id.domain, params.task_id.name, params.task_id.version],
+            "raw_output_prefix": params.raw_output_prefix,
+            "output_metadata_prefix": params.output_metadata_prefix,
+            "working_directory_is_a_dir": os.path.isdir(params.working_directory),
+            "mode": str(ctx.execution_state.mode),
+            "serialization": [ss.project, ss.domain, ss.version],
+            "temp_file_in_sandbox_dir": os.path.dirname(scratch.name) == tempfile.gettempdir(),
+            "sandbox_under_temp_dir": str(ctx.file_access.local_sandbox_dir).startswith(tempfile.gettempdir()),
+            "engine_dir_is_a_dir": os.path.isdir(ctx.execution_state.engine_dir),
+        },
+        sort_keys=True,
+    )

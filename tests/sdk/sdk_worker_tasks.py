@@ -89,3 +89,58 @@ def spawn_sleeper(path: str) -> int:
     while not os.path.exists(path + ".release"):
         _time.sleep(0.01)
     return child.pid
+
+
+@env.task
+def sleep_long(started: str) -> str:
+    """Marks itself started, then blocks in time.sleep: only a real signal interrupts it."""
+    open(started, "w").close()
+    time.sleep(600)
+    return "slept"
+
+
+@env.task
+def blocked_read(started: str) -> str:
+    """Marks itself started, then blocks reading a pipe nobody writes to (blocking I/O)."""
+    r, w = os.pipe()
+    open(started, "w").close()
+    os.read(r, 1)
+    return "read"
+
+
+@env.task
+def keyboard_interrupt() -> int:
+    """Task code that raises KeyboardInterrupt itself: a failure of this execution, not a cancel."""
+    raise KeyboardInterrupt("the task's own interrupt")
+    return 0
+
+
+@env.task
+def ignore_cancel(path: str, started: str) -> str:
+    """Waits for `path` like wait_for_file, but swallows every interrupt (a cancel included) from the moment it
+    says it started until it is released."""
+    deadline = time.monotonic() + 60
+    marked = False
+    while True:
+        try:
+            if not marked:
+                open(started, "w").close()
+                marked = True
+            if os.path.exists(path) or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        except BaseException:  # noqa: B036 -- the point of this task
+            pass
+    return "released"
+
+
+@env.task
+def count_then_wait(path: str, release: str) -> int:
+    """Appends a line to `path` per run (so a second run shows), then waits for the file `release`."""
+    with open(path, "a") as f:
+        f.write("run\n")
+    deadline = time.monotonic() + 60
+    while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    with open(path) as f:
+        return len(f.readlines())

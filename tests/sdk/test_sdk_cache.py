@@ -278,3 +278,16 @@ def test_cache_survives_across_tasks_in_one_replica():
     assert model1 == model2 == model3 == "model-m"
     assert loads1 == loads2 == loads3 == 1  # loaded once, by the first task; hits since
     assert c.LOADS == 0  # never loaded in the driver
+
+
+def test_actor_cache_pickles_without_its_lock_and_arrives_as_the_live_cache():
+    import cloudpickle
+
+    @actor_cache(maxsize=4)
+    def double(x):
+        return 2 * x
+
+    assert double(3) == 6
+    again = cloudpickle.loads(cloudpickle.dumps(double))
+    assert again is double  # in a process that has it (a replica, across executions): the same cache
+    assert again(3) == 6 and double.cache_info()["hits"] == 1

@@ -29,8 +29,20 @@ def _raises(exc, field, value, rule_words, **kwargs):
 # ---- name ----
 @pytest.mark.parametrize(
     "name",
-    ["My-Actor", "my_actor", "a" * 64, "", "-actor", "actor-", "actor.x", "actor x"],
-    ids=["uppercase", "underscore", "64-chars", "empty", "leading-dash", "trailing-dash", "dot", "space"],
+    ["My-Actor", "my_actor", "a" * 64, "", "-actor", "actor-", "actor.x", "actor x", "abc\n", "abc\n\n", "\nabc"],
+    ids=[
+        "uppercase",
+        "underscore",
+        "64-chars",
+        "empty",
+        "leading-dash",
+        "trailing-dash",
+        "dot",
+        "space",
+        "trailing-newline",
+        "two-trailing-newlines",
+        "leading-newline",
+    ],
 )
 def test_name_must_be_a_dns_label(name):
     _raises(ValueError, "name", name, ["DNS-1123", "63"], name=name)
@@ -88,6 +100,25 @@ def test_environment_must_map_str_to_str(value):
     assert "environment" in msg and "str" in msg
     key, val = next(iter(value.items()))
     assert repr(key) in msg and repr(val) in msg, msg
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["A=B", "", "1ABC", "A B", "A\x00B", "A\n", "PATH\u00e9", "=A"],
+    ids=["equals", "empty", "leading-digit", "space", "nul", "newline", "non-ascii", "leading-equals"],
+)
+def test_environment_variable_names_must_be_legal(name):
+    # refused at definition, not at run time after three failed replica starts
+    _raises(ValueError, "environment", name, ["name", "letters, digits", "'_'"], environment={name: "1"})
+
+
+@pytest.mark.parametrize("name", ["A", "_A", "a_b", "A1", "MY.VAR", "my-var"])
+def test_legal_environment_variable_names_are_accepted(name):
+    assert ActorEnvironment(name="ok", environment={name: "v"}).environment[name] == "v"
+
+
+def test_environment_values_with_nul_are_refused():
+    _raises(ValueError, "environment", "a\x00b", ["NUL"], environment={"A": "a\x00b"})
 
 
 @pytest.mark.parametrize("value", [["A=1"], "A=1"])

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import sdk_local_tasks as t
@@ -97,9 +98,34 @@ def test_user_exception_is_reraised_with_its_original_type():
     assert pid_alive(t.whoami())
 
 
+def test_user_exception_that_cannot_be_rebuilt_from_its_args_keeps_its_type_and_attributes():
+    with pytest.raises(t.CodedError) as info:
+        t.raise_coded(code=42, detail="no such model")
+    e = info.value
+    assert (e.code, e.detail) == (42, "no such model")
+    assert "error 42: no such model" in str(e)
+    assert not isinstance(e, flytekitplugins_actor.ActorTaskFailed)
+
+
 def test_user_exception_in_a_workflow_keeps_its_type():
     with pytest.raises(t.Boom, match="from a workflow"):
         t.wf_boom()
+
+
+# ---- state across executions ----
+@pytest.mark.parametrize("pause", [0.0, 0.3], ids=["next-at-once", "next-after-a-pause"])
+def test_an_execution_temp_dir_is_gone_when_it_ends_whatever_the_timing(pause):
+    path = t.file_in_execution_temp_dir(content="x")
+    time.sleep(pause)  # the scenario (a pause between executions), not synchronisation
+    assert t.read_file_or_gone(path=path) == "<gone>"
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.3], ids=["next-at-once", "next-after-a-pause"])
+def test_replica_dir_outlives_the_execution_that_wrote_it(pause):
+    path = t.file_in_replica_dir(content=f"kept-{pause}")
+    time.sleep(pause)  # the scenario (a pause between executions), not synchronisation
+    assert t.read_file_or_gone(path=path) == f"kept-{pause}"
+    assert t.file_in_replica_dir(content="again") == path  # the same dir for the replica's life
 
 
 # ---- data across the boundary ----
@@ -188,6 +214,24 @@ def test_task_defined_in_main_runs_by_cloudpickle(tmp_path, cwd):
     assert replica_pid != out["driver_pid"]
     # the driver exited normally: its replica is torn down with it
     wait_until(lambda: not pid_alive(replica_pid), 15, message=f"replica {replica_pid} outlived its driver")
+
+
+@pytest.mark.timeout(90)
+def test_actor_cache_in_a_main_task_travels_by_cloudpickle_and_lives_for_the_replica(tmp_path):
+    p = subprocess.run(
+        [sys.executable, os.path.join(HERE, "sdk_main_cache_script.py")],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(),
+        cwd=str(tmp_path),
+        timeout=80,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.strip().splitlines()[-1])
+    assert "error" not in out, out
+    m = re.fullmatch(r"m-[0-9a-f]{32}-(\d+)", out["first"])
+    assert m and int(m.group(1)) != out["driver_pid"], out  # computed in the replica
+    assert out["second"] == out["first"], out  # the second execution hit the replica's cache
 
 
 @pytest.mark.timeout(90)
@@ -293,3 +337,112 @@ def test_pyflyte_run_of_a_package_module_imports_the_same_way_in_the_replica(tmp
     m = re.search(r"12 pkg\.flow (\d+)", out)
     assert m, out
     assert int(m.group(1)) != p.pid
+
+
+# ---- what a run leaves behind, and what it shows ----
+CLEANUP_SCRIPT = os.path.join(HERE, "sdk_cleanup_script.py")
+
+
+def _files_under(root):
+    return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("how", ["exit", "sigint", "sigterm"])
+def test_nothing_of_a_run_remains_in_the_temp_dir(tmp_path, how):
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    marker = tmp_path / "marker"
+    mode = "exit" if how == "exit" else "block"
+    p = subprocess.Popen(
+        [sys.executable, CLEANUP_SCRIPT, mode, str(marker)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(TMPDIR=str(tmp)),
+        cwd=str(tmp_path),
+    )
+    try:
+        if how != "exit":
+            wait_until(lambda: marker.exists() or p.poll() is not None, 60)  # the task is running in a replica
+            assert p.poll() is None, p.stderr.read()[-3000:]
+            p.send_signal(signal.SIGINT if how == "sigint" else signal.SIGTERM)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == (0 if how == "exit" else (1 if how == "sigint" else 128 + signal.SIGTERM)), err[-3000:]
+    replica_pid = int(re.search(r"hello from the task, pid (\d+)", err).group(1))
+    wait_until(lambda: not pid_alive(replica_pid), 15, message=f"replica {replica_pid} outlived its driver")
+    # the task's scratch file and replica_dir() file, the driver's workdirs: all gone; the replica log stays
+    files = _files_under(tmp)
+    assert all(re.fullmatch(rf"flyte-actor-logs/{p.pid}/sdk-cleanup-\d+\.log", f) for f in files), files
+    assert not [d for d in os.listdir(tmp) if d.startswith("flyte-actor-runs-")], os.listdir(tmp)
+
+
+@pytest.mark.timeout(90)
+def test_task_output_is_streamed_to_the_driver_terminal_prefixed_with_the_replica_name(tmp_path):
+    p = subprocess.run(
+        [sys.executable, CLEANUP_SCRIPT, "exit", ""],
+        capture_output=True,
+        text=True,
+        env=subprocess_env(TMPDIR=str(tmp_path)),
+        cwd=str(tmp_path),
+        timeout=80,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert re.search(r"^sdk-cleanup-\d+ \| hello from the task, pid \d+$", p.stderr, re.M), p.stderr[-3000:]
+    assert "[actor-replica" not in p.stderr  # the worker's bookkeeping stays in the log file
+    assert "hello from the task" not in p.stdout  # stdout stays the program's own
+
+
+@pytest.mark.timeout(90)
+def test_replica_logs_are_kept_for_the_last_few_runs_and_killed_runs_are_cleaned_up(tmp_path):
+    from flytekitplugins_actor.replica_logs import KEEP_RUNS
+
+    with open("/proc/sys/kernel/pid_max") as f:
+        dead = int(f.read()) + 1  # a pid no process can have
+    logs = tmp_path / "flyte-actor-logs"
+    for i in range(KEEP_RUNS + 3):  # earlier runs' logs, oldest first
+        d = logs / str(dead + i)
+        d.mkdir(parents=True)
+        (d / "old-1.log").write_text("old")
+        os.utime(d, (1_000_000 + i, 1_000_000 + i))
+    killed = tmp_path / f"flyte-actor-runs-{dead}"  # what a SIGKILLed driver left
+    (killed / "replicas").mkdir(parents=True)
+    p = subprocess.Popen(
+        [sys.executable, CLEANUP_SCRIPT, "exit", ""],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=subprocess_env(TMPDIR=str(tmp_path)),
+        cwd=str(tmp_path),
+    )
+    _, err = p.communicate(timeout=80)
+    assert p.returncode == 0, err[-3000:]
+    kept = sorted(os.listdir(logs))
+    assert len(kept) == KEEP_RUNS and str(p.pid) in kept, kept
+    assert kept == sorted([str(p.pid)] + [str(dead + i) for i in range(4, KEEP_RUNS + 3)]), kept  # the newest
+    assert not killed.exists()
+
+
+def test_a_replica_log_is_bounded_in_size(tmp_path):
+    import io
+
+    from flytekitplugins_actor.replica_logs import ReplicaOutput
+
+    out = io.StringIO()
+    follower = ReplicaOutput(str(tmp_path), stream=out, max_bytes=10_000)
+    log = tmp_path / "r-1.log"
+    with open(log, "ab") as f:  # as the replica writes it (O_APPEND)
+        for i in range(3):
+            f.write(b"".join(b"line %d.%04d\n" % (i, j) for j in range(1000)))
+            f.flush()
+            follower.drain()
+        f.write(b"after rotation\n")
+        f.flush()
+        follower.drain()
+    assert os.path.getsize(log) < 10_000 and os.path.getsize(str(log) + ".1") < 30_000
+    text = out.getvalue()
+    assert "r-1 | line 2.0999" in text and text.endswith("r-1 | after rotation\n")
+    assert text.count("\n") == 3001  # every line echoed once, none lost to the rotation

@@ -1,7 +1,10 @@
 """The pool under faults: refused submits, backends that cannot start replicas, reaping races, vanished peers,
 cancels, and task subprocesses when a replica is stopped. Real replica processes throughout."""
 
+import contextlib
+import logging
 import os
+import signal
 import sys
 import threading
 import uuid
@@ -9,18 +12,28 @@ import uuid
 import pytest
 import sdk_worker_tasks as tasks
 from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.python_auto_container import default_task_resolver
 from flytekit.core.type_engine import TypeEngine
 from flytekit.core.utils import write_proto_to_file
+from flytekit.loggers import logger
 from sdk_helpers import pid_alive, wait_until
 
-from flytekitplugins_actor.pool import ExecutionState, PoolRegistry, ReplicaPool
-from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaBackend, ReplicaSpec, ReplicaState
+from flytekitplugins_actor import pool as pool_module
+from flytekitplugins_actor.pool import Execution, ExecutionState, InvalidTransition, PoolRegistry, ReplicaPool
+from flytekitplugins_actor.replica.backend import (
+    DeathCause,
+    LocalProcessBackend,
+    ReplicaBackend,
+    ReplicaSpec,
+    ReplicaState,
+)
+from flytekitplugins_actor.replica.command import ExecutionCommand
 from flytekitplugins_actor.replica.execution import ExecutionSpec
 from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient
 
 pytestmark = pytest.mark.timeout(120)
 
-RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
+RESOLVER = default_task_resolver.location  # as flytekit renders it into a task's container args
 
 
 def execution(tmp, task, **inputs) -> ExecutionSpec:
@@ -29,34 +42,42 @@ def execution(tmp, task, **inputs) -> ExecutionSpec:
     os.makedirs(d)
     lm = TypeEngine.dict_to_literal_map(FlyteContextManager.current_context(), inputs, task.python_interface.inputs)
     write_proto_to_file(lm.to_flyte_idl(), os.path.join(d, "inputs.pb"))
-    args = [
-        "pyflyte-execute",
-        "--inputs",
-        os.path.join(d, "inputs.pb"),
-        "--output-prefix",
-        os.path.join(d, "out"),
-        "--raw-output-data-prefix",
-        os.path.join(d, "raw"),
-        "--resolver",
-        RESOLVER,
-        "--",
-        "task-module",
-        task.task_function.__module__,
-        "task-name",
-        task.task_function.__name__,
-    ]
-    return ExecutionSpec(execution_id, args, {})
+    command = ExecutionCommand.build(
+        inputs=os.path.join(d, "inputs.pb"),
+        output_prefix=os.path.join(d, "out"),
+        raw_output_data_prefix=os.path.join(d, "raw"),
+        resolver=RESOLVER,
+        resolver_args=["task-module", task.task_function.__module__, "task-name", task.task_function.__name__],
+    )
+    return ExecutionSpec(execution_id, command.to_args(), {})
 
 
-def make_pool(tmp, backend=None, size=1, ttl=300):
-    env = {"PYTHONPATH": os.pathsep.join(os.path.abspath(p or ".") for p in sys.path)}
+def make_pool(tmp, backend=None, size=1, ttl=300, replica_token=None, env=None, **kwargs):
+    env = {"PYTHONPATH": os.pathsep.join(os.path.abspath(p or ".") for p in sys.path), **(env or {})}
 
     def make_spec(name, token):
-        return ReplicaSpec(name=name, token=token, env=env, cwd=os.getcwd(), log_dir=os.path.join(str(tmp), "logs"))
+        return ReplicaSpec(
+            name=name,
+            token=replica_token or token,
+            env=env,
+            cwd=os.getcwd(),
+            log_dir=os.path.join(str(tmp), "logs"),
+        )
 
     return ReplicaPool(
-        f"k-{uuid.uuid4().hex[:6]}", backend or LocalProcessBackend(), make_spec, size, ttl, name="faults"
+        f"k-{uuid.uuid4().hex[:6]}", backend or LocalProcessBackend(), make_spec, size, ttl, name="faults", **kwargs
     )
+
+
+@pytest.fixture
+def pool_log():
+    """What the pool logs through flytekit's logger (which does not propagate to the root logger)."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
 
 
 @pytest.fixture
@@ -73,7 +94,7 @@ def test_a_submit_the_replica_refuses_fails_that_execution_and_keeps_the_replica
     refused = pool.submit(bad)
     assert refused.wait(30)
     assert refused.state is ExecutionState.FAILED
-    assert refused.error["code"] == "SubmitRefused" and "--bogus-option" in refused.error["message"]
+    assert refused.error.code == "SubmitRefused" and "--bogus-option" in refused.error.message
     after = pool.submit(execution(tmp_path, tasks.pid))
     assert after.wait(60) and after.state is ExecutionState.SUCCEEDED
     assert after.replica == first.replica  # the same warm replica: it was not restarted
@@ -187,5 +208,200 @@ def test_cancel_of_an_execution_taken_from_the_queue_but_not_yet_submitted(tmp_p
         assert e.wait(30) and e.state is ExecutionState.CANCELLED
         assert not counter.exists(), "a cancelled execution must not run"
         assert pool.replicas and pool.replicas[0].state is ReplicaState.READY  # no restart was needed
+    finally:
+        pool.shutdown()
+
+
+# ---- the pool's state machine ----
+def test_an_invalid_transition_raises_instead_of_being_applied():
+    e = Execution(spec=ExecutionSpec("x", [], {}))
+    e._transition(ExecutionState.RUNNING)
+    e._transition(ExecutionState.SUCCEEDED)
+    for to in (ExecutionState.RUNNING, ExecutionState.QUEUED, ExecutionState.FAILED):
+        with pytest.raises(InvalidTransition, match="SUCCEEDED"):
+            e._transition(to)
+    assert e.state is ExecutionState.SUCCEEDED
+
+
+def test_a_busy_refusal_requeues_without_stale_dispatch_state_or_a_double_count(pool, tmp_path):
+    first = pool.submit(execution(tmp_path, tasks.pid))
+    assert first.wait(60) and first.state is ExecutionState.SUCCEEDED
+    old = pool.replicas[0]
+    # someone else keeps the replica busy: the pool's next submit is refused BUSY
+    release, started = tmp_path / "release", tmp_path / "started"
+    squatter = execution(tmp_path, tasks.wait_for_file, path=str(release), started=str(started))
+    with contextlib.closing(ReplicaClient(old.address, pool.token)) as c:
+        c.request("submit", execution_id=squatter.execution_id, args=squatter.args, env={})
+    wait_until(started.exists, 30)
+    second = pool.submit(execution(tmp_path, tasks.pid))
+    assert second.wait(60) and second.state is ExecutionState.SUCCEEDED
+    assert second.replica != old.name and second.log_uri != old.log_uri  # where it really ran
+    assert second.warm is False  # a fresh replica: not the refused warm one
+    stats = pool.stats()
+    assert (stats["cold"], stats["warm"]) == (2, 0), stats  # the refused dispatch is not counted
+    release.write_text("go")
+
+
+def test_on_done_runs_outside_the_pool_lock_and_its_failure_is_logged(pool, tmp_path, pool_log):
+    seen = []
+
+    def uses_the_pool(execution):  # another thread needs the pool's lock while the callback runs
+        t = threading.Thread(target=lambda: seen.append(pool.stats()["queued"]))
+        t.start()
+        t.join(10)
+        seen.append(not t.is_alive())
+
+    def fails(execution):
+        raise RuntimeError("callback bug")
+
+    a = pool.submit(execution(tmp_path, tasks.pid), on_done=uses_the_pool)
+    b = pool.submit(execution(tmp_path, tasks.pid), on_done=fails)
+    assert a.wait(60) and b.wait(60)
+    wait_until(lambda: len(seen) == 2, 30)
+    assert seen[1] is True, "a thread taking the pool's lock was blocked while on_done ran"
+    assert b.state is ExecutionState.SUCCEEDED  # a failing callback changes nothing
+    wait_until(lambda: any("callback" in r.getMessage() and r.exc_info for r in pool_log), 10)
+    assert pool.submit(execution(tmp_path, tasks.pid)).wait(60)  # the pool carries on
+
+
+def test_the_reaper_survives_a_pool_that_fails_and_reaps_the_others(tmp_path, pool_log):
+    registry = PoolRegistry()
+    good, bad = make_pool(tmp_path, ttl=0), make_pool(tmp_path, ttl=0)
+
+    def broken():
+        raise RuntimeError("a broken pool")
+
+    bad.close_if_expired = broken
+    try:
+        assert registry.submit("bad", lambda: bad, execution(tmp_path, tasks.pid)).wait(60)
+        assert registry.submit("good", lambda: good, execution(tmp_path, tasks.pid)).wait(60)
+        assert registry.reap() == 1 and registry.get("good") is None and registry.get("bad") is bad
+        assert any("could not check pool" in r.getMessage() for r in pool_log)
+    finally:
+        registry.shutdown()
+
+
+# ---- cancel ----
+def test_cancel_returns_at_once_and_the_grace_is_the_supervisors(pool, tmp_path):
+    release, started = tmp_path / "release", tmp_path / "started"
+    e = pool.submit(execution(tmp_path, tasks.ignore_cancel, path=str(release), started=str(started)))
+    wait_until(started.exists, 60)
+    pool.cancel(e.id, grace_seconds=60)
+    assert e.state is ExecutionState.RUNNING and e.cancel_requested  # cancel did not wait out the grace
+    release.write_text("go")  # the task ignores the cancel and finishes within the grace: its result stands
+    assert e.wait(30) and e.state is ExecutionState.SUCCEEDED
+    assert pool.stats()["deaths"] == 0
+
+
+def test_a_task_that_ignores_cancel_loses_its_replica_after_the_grace(pool, tmp_path):
+    release, started = tmp_path / "release", tmp_path / "started"
+    e = pool.submit(execution(tmp_path, tasks.ignore_cancel, path=str(release), started=str(started)))
+    wait_until(started.exists, 60)
+    old = pool.replicas[0]
+    pool.cancel(e.id, grace_seconds=0.5)
+    assert e.wait(30) and e.state is ExecutionState.CANCELLED
+    assert old.wait_dead(30) is not None
+    after = pool.submit(execution(tmp_path, tasks.pid))
+    assert after.wait(60) and after.state is ExecutionState.SUCCEEDED and after.replica != old.name
+
+
+def test_cancel_of_a_sleeping_task_keeps_the_replica_warm(pool, tmp_path):
+    started = tmp_path / "started"
+    e = pool.submit(execution(tmp_path, tasks.sleep_long, started=str(started)))
+    wait_until(started.exists, 60)
+    old = pool.replicas[0]
+    pool.cancel(e.id, grace_seconds=30)
+    assert e.wait(20) and e.state is ExecutionState.CANCELLED
+    after = pool.submit(execution(tmp_path, tasks.pid))
+    assert after.wait(60) and after.replica == old.name and after.warm
+    assert pool.stats()["deaths"] == 0
+
+
+# ---- misconfiguration is loud ----
+def test_a_replica_that_refuses_the_pool_token_fails_the_execution_clearly(tmp_path, pool_log):
+    pool = make_pool(tmp_path, replica_token="another-pools-token")
+    try:
+        e = pool.submit(execution(tmp_path, tasks.pid))
+        assert e.wait(60)
+        assert e.state is ExecutionState.FAILED, (e.state, e.death)
+        assert e.error.code == "Unauthenticated" and not e.error.recoverable
+        assert "misconfiguration" in e.error.message and "FLYTE_ACTOR_TOKEN" in e.error.message
+        assert any(r.levelno >= logging.ERROR and "refused the pool's token" in r.getMessage() for r in pool_log)
+    finally:
+        pool.shutdown()
+
+
+# ---- replicas the platform takes away ----
+def _running(pool, tmp_path):
+    """Submits a task that counts its runs, then waits for a release file; returns once it runs on a replica."""
+    runs, release = tmp_path / "runs", tmp_path / "release"
+    e = pool.submit(execution(tmp_path, tasks.count_then_wait, path=str(runs), release=str(release)))
+    wait_until(lambda: runs.exists() and runs.read_text().count("run") == 1, 60)
+    return e, runs, release, pool.replicas[0]
+
+
+def test_an_execution_whose_replica_the_platform_took_runs_again_elsewhere(tmp_path):
+    pool = make_pool(tmp_path, system_retries=1)
+    try:
+        e, runs, release, first = _running(pool, tmp_path)
+        first.abandon("was evicted (node drained)", DeathCause.INFRASTRUCTURE)
+        wait_until(lambda: runs.read_text().count("run") == 2, 60)  # dispatched again, to a new replica
+        release.write_text("go")
+        assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.death)
+        assert e.replica != first.name and e.system_retries == 1
+    finally:
+        pool.shutdown()
+
+
+def test_the_system_retry_budget_ends_in_replica_died_naming_replica_and_cause(tmp_path):
+    pool = make_pool(tmp_path, system_retries=0)
+    try:
+        e, runs, _, replica = _running(pool, tmp_path)
+        replica.abandon("was evicted (node drained)", DeathCause.INFRASTRUCTURE)
+        assert e.wait(60) and e.state is ExecutionState.REPLICA_DIED
+        assert e.death.replica == replica.name and e.death.cause is DeathCause.INFRASTRUCTURE
+        assert "evicted" in str(e.death) and "infrastructure" in str(e.death) and "0 system retries" in str(e.death)
+        assert runs.read_text().count("run") == 1
+    finally:
+        pool.shutdown()
+
+
+def test_a_replica_that_dies_of_its_task_is_not_retried(pool, tmp_path):
+    e, runs, _, replica = _running(pool, tmp_path)
+    os.kill(replica.pid, signal.SIGKILL)  # e.g. the OOM killer: the task's doing
+    assert e.wait(60) and e.state is ExecutionState.REPLICA_DIED
+    assert e.death.cause is DeathCause.TASK and "SIGKILL" in e.death.reason
+    assert runs.read_text().count("run") == 1
+
+
+# ---- keepalive and bounded waits ----
+def test_idle_replicas_are_kept_alive_past_their_orphan_timeout(tmp_path, monkeypatch):
+    monkeypatch.setattr(pool_module, "KEEPALIVE_S", 0.2)
+    pool = make_pool(tmp_path, env={"FLYTE_ACTOR_ORPHAN_TIMEOUT_S": "1.5"})
+    try:
+        first = pool.submit(execution(tmp_path, tasks.pid))
+        assert first.wait(60) and first.state is ExecutionState.SUCCEEDED
+        replica = pool.replicas[0]
+        wait_until(lambda: pool.stats()["keepalives"] >= 15, 60)  # pings spanning twice the orphan timeout
+        assert replica.death is None
+        again = pool.submit(execution(tmp_path, tasks.pid))
+        assert again.wait(60) and again.replica == replica.name and again.warm
+    finally:
+        pool.shutdown()
+
+
+def test_a_replica_that_stops_answering_mid_execution_is_noticed_within_a_wait_round(tmp_path, monkeypatch):
+    monkeypatch.setattr(pool_module, "WAIT_ROUND_S", 0.3)
+    monkeypatch.setattr(pool_module, "IO_MARGIN_S", 0.7)
+    pool = make_pool(tmp_path)
+    try:
+        release, started = tmp_path / "release", tmp_path / "started"
+        e = pool.submit(execution(tmp_path, tasks.wait_for_file, path=str(release), started=str(started)))
+        wait_until(started.exists, 60)
+        replica = pool.replicas[0]
+        os.kill(replica.pid, signal.SIGSTOP)  # frozen, connection open: what a lost node looks like from here
+        assert e.wait(30), "a wait on a peer that stopped answering must not block forever"
+        assert e.state is ExecutionState.REPLICA_DIED and "stopped answering" in e.death.reason
+        assert replica.wait_dead(30) is not None  # the pool replaced it
     finally:
         pool.shutdown()

@@ -10,23 +10,31 @@ import pytest
 import sdk_worker_tasks as tasks
 from flyteidl.core import errors_pb2, literals_pb2
 from flytekit.core.context_manager import FlyteContextManager
+from flytekit.core.python_auto_container import default_task_resolver
 from flytekit.core.type_engine import TypeEngine
 from flytekit.core.utils import load_proto_from_file, write_proto_to_file
 from flytekit.models.literals import LiteralMap
 from sdk_helpers import pid_alive, wait_until
 
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
-from flytekitplugins_actor.replica.protocol import AuthenticationError, ReplicaClient, recv_message, send_message
+from flytekitplugins_actor.replica.command import ExecutionCommand
+from flytekitplugins_actor.replica.protocol import (
+    AuthenticationError,
+    ProtocolError,
+    ReplicaClient,
+    recv_message,
+    send_message,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
-RESOLVER = "flytekit.core.python_auto_container.default_task_resolver"
+RESOLVER = default_task_resolver.location  # as flytekit renders it into a task's container args
 
 
 class Worker:
     """A real replica worker process and a client for it."""
 
-    def __init__(self, tmp, token=None):
+    def __init__(self, tmp, token=None, env=None):
         self.tmp = tmp
         self.token = token or secrets.token_hex(16)
         self.tmpdir = os.path.join(tmp, "replica-tmp")
@@ -36,7 +44,11 @@ class Worker:
             token=self.token,
             log_dir=os.path.join(tmp, "logs"),
             cwd=os.getcwd(),
-            env={"PYTHONPATH": os.pathsep.join(os.path.abspath(p or ".") for p in sys.path), "TMPDIR": self.tmpdir},
+            env={
+                "PYTHONPATH": os.pathsep.join(os.path.abspath(p or ".") for p in sys.path),
+                "TMPDIR": self.tmpdir,
+                **(env or {}),
+            },
         )
         self.replica = LocalProcessBackend().start(spec)
         assert self.replica.wait_ready(60) is ReplicaState.READY, open(self.replica.log_uri).read()
@@ -45,7 +57,7 @@ class Worker:
     def request(self, op, **fields):
         return self.client.request(op, **fields)
 
-    def args(self, task, execution_id=None, module=None, name=None, prefix=(), **inputs):
+    def args(self, task, execution_id=None, module=None, name=None, distribution=None, dest_dir=None, **inputs):
         """pyflyte-execute args for `task` with `inputs`, as a pod's container would get them."""
         execution_id = execution_id or uuid.uuid4().hex
         d = os.path.join(self.tmp, "executions", execution_id)
@@ -54,24 +66,21 @@ class Worker:
         lm = TypeEngine.dict_to_literal_map(ctx, inputs, task.python_interface.inputs if task else {})
         write_proto_to_file(lm.to_flyte_idl(), os.path.join(d, "inputs.pb"))
         out = os.path.join(d, "out")
-        args = [
-            *prefix,
-            "pyflyte-execute",
-            "--inputs",
-            os.path.join(d, "inputs.pb"),
-            "--output-prefix",
-            out,
-            "--raw-output-data-prefix",
-            os.path.join(d, "raw"),
-            "--resolver",
-            RESOLVER,
-            "--",
-            "task-module",
-            module or task.task_function.__module__,
-            "task-name",
-            name or task.task_function.__name__,
-        ]
-        return execution_id, args, out
+        command = ExecutionCommand.build(
+            inputs=os.path.join(d, "inputs.pb"),
+            output_prefix=out,
+            raw_output_data_prefix=os.path.join(d, "raw"),
+            resolver=RESOLVER,
+            resolver_args=[
+                "task-module",
+                module or task.task_function.__module__,
+                "task-name",
+                name or task.task_function.__name__,
+            ],
+            distribution=distribution,
+            dest_dir=dest_dir,
+        )
+        return execution_id, command.to_args(), out
 
     def run(self, task, env=None, **inputs):
         """Submits one execution, waits for it, returns (reply, output prefix)."""
@@ -247,6 +256,34 @@ def test_cancel_a_running_execution_and_the_replica_survives(worker, tmp_path):
     assert reply["state"] == "succeeded" and output(out) == 1
 
 
+@pytest.mark.parametrize("task", [tasks.sleep_long, tasks.blocked_read], ids=["time.sleep", "blocking-read"])
+def test_cancel_interrupts_a_task_blocked_in_a_system_call_and_keeps_the_replica(worker, tmp_path, task):
+    started = tmp_path / "started"
+    execution_id, args, out = worker.args(task, started=str(started))
+    worker.request("submit", execution_id=execution_id, args=args)
+    wait_until(started.exists, 30)
+    pid = worker.request("health")["pid"]
+    worker.request("cancel", execution_id=execution_id)
+    # the task would block for 10 minutes; only a signal delivered to the main thread ends it before this wait does
+    reply = worker.request("wait", execution_id=execution_id, timeout=30)
+    assert reply["state"] == "cancelled", reply
+    assert reply["error"]["code"] == "ABORTED"
+    assert not os.path.exists(os.path.join(out, "outputs.pb"))
+    h = worker.request("health")
+    assert h["state"] == "idle" and h["pid"] == pid  # the same warm replica, not a replacement
+    assert worker.run(tasks.pid)[0]["state"] == "succeeded"
+
+
+def test_a_keyboard_interrupt_raised_by_the_task_is_its_failure_not_a_cancel(worker):
+    reply, out = worker.run(tasks.keyboard_interrupt)
+    assert reply["state"] == "failed", reply
+    assert reply["error"]["code"] == "KeyboardInterrupt" and reply["error"]["origin"] == "USER"
+    assert "the task's own interrupt" in reply["error"]["message"]
+    err = error_doc(out)  # what storage says agrees with the reply
+    assert err.code == "KeyboardInterrupt" and err.origin == 1
+    assert worker.run(tasks.pid)[0]["state"] == "succeeded"  # the replica survives it
+
+
 def test_cancel_of_an_unknown_or_finished_execution_is_harmless(worker, tmp_path):
     assert worker.request("cancel", execution_id="nope")["state"] == "unknown"
     reply, out = worker.run(tasks.pid)
@@ -341,6 +378,70 @@ def test_per_execution_temp_dirs_are_removed(worker):
     assert not any(os.path.exists(p) for p in paths)
 
 
+# ---- the worker stops on its own ----
+def test_a_replica_no_pool_talks_to_exits_after_the_orphan_timeout(tmp_path):
+    w = Worker(str(tmp_path), env={"FLYTE_ACTOR_ORPHAN_TIMEOUT_S": "1.5"})
+    try:
+        w.request("health")  # an authenticated request restarts the count
+        death = w.replica.wait_dead(30)
+        assert death is not None and death.exit_code == 0, death
+        assert "no request from any pool" in open(w.replica.log_uri).read()
+    finally:
+        w.client.close()
+
+
+def test_a_bad_token_does_not_count_as_contact_for_the_orphan_timeout(tmp_path):
+    w = Worker(str(tmp_path), env={"FLYTE_ACTOR_ORPHAN_TIMEOUT_S": "2"})
+    bad = ReplicaClient(w.replica.address, "not-the-token")
+    try:
+
+        def knock() -> bool:  # an unauthenticated caller keeps knocking until the replica is gone
+            try:
+                bad.request("health", io_timeout=5)
+            except AuthenticationError:
+                return False
+            except ProtocolError:
+                return True
+            return False
+
+        wait_until(lambda: knock() or w.replica.death is not None, 30)
+        assert w.replica.wait_dead(30) is not None
+    finally:
+        bad.close()
+        w.client.close()
+
+
+@pytest.mark.parametrize("value", ["0", "soon", "-3"])
+def test_an_invalid_orphan_timeout_is_refused_at_start(tmp_path, value):
+    import subprocess
+
+    env = {**os.environ, "FLYTE_ACTOR_TOKEN": "t", "FLYTE_ACTOR_ORPHAN_TIMEOUT_S": value}
+    proc = subprocess.run(
+        [sys.executable, "-m", "flytekitplugins_actor.replica.worker", "--port", "0", "--host", "127.0.0.1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "FLYTE_ACTOR_ORPHAN_TIMEOUT_S" in proc.stderr and value in proc.stderr
+
+
+def test_a_replica_whose_parent_is_gone_takes_its_task_subprocesses_along(tmp_path):
+    w = Worker(str(tmp_path))
+    try:
+        pidfile = tmp_path / "child"
+        execution_id, args, _ = w.args(tasks.spawn_sleeper, path=str(pidfile))
+        w.request("submit", execution_id=execution_id, args=args)
+        wait_until(lambda: pidfile.exists() and pidfile.read_text(), 30)
+        child = int(pidfile.read_text())
+        assert pid_alive(child)
+        w.replica.process.stdin.close()  # what the replica sees when its parent dies, even by SIGKILL
+        assert w.replica.wait_dead(30) is not None
+        wait_until(lambda: not pid_alive(child), 30, message=f"task subprocess {child} outlived its replica")
+    finally:
+        w.client.close()
+
+
 # ---- the worker stops on SIGTERM ----
 def test_sigterm_stops_an_idle_worker(tmp_path):
     w = Worker(str(tmp_path))
@@ -408,8 +509,17 @@ def test_fast_registered_code_is_activated_once_and_other_versions_are_refused(t
         dest.mkdir()
 
         def run(dist):
-            prefix = ["pyflyte-fast-execute", "--additional-distribution", dist, "--dest-dir", str(dest), "--"]
-            execution_id, args, out = w.args(None, module="sdk_fastmod", name="where", prefix=prefix)
+            execution_id, args, out = w.args(
+                None, module="sdk_fastmod", name="where", distribution=dist, dest_dir=str(dest)
+            )
+            assert args[:6] == [
+                "pyflyte-fast-execute",
+                "--additional-distribution",
+                dist,
+                "--dest-dir",
+                str(dest),
+                "--",
+            ]
             w.request("submit", execution_id=execution_id, args=args)
             return w.request("wait", execution_id=execution_id, timeout=60), out
 

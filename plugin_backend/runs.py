@@ -1,0 +1,167 @@
+"""What the service tracks per execution, one kind per task type behind one interface: a single execution on a
+replica (`SingleRun`, for actor and actor_sync), a map fanned out over the pool (`MapRunView`, over MapRun), or
+an execution a restarted connector answers from storage alone (`StoredRun`).
+
+The service never branches on the kind: it asks a run for its status, aborts it (DeleteTask), waits for it (the
+sync path) and releases it once terminal (drops what its pool keeps for it).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, Optional
+
+from flyteidl.core.execution_pb2 import TaskExecution
+
+from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
+from plugin_backend.map_run import MapRun
+from plugin_backend.status import Status, failure, log_links, waiting_for_resources
+
+CANCEL_GRACE_S = 3.0
+"""How long a cancelled execution may take to stop before its replica is replaced."""
+MAP_ABORT_WAIT_S = 10.0
+"""How long DeleteTask waits for a map's coordinator to cancel its in-flight items."""
+
+
+class Run(abc.ABC):
+    """One execution the connector serves, whatever its kind."""
+
+    @property
+    @abc.abstractmethod
+    def terminal(self) -> bool:
+        """True once the run has ended (succeeded, failed, aborted, or its replica died)."""
+
+    @abc.abstractmethod
+    def status(self) -> Status:
+        """What GetTask answers now."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Cancels the run (DeleteTask); returns once it ended or its bounded grace ran out."""
+
+    @abc.abstractmethod
+    def wait(self, timeout: float) -> bool:
+        """Blocks until the run is terminal or `timeout` passes; True when terminal."""
+
+    def release(self) -> None:
+        """Drops what the pool keeps for a terminal run (a pool that never goes idle would keep it forever)."""
+
+
+class SingleRun(Run):
+    """One execution on a replica of the environment's pool."""
+
+    def __init__(self, execution: Execution, env_name: str, find_pool: Callable[[], Optional[ReplicaPool]]):
+        self.execution = execution
+        self.env_name = env_name
+        self._find_pool = find_pool  # the live pool, never a new one: a getter must not start replicas
+
+    @property
+    def terminal(self) -> bool:
+        return self.execution.state.terminal
+
+    def status(self) -> Status:
+        e = self.execution
+        links = log_links([(e.replica, e.log_uri)]) if e.replica else []
+        state = e.state
+        if state is ExecutionState.QUEUED:
+            pool = self._find_pool()
+            if pool is None:
+                return Status(TaskExecution.QUEUED, f"queued for actor environment {self.env_name}")
+            waiting = waiting_for_resources(pool, self.env_name)
+            if waiting is not None:
+                return waiting
+            stats = pool.stats()
+            if stats["starting"] and not stats["busy"] and not stats["idle"]:
+                return Status(
+                    TaskExecution.INITIALIZING,
+                    f"starting {stats['starting']} replica(s) of actor environment {self.env_name}",
+                )
+            return Status(
+                TaskExecution.QUEUED,
+                f"queued for actor environment {self.env_name}: "
+                f"{stats['queued']} queued, {stats['busy']} of {stats['replicas']} replicas busy",
+            )
+        if state is ExecutionState.RUNNING:
+            return Status(
+                TaskExecution.RUNNING, f"running on replica {e.replica} ({'warm' if e.warm else 'cold'})", links
+            )
+        if state is ExecutionState.SUCCEEDED:
+            return Status(TaskExecution.SUCCEEDED, f"succeeded on replica {e.replica}", links)
+        if state is ExecutionState.FAILED:
+            return failure(e.error, f"on replica {e.replica}", links)
+        if state is ExecutionState.CANCELLED:
+            return Status(TaskExecution.ABORTED, "aborted", links)
+        # REPLICA_DIED
+        return Status(
+            TaskExecution.RETRYABLE_FAILED,
+            f"replica died: {e.death or 'replica ' + str(e.replica) + ' vanished'} while running execution {e.id}; "
+            f"a replacement replica serves the retry",
+            links,
+        )
+
+    def abort(self) -> None:
+        pool = self._find_pool()
+        if pool is not None and not self.terminal:
+            pool.cancel(self.execution.id, grace_seconds=CANCEL_GRACE_S)
+
+    def wait(self, timeout: float) -> bool:
+        return self.execution.wait(timeout)
+
+    def release(self) -> None:
+        pool = self._find_pool()
+        if pool is not None:
+            pool.forget(self.execution.id)
+
+
+class MapRunView(Run):
+    """An actor_map run (MapRun coordinates its items); outputs go by reference: propeller reads outputs.pb."""
+
+    def __init__(self, run: MapRun):
+        self.run = run
+
+    @property
+    def terminal(self) -> bool:
+        return self.run.phase != "running"
+
+    def status(self) -> Status:
+        run = self.run
+        links = log_links(list(run.replicas.items()))
+        info = run.progress()
+        phase = run.phase
+        if phase == "running":
+            done = info["succeeded"] + info["failed"]
+            return Status(TaskExecution.RUNNING, f"{done} of {run.n} items done", links, custom_info=info)
+        if phase == "succeeded":  # no inline outputs: an answer over 4 MiB fails in propeller's client
+            return Status(TaskExecution.SUCCEEDED, run.message, links, custom_info=info)
+        if phase == "aborted":
+            return Status(TaskExecution.ABORTED, run.message, links, custom_info=info)
+        failed = TaskExecution.RETRYABLE_FAILED if run.recoverable else TaskExecution.FAILED
+        return Status(failed, run.message, links, custom_info=info)
+
+    def abort(self) -> None:
+        self.run.abort()
+        self.run.finished.wait(MAP_ABORT_WAIT_S)
+
+    def wait(self, timeout: float) -> bool:
+        return self.run.finished.wait(timeout)
+
+
+class StoredRun(Run):
+    """An execution this process did not run, answered from storage alone (a restarted connector found its result,
+    its abort, or that it was dispatched and left nothing: never run twice)."""
+
+    def __init__(self, answer: Status):
+        self.answer = answer
+
+    @property
+    def terminal(self) -> bool:
+        return True
+
+    def status(self) -> Status:
+        return self.answer
+
+    def abort(self) -> None:
+        """Nothing runs here: the abort marker in storage (written by DeleteTask) is all there is to do."""
+
+    def wait(self, timeout: float) -> bool:
+        return True

@@ -1,0 +1,52 @@
+"""Actor tasks the Kubernetes end-to-end tests run, one environment per scenario so each has pods of its own.
+Replica pods import this module by name (the stand-in's image has tests/connector on its PYTHONPATH)."""
+
+import os
+import socket
+import time
+
+from flytekitplugins_actor import ActorEnvironment
+
+main = ActorEnvironment(name="k8s-main", replica_count=1, ttl_seconds=300)
+fanout = ActorEnvironment(name="k8s-map", replica_count=2, ttl_seconds=300)
+faults = ActorEnvironment(name="k8s-faults", replica_count=1, ttl_seconds=300)
+short = ActorEnvironment(name="k8s-ttl", replica_count=1, ttl_seconds=1)
+
+
+def _gate(path: str) -> str:
+    """Waits (bounded) for a file the test creates; returns the replica's pod IP (FLYTE_ACTOR_HOST)."""
+    deadline = time.monotonic() + 60
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return os.environ.get("FLYTE_ACTOR_HOST", "")
+
+
+@main.task
+def add(a: int, b: int) -> int:
+    return a + b
+
+
+@main.task
+def host() -> str:
+    """Where the replica runs: its pod IP and its pod name (HOSTNAME)."""
+    return f"{os.environ.get('FLYTE_ACTOR_HOST')}/{socket.gethostname()}/{os.environ.get('HOSTNAME')}"
+
+
+@main.task
+def held(gate: str) -> str:
+    return _gate(gate)
+
+
+@fanout.task
+def where(x: int) -> str:
+    return f"{x}:{os.environ.get('FLYTE_ACTOR_HOST')}"
+
+
+@faults.task
+def held_fault(gate: str) -> str:
+    return _gate(gate)
+
+
+@short.task
+def quick() -> int:
+    return 1
