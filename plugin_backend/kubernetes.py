@@ -43,6 +43,8 @@ from plugin_backend.pod_spec import (
 READY_TIMEOUT_ENV = "FLYTE_ACTOR_K8S_READY_TIMEOUT_S"
 NOT_READY_GRACE_ENV = "FLYTE_ACTOR_K8S_NOT_READY_GRACE_S"
 SELECTOR = f"{LABEL_MANAGED_BY}={MANAGED_BY}"
+MAX_RETRY_S = 30.0
+"""The longest pause between attempts of a failing watch (doubling from one second)."""
 START_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerError", "ErrImageNeverPull")
 """Waiting reasons that mean the container will not start without a change to the environment: fail fast."""
 CONFIG_ERROR = "CreateContainerConfigError"
@@ -225,6 +227,7 @@ class _NamespaceWatch:
         from kubernetes.client.rest import ApiException
 
         backend, api = self.backend, self.backend.api
+        delay = backend.retry_s
         while not backend._stop.is_set():
             try:
                 if self.resource_version is None:
@@ -240,6 +243,7 @@ class _NamespaceWatch:
                     _request_timeout=(10, backend.watch_timeout_s + 60),
                 )
                 for event in stream:  # deserialized (the client's 410 handling needs it); the raw dict is used
+                    delay = backend.retry_s
                     obj = event["raw_object"]
                     self.resource_version = obj["metadata"]["resourceVersion"]
                     if event["type"] == "BOOKMARK":
@@ -254,11 +258,15 @@ class _NamespaceWatch:
                     logger.info(f"replica pod watch of {self.namespace}: resource version expired, relisting")
                     self.resource_version = None
                     continue
-                logger.warning(f"replica pod watch of {self.namespace} failed: {_api_reason(e)}; retrying")
-                backend._stop.wait(backend.retry_s)
+                logger.warning(
+                    f"replica pod watch of {self.namespace} failed: {_api_reason(e)}; retrying in {delay:.0f}s"
+                )
+                backend._stop.wait(delay)
+                delay = min(MAX_RETRY_S, delay * 2)  # e.g. 403: no RBAC in this namespace; do not hammer the API
             except Exception as e:  # connection reset, timeout, API server restart: resume from the last version
-                logger.warning(f"replica pod watch of {self.namespace} interrupted: {e!r}; resuming")
-                backend._stop.wait(backend.retry_s)
+                logger.warning(f"replica pod watch of {self.namespace} interrupted: {e!r}; resuming in {delay:.0f}s")
+                backend._stop.wait(delay)
+                delay = min(MAX_RETRY_S, delay * 2)
 
     def _relist(self) -> None:
         resp = self.backend.api.list_namespaced_pod(
@@ -522,6 +530,8 @@ class KubernetesBackend(ReplicaBackend):
             )
             replica = KubernetesReplica(spec, self, pod_name=name)
             replica.secret_name = ref["name"]
+            version = meta.get("resourceVersion", "")
+            replica.created_rv = int(version) if version.isdigit() else None  # a relist after it must show it
             with self._lock:
                 self._replicas[(ns, name)] = replica
             replica.observe(pod)

@@ -1,5 +1,5 @@
 """The kubernetes replica backend against the loopback API stand-in (tests/kube): real pods (local processes at
-127.0.0.N) created, watched, faulted and deleted through the unmodified `kubernetes` client, every object
+127.a.b.N) created, watched, faulted and deleted through the unmodified `kubernetes` client, every object
 validated strictly against Kubernetes 1.30 and every request checked against deploy/'s ClusterRole."""
 
 import contextlib
@@ -33,7 +33,7 @@ def cluster(tmp_path):
 
 def _backend(cluster, **kw) -> KubernetesBackend:
     api = client.CoreV1Api(config.new_client_from_config(cluster.kubeconfig))
-    kw = {"namespace": NAMESPACE, "not_ready_grace_s": 1.0, "config_error_grace_s": 1.0, **kw}
+    kw = {"namespace": NAMESPACE, "not_ready_grace_s": 1.0, "config_error_grace_s": 3.0, **kw}
     return KubernetesBackend(api=api, **kw)
 
 
@@ -69,7 +69,7 @@ def test_a_replica_pod_starts_binds_its_pod_ip_and_reads_its_token_from_an_owned
     assert replica.wait_ready(30) is ReplicaState.READY, cluster.kubelet.log(replica.pod_name)
     pod = _pod(cluster, replica)
     ip = pod["status"]["podIP"]
-    assert ip.startswith("127.0.") and ip != "127.0.0.1" and replica.address == f"{ip}:8777"
+    assert ip.startswith("127.") and ip != "127.0.0.1" and replica.address == f"{ip}:8777"
     assert pod["spec"]["serviceAccountName"] == "team-sa" and pod["spec"]["restartPolicy"] == "Never"
     limits = pod["spec"]["containers"][0]["resources"]["limits"]
     assert limits == {"cpu": "1000m", "memory": "1024Mi"}  # propeller's defaults: a quota'd namespace admits it

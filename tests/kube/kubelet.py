@@ -1,4 +1,4 @@
-"""The stand-in's node: a scheduler and a kubelet in one thread. Each pod gets its own 127.0.0.N, its primary
+"""The stand-in's node: a scheduler and a kubelet in one thread. Each pod gets its own 127.a.b.N, its primary
 container's command runs as a local process with its env resolved, its readiness probe is run for real, and its
 status is reported as a kubelet reports it. Fault switches: OOM kill, node loss, image pull failure, unschedulable."""
 
@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import os
+import random
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 from kubernetes.utils.quantity import parse_quantity
 
@@ -57,7 +58,7 @@ class Kubelet:
         self.bad_images: set = set()
         self.node_loss_grace = 3.0
         self._runs: Dict[str, _Run] = {}
-        self._ips = iter(f"127.0.{n // 256}.{n % 256}" for n in range(2, 65000) if n % 256 not in (0, 255))
+        self._ips = _pod_ips()
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="stand-in-kubelet", daemon=True)
@@ -382,6 +383,17 @@ class Kubelet:
             return p
 
         self.store.update("pods", pod["metadata"]["namespace"], pod["metadata"]["name"], apply)
+
+
+def _pod_ips() -> Iterator[str]:
+    """Pod IPs in 127/8 (Linux routes all of it to lo): a random 127.a.b.0/24 start per node, so stand-ins of
+    test runs sharing the machine (replicas all listen on port 8777) do not collide; never 127.0.0.1."""
+    rng = random.SystemRandom()
+    a, b = rng.randrange(1, 255), rng.randrange(0, 255)
+    while True:
+        for n in range(2, 255):
+            yield f"127.{a}.{b}.{n}"
+        b = (b + 1) % 256
 
 
 def _primary(pod: dict) -> dict:
