@@ -6,13 +6,11 @@ Open-source propeller cannot run connector tasks inside an ArrayNode, so the map
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextvars
 import functools
 import hashlib
-from typing import Any, Dict, List, Optional, Union
+import os
+from typing import Any, Dict, Optional, Union
 
-from flyteidl.core import literals_pb2
 from flytekit.configuration import SerializationSettings
 from flytekit.core.base_task import PythonTask
 from flytekit.core.context_manager import FlyteContext
@@ -20,12 +18,18 @@ from flytekit.core.interface import transform_interface_to_list_interface
 from flytekit.models.literals import LiteralMap
 
 from flytekitplugins_actor.constants import ACTOR_MAP_TASK_TYPE
-from flytekitplugins_actor.map_plan import MapInputError, MapPlan, required_successes
-from flytekitplugins_actor.task import ActorTask, execution_env
+from flytekitplugins_actor.map_model import MapSpec, MapSpecError
+from flytekitplugins_actor.map_plan import MapInputError, MapPlan
+from flytekitplugins_actor.task import IN_PROCESS_ENV, ActorTask, execution_env
 
 
 class MapFailed(RuntimeError):
-    """Too few items of an actor map succeeded to meet its min_success_ratio."""
+    """Too few items of an actor map succeeded to meet its min_success_ratio; raised from the lowest failed item's
+    exception. `recoverable` says whether every failed item failed recoverably (a retry may help)."""
+
+    def __init__(self, message: str, recoverable: bool = False):
+        super().__init__(message)
+        self.recoverable = recoverable
 
 
 class ActorMapTask(PythonTask):
@@ -47,33 +51,23 @@ class ActorMapTask(PythonTask):
                 f"flytekitplugins_actor.map maps an actor task (declared with @ActorEnvironment.task), got {task!r}; "
                 "for other tasks use flytekit.map_task"
             )
-        if concurrency is not None and (
-            isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1
-        ):
-            raise ValueError(f"map(concurrency={concurrency!r}) is invalid: must be None (all replicas) or an int >= 1")
-        if (
-            isinstance(min_success_ratio, bool)
-            or not isinstance(min_success_ratio, (int, float))
-            or not 0 <= min_success_ratio <= 1
-        ):
-            raise ValueError(f"map(min_success_ratio={min_success_ratio!r}) is invalid: must be a number in [0, 1]")
         self._subtask: ActorTask = task
         self._bound_values: Dict[str, Any] = dict(partial.keywords) if partial else {}
         unknown = set(self._bound_values) - set(task.python_interface.inputs)
         if unknown:
             raise TypeError(f"map({task.name}): partial binds {sorted(unknown)}, which are not inputs of the task")
-        self.concurrency, self.min_success_ratio = concurrency, float(min_success_ratio)
-        self.bound_inputs = sorted(self._bound_values)
-        self.mapped_inputs = [k for k in task.python_interface.inputs if k not in self._bound_values]
-        if not self.mapped_inputs:
+        bound = sorted(self._bound_values)
+        mapped = [k for k in task.python_interface.inputs if k not in self._bound_values]
+        if not mapped:
             raise TypeError(f"map({task.name}): every input is bound by the partial; nothing is left to map over")
-        optional_outputs = self.min_success_ratio < 1
+        try:
+            self.spec = MapSpec(tuple(mapped), tuple(bound), task.name, concurrency, min_success_ratio)
+        except MapSpecError as e:
+            raise MapSpecError(f"map({task.name}): {e}") from None
         interface = transform_interface_to_list_interface(
-            task.python_interface, set(self.bound_inputs), set(), optional_outputs
+            task.python_interface, set(bound), set(), self.spec.min_success_ratio < 1
         )
-        h = hashlib.md5(f"{','.join(self.bound_inputs)}:{concurrency}:{self.min_success_ratio}".encode()).hexdigest()[
-            :10
-        ]
+        h = hashlib.md5(f"{','.join(bound)}:{concurrency}:{self.spec.min_success_ratio}".encode()).hexdigest()[:10]
         kwargs.setdefault("metadata", task.metadata)
         kwargs.setdefault("security_ctx", task.security_context)
         super().__init__(
@@ -85,8 +79,12 @@ class ActorMapTask(PythonTask):
         )
 
     @property
-    def subtask(self) -> ActorTask:
-        return self._subtask
+    def concurrency(self) -> Optional[int]:
+        return self.spec.concurrency
+
+    @property
+    def min_success_ratio(self) -> float:
+        return self.spec.min_success_ratio
 
     def __call__(self, *args, **kwargs):
         return super().__call__(*args, **{**self._bound_values, **kwargs})
@@ -104,54 +102,27 @@ class ActorMapTask(PythonTask):
     def get_custom(self, settings: SerializationSettings) -> Dict[str, Any]:
         spec = {
             "map": {
-                "concurrency": self.concurrency,
-                "min_success_ratio": self.min_success_ratio,
-                "mapped_inputs": self.mapped_inputs,
-                "bound_inputs": self.bound_inputs,
-                "subtask": self._subtask.name,
+                "concurrency": self.spec.concurrency,
+                "min_success_ratio": self.spec.min_success_ratio,
+                "mapped_inputs": list(self.spec.mapped_inputs),
+                "bound_inputs": list(self.spec.bound_inputs),
+                "subtask": self.spec.subtask,
             }
         }
         return execution_env(self._subtask.task_config, settings, spec)
 
     # ---- local execution: fan out over local replicas ----
     def dispatch_execute(self, ctx: FlyteContext, input_literal_map: LiteralMap) -> LiteralMap:
-        """Splits the inputs (the same MapPlan the connector uses), runs the items on the environment's local
-        replicas in parallel, and gathers their outputs in input order."""
-        from flytekitplugins_actor.local import run_literals_on_replica
+        """Splits the inputs (the same MapPlan the connector uses) and runs the items under the same map model:
+        on the environment's local replicas in parallel, or one after another in the driver when
+        FLYTE_ACTOR_IN_PROCESS=1; outputs are gathered in input order."""
+        from flytekitplugins_actor.map_local import LocalMapRun
 
         try:
-            plan = MapPlan(input_literal_map, self.mapped_inputs, self.bound_inputs)
+            plan = MapPlan(input_literal_map, self.spec)
         except MapInputError as e:
             raise ValueError(f"map({self._subtask.name}): {e}") from None
-        n = plan.size
-        workers = min(self.concurrency or self._subtask.task_config.replica_count, max(n, 1))
-        results: List[Optional[literals_pb2.LiteralMap]] = [None] * n
-        failures: Dict[int, BaseException] = {}
-        with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="actor-map") as ex:
-            # each item runs in a copy of the driver's flytekit context (a contextvar)
-            futures = {
-                ex.submit(
-                    contextvars.copy_context().run,
-                    run_literals_on_replica,
-                    self._subtask,
-                    LiteralMap.from_flyte_idl(plan.item_inputs(i)),
-                ): i
-                for i in range(n)
-            }
-            for f in concurrent.futures.as_completed(futures):
-                i = futures[f]
-                try:
-                    results[i] = f.result().to_flyte_idl()
-                except Exception as e:
-                    failures[i] = e
-        need = required_successes(n, self.min_success_ratio)
-        if n - len(failures) < need:
-            first = min(failures)
-            raise MapFailed(
-                f"map({self._subtask.name}): {n - len(failures)} of {n} items succeeded, {need} required "
-                f"(min_success_ratio={self.min_success_ratio}); first failure, item {first}: {failures[first]!r}"
-            ) from failures[first]
-        return LiteralMap.from_flyte_idl(MapPlan.gather(list(self._subtask.python_interface.outputs), results))
+        return LocalMapRun(self._subtask, plan, ctx).run(in_process=os.environ.get(IN_PROCESS_ENV) == "1")
 
     def execute(self, **kwargs) -> Any:
         raise NotImplementedError(

@@ -242,15 +242,16 @@ def run_on_replica(task, native_inputs: Dict[str, Any]) -> Any:
     return values[names[0]] if len(names) == 1 else tuple(values[n] for n in names)
 
 
-def run_literals_on_replica(task, inputs: LiteralMap) -> LiteralMap:
-    """Executes an actor task on a warm local replica of its environment: inputs.pb in, outputs.pb out."""
+def run_literals_on_replica(task, inputs: LiteralMap, execution_id: Optional[str] = None) -> LiteralMap:
+    """Executes an actor task on a warm local replica of its environment: inputs.pb in, outputs.pb out.
+    `execution_id` names the execution in its pool (a map cancels its items by it); a fresh one by default."""
     ctx = FlyteContextManager.current_context()
     pools = local_pools()
     with pools.workdir() as workdir:
-        return _run_in(workdir, ctx, pools, task, inputs)
+        return _run_in(workdir, ctx, pools, task, inputs, execution_id or f"local-{uuid.uuid4().hex}")
 
 
-def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap) -> LiteralMap:
+def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap, execution_id: str) -> LiteralMap:
     inputs_path = os.path.join(workdir, "inputs.pb")
     output_prefix = os.path.join(workdir, "outputs")
     write_proto_to_file(inputs.to_flyte_idl(), inputs_path)
@@ -266,9 +267,7 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap) ->
     root = _module_root(task)
     if root:  # the pool's PYTHONPATH has the first task's root; another task of the environment may need its own
         env[SYS_PATH_ENV] = root
-    execution = pools.submit_to(
-        task.task_config, ExecutionSpec(f"local-{uuid.uuid4().hex}", args, env), want_exception=True
-    )
+    execution = pools.submit_to(task.task_config, ExecutionSpec(execution_id, args, env), want_exception=True)
     execution.wait()
     pools.forget(task.task_config, execution.id)
     if execution.replica:  # the task's output reaches the terminal before its result reaches the caller

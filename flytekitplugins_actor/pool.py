@@ -111,12 +111,15 @@ class Execution:
     started_at: Optional[float] = None
     want_exception: bool = False
     cancel_requested: bool = False
+    dispatched: bool = False
+    """The replica it runs on has accepted it (a cancel is then the replica's to deliver)."""
     system_retries: int = 0
     """How often it was dispatched again because the platform took its replica away."""
     before_dispatch: Optional[Callable[["Execution"], None]] = field(default=None, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _callbacks: List[Callable[["Execution"], None]] = field(default_factory=list, repr=False)
     _forget_when_done: bool = field(default=False, repr=False)
+    _cancel_grace_s: float = field(default=0.0, repr=False)
 
     @property
     def id(self) -> str:
@@ -245,8 +248,7 @@ class ReplicaPool:
             if id(replica) not in kept:
                 replica.terminate(0)
         for slot in slots:
-            slot.replica.add_death_callback(lambda _death, slot=slot: self._on_death(slot))
-            threading.Thread(target=self._serve, args=(slot,), name=f"slot-{slot.replica.name}", daemon=True).start()
+            self._start_serving(slot)
 
     def _adoptable(self, replica: Replica, token: str) -> bool:
         if replica.state is not ReplicaState.READY:
@@ -295,12 +297,13 @@ class ReplicaPool:
             if execution.state is ExecutionState.QUEUED:
                 self._queue.remove(execution)
                 callbacks = self._complete_locked(execution, ExecutionState.CANCELLED)
-            else:
-                execution.cancel_requested = True
-                slot = next((s for s in self._slots if s.current is execution), None)
+            else:  # not yet dispatched: the slot thread sees the flag before or right after its submit
+                execution.cancel_requested, execution._cancel_grace_s = True, grace_seconds
+                if execution.dispatched:
+                    slot = next((s for s in self._slots if s.current is execution), None)
         _run_callbacks(callbacks)
         if slot is not None:
-            self._supervisor.call_soon(self._deliver_cancel, slot, execution, grace_seconds)
+            self._supervisor.call_soon(self._deliver_cancel, slot, execution)
         return execution
 
     def stats(self) -> dict:
@@ -385,6 +388,7 @@ class ReplicaPool:
         """Back to the head of the queue, as if it had never been taken (it was never run, or is run again)."""
         execution._transition(ExecutionState.QUEUED)
         execution.replica = execution.log_uri = execution.warm = execution.started_at = None
+        execution.dispatched = False
         self._queue.appendleft(execution)
         self._cond.notify_all()
 
@@ -437,8 +441,12 @@ class ReplicaPool:
             if closed:
                 replica.terminate(0)
                 continue
-            replica.add_death_callback(lambda _death, slot=slot: self._on_death(slot))
-            threading.Thread(target=self._serve, args=(slot,), name=f"slot-{replica.name}", daemon=True).start()
+            self._start_serving(slot)
+
+    def _start_serving(self, slot: _Slot) -> None:
+        """Starts the slot's thread (the slot is in `_slots` already); a death of its replica wakes it."""
+        slot.replica.add_death_callback(lambda _death: self._on_death(slot))
+        threading.Thread(target=self._serve, args=(slot,), name=f"slot-{slot.replica.name}", daemon=True).start()
 
     def _on_death(self, slot: _Slot) -> None:
         client = slot.client
@@ -513,7 +521,13 @@ class ReplicaPool:
                 self._finish(slot, execution, ExecutionState.CANCELLED)
                 return True
         try:
-            client.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)
+            client.request(
+                "submit",
+                io_timeout=WAIT_ROUND_S + IO_MARGIN_S,  # never unbounded: a peer may vanish mid-request
+                execution_id=spec.execution_id,
+                args=spec.args,
+                env=spec.env,
+            )
         except AuthenticationError as e:
             self._unauthenticated(slot, execution, e)
             return False
@@ -532,9 +546,10 @@ class ReplicaPool:
         with self._cond:
             self.dispatches["warm" if execution.warm else "cold"] += 1
             slot.accepted += 1
+            execution.dispatched = True
             cancel = execution.cancel_requested
-        if cancel:  # asked while the submit was on its way: the supervisor's request may have come too early
-            self._supervisor.call_soon(self._deliver_cancel, slot, execution, None)
+        if cancel:  # asked while the submit was on its way: cancel() left the delivery to this thread
+            self._supervisor.call_soon(self._deliver_cancel, slot, execution)
         return self._await(slot, execution)
 
     def _await(self, slot: _Slot, execution: Execution) -> bool:
@@ -655,9 +670,9 @@ class ReplicaPool:
         return self._complete_locked(execution, ExecutionState.REPLICA_DIED)
 
     # ---- supervisor actions ----
-    def _deliver_cancel(self, slot: _Slot, execution: Execution, grace_seconds: Optional[float]) -> None:
-        """Asks the replica to interrupt the execution; if `grace_seconds` is given, stops the replica when the
-        execution has not ended by then."""
+    def _deliver_cancel(self, slot: _Slot, execution: Execution) -> None:
+        """Asks the replica to interrupt the execution, and stops the replica if the execution has not ended
+        when the cancel's grace runs out."""
         if execution.state.terminal:
             return
         address = slot.replica.address
@@ -668,8 +683,7 @@ class ReplicaPool:
             logger.error("pool %s: replica %s refused the pool token on cancel: %s", self.name, slot.replica.name, e)
         except (ProtocolError, OSError) as e:
             logger.warning("pool %s: cancel of %s on %s failed: %s", self.name, execution.id, slot.replica.name, e)
-        if grace_seconds is not None:
-            self._supervisor.call_later(grace_seconds, self._escalate_cancel, slot, execution)
+        self._supervisor.call_later(execution._cancel_grace_s, self._escalate_cancel, slot, execution)
 
     def _escalate_cancel(self, slot: _Slot, execution: Execution) -> None:
         if execution.state.terminal:

@@ -1,5 +1,6 @@
 """What the service tracks per execution, one kind per task type behind one interface: a single execution on a
-replica (`SingleRun`, for actor and actor_sync) or a map fanned out over the pool (`MapRunView`, over MapRun).
+replica (`SingleRun`, for actor and actor_sync), a map fanned out over the pool (`MapRunView`, over MapRun), or
+an execution a restarted connector answers from storage alone (`StoredRun`).
 
 The service never branches on the kind: it asks a run for its status, aborts it (DeleteTask), waits for it (the
 sync path) and releases it once terminal (drops what its pool keeps for it).
@@ -143,3 +144,24 @@ class MapRunView(Run):
 
     def wait(self, timeout: float) -> bool:
         return self.run.finished.wait(timeout)
+
+
+class StoredRun(Run):
+    """An execution this process did not run, answered from storage alone (a restarted connector found its result,
+    its abort, or that it was dispatched and left nothing: never run twice)."""
+
+    def __init__(self, answer: Status):
+        self.answer = answer
+
+    @property
+    def terminal(self) -> bool:
+        return True
+
+    def status(self) -> Status:
+        return self.answer
+
+    def abort(self) -> None:
+        """Nothing runs here: the abort marker in storage (written by DeleteTask) is all there is to do."""
+
+    def wait(self, timeout: float) -> bool:
+        return True

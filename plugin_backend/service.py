@@ -19,17 +19,17 @@ from flytekit.loggers import logger
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
+from flytekitplugins_actor.map_plan import MapPlan
 from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
 from flytekitplugins_actor.replica.error import read_error_document
 from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
 from plugin_backend.identity import identity_of
-from plugin_backend.map_plan import MapPlan
-from plugin_backend.map_run import MapRun
+from plugin_backend.map_run import MapRun, plan_of
 from plugin_backend.meta import MAX_META_BYTES, ActorResourceMeta
 from plugin_backend.pools import PoolKey, PoolManager
-from plugin_backend.runs import MapRunView, Run, SingleRun
+from plugin_backend.runs import MapRunView, Run, SingleRun, StoredRun
 from plugin_backend.status import TERMINAL_PHASES, Status, SyncOverrun, failure
 from plugin_backend.template import ACTOR_MAP_TASK_TYPE, ACTOR_SYNC_TASK_TYPE, ActorTemplate, parse_template
 
@@ -38,17 +38,20 @@ __all__ = ["ActorService", "Status", "TERMINAL_PHASES", "service"]
 KEEP_TERMINAL_S = 600.0
 """How long a finished execution is answered from memory; after that, from storage."""
 GC_INTERVAL_S = 5.0
+ABANDON_CHECK_S = 0.1
+"""How often a sync wait checks whether its caller gave up."""
 MAX_INLINE_OUTPUTS_BYTES = 1024 * 1024
 """Sync answers carry outputs up to this size inline; larger ones go by reference (outputs.pb)."""
 
 
 @dataclass
 class _Entry:
-    """An execution this process serves: its meta, pool key, template and run (set once create queued it)."""
+    """An execution this process serves: its meta, pool key, template and run (set once create queued it). An
+    execution answered from storage alone gets a transient entry (no key, no template, a StoredRun)."""
 
     meta: ActorResourceMeta
-    key: PoolKey
-    template: ActorTemplate
+    key: Optional[PoolKey]
+    template: Optional[ActorTemplate]
     run: Optional[Run] = None
     ready: bool = False  # set once create (or adoption) has queued it; waiters use ActorService._ready
     final: Optional[Status] = None
@@ -98,7 +101,7 @@ class ActorService:
         )
         if len(meta.encode()) > MAX_META_BYTES:
             raise InvalidActorRequest(f"output prefix too long: the resource meta would exceed {MAX_META_BYTES} bytes")
-        plan = MapPlan(inputs, template.map) if template.map is not None else None  # refuse bad inputs now
+        plan = plan_of(inputs, template.map) if template.map is not None else None  # refuse bad inputs now
         env = {**template.container_env, **ident.env}
         with self._lock:
             entry = self._entries.get(meta.execution_id)
@@ -130,6 +133,12 @@ class ActorService:
                 self._adopt(meta)
                 return meta
             if previous is not None:  # another execution's record under this prefix: never expected
+                logger.error(
+                    "CreateTask %s refused: %s already holds execution %s",
+                    meta.execution_id,
+                    output_prefix,
+                    previous.get("execution_id"),
+                )
                 raise InvalidActorRequest(
                     f"output prefix {output_prefix} already holds execution {previous.get('execution_id')}"
                 )
@@ -171,7 +180,7 @@ class ActorService:
 
     def _find_pool(self, entry: _Entry) -> Optional[ReplicaPool]:
         """The entry's live pool, or None: lookups for status and cancels never create a pool."""
-        return self.manager.find(entry.key)
+        return self.manager.find(entry.key) if entry.key is not None else None
 
     def _start(
         self, entry: _Entry, env: Dict[str, str], plan: Optional[MapPlan], record: store.ExecutionRecord
@@ -206,11 +215,13 @@ class ActorService:
         inputs: Optional[LiteralMap],
         task_execution_metadata: Optional[TaskExecutionMetadata],
         budget_s: float,
+        abandoned: Optional[threading.Event] = None,
     ) -> Status:
         """Runs an `actor_sync` execution and answers with a terminal status (outputs inline): propeller keeps no
         resource meta for a sync task, so it cannot poll a non-terminal answer later. Same pools, queue, replicas
         and idempotency record as `actor`. Past `budget_s` the execution is cancelled and the answer is
-        RETRYABLE_FAILED saying why and what to change."""
+        RETRYABLE_FAILED saying why and what to change; so it is as soon as `abandoned` is set (the caller gave up:
+        propeller's deadline was shorter than the budget), so that nobody's work keeps a replica busy."""
         deadline = time.monotonic() + budget_s
         meta = self.create(task_template, output_prefix, inputs, task_execution_metadata, ACTOR_SYNC_TASK_TYPE)
         while True:
@@ -221,7 +232,9 @@ class ActorService:
             remaining = deadline - time.monotonic()
             if entry is None or entry.run is None or remaining <= 0:
                 return self._sync_timeout(meta, entry, budget_s)
-            entry.run.wait(remaining)
+            if abandoned is not None and abandoned.is_set():
+                return self._sync_timeout(meta, entry, budget_s, SyncOverrun.ABANDONED)
+            entry.run.wait(remaining if abandoned is None else min(remaining, ABANDON_CHECK_S))
 
     @staticmethod
     def _sync_answer(meta: ActorResourceMeta, status: Status) -> Status:
@@ -235,8 +248,15 @@ class ActorService:
             status = replace(status, phase=TaskExecution.RETRYABLE_FAILED)
         return status
 
-    def _sync_timeout(self, meta: ActorResourceMeta, entry: Optional[_Entry], budget_s: float) -> Status:
-        """Cancels an execution that outlived the sync budget; the answer says why and what to change."""
+    def _sync_timeout(
+        self,
+        meta: ActorResourceMeta,
+        entry: Optional[_Entry],
+        budget_s: float,
+        cause: Optional[SyncOverrun] = None,
+    ) -> Status:
+        """Cancels an execution that outlived the sync budget (or its caller); the answer says why and what to
+        change."""
         env = meta.env
         change = (
             f"raise FLYTE_ACTOR_SYNC_BUDGET_S on the connector (now {budget_s:g}s; keep propeller's "
@@ -247,7 +267,14 @@ class ActorService:
         execution = run.execution if isinstance(run, SingleRun) else None  # the sync path runs single executions
         pool = self._find_pool(entry) if entry is not None else None
         stats = pool.stats() if pool is not None else {"starting": 0, "busy": 0, "idle": 0, "queued": 0}
-        if execution is not None and execution.state is ExecutionState.RUNNING and execution.warm is False:
+        if cause is SyncOverrun.ABANDONED:
+            overrun = SyncOverrun.ABANDONED
+            reason = (
+                f"propeller stopped waiting for this sync execution before the connector's sync budget of "
+                f"{budget_s:g}s ran out, so it was cancelled: set propeller's connector timeouts.ExecuteTaskSync "
+                f"above FLYTE_ACTOR_SYNC_BUDGET_S plus a few seconds"
+            )
+        elif execution is not None and execution.state is ExecutionState.RUNNING and execution.warm is False:
             overrun = SyncOverrun.POOL_STARTING
             reason = (
                 f"pool still starting: the execution was the first on new replica {execution.replica} (which imports "
@@ -290,8 +317,6 @@ class ActorService:
     def get(self, meta: ActorResourceMeta) -> Status:
         self._gc()
         entry = self._entry(meta)
-        if isinstance(entry, Status):
-            return entry
         self._wait_ready(entry)
         if entry.final is not None:
             return entry.final
@@ -305,17 +330,17 @@ class ActorService:
         with self._lock:
             return self._entries.get(execution_id)
 
-    def _entry(self, meta: ActorResourceMeta) -> "_Entry | Status":
-        """The in-memory entry of an execution, adopting it from storage when this process does not know it;
-        a Status when storage alone answers. An entry gone again right after adoption (its start failed in
-        another thread, or it was collected) is adopted again."""
+    def _entry(self, meta: ActorResourceMeta) -> _Entry:
+        """The in-memory entry of an execution, adopting it from storage when this process does not know it (a
+        transient entry with a StoredRun when storage alone answers). An entry gone again right after adoption (its
+        start failed in another thread, or it was collected) is adopted again."""
         for _ in range(3):
             entry = self._lookup(meta.execution_id)
             if entry is not None:
                 return entry
-            status = self._adopt(meta)
-            if status is not None:
-                return status
+            answer = self._adopt(meta)
+            if answer is not None:
+                return _Entry(meta, None, None, run=StoredRun(answer), ready=True)
             entry = self._lookup(meta.execution_id)
             if entry is not None:
                 return entry
@@ -348,12 +373,17 @@ class ActorService:
                     "the connector "
                     "restarted (or the replica died) while it ran; it is not run twice",
                 )
+        logger.info(
+            "adopting execution %s from its record under %s (created before this connector started)",
+            meta.execution_id,
+            meta.output_prefix,
+        )
         template = ActorTemplate.from_record(request["template"])
         key = PoolKey(request["namespace"], request["service_account"], template.env_key, template.code_version)
         plan = None
         if template.map is not None:
             data = store.read_bytes(template.command.inputs)
-            plan = MapPlan(literals_pb2.LiteralMap.FromString(data or b""), template.map)
+            plan = plan_of(literals_pb2.LiteralMap.FromString(data or b""), template.map)
         with self._lock:
             if meta.execution_id in self._entries:
                 return None
@@ -381,6 +411,8 @@ class ActorService:
         if entry is None or entry.run is None:
             return
         was_terminal = entry.run.terminal
+        if not was_terminal:
+            logger.info("DeleteTask: aborting execution %s", meta.execution_id)
         entry.run.abort()
         if not was_terminal and entry.run.status().phase not in (TaskExecution.SUCCEEDED, TaskExecution.FAILED):
             # cancelled, or its replica had to be restarted to stop it: either way, what propeller asked for

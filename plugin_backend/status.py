@@ -72,3 +72,4 @@ class SyncOverrun(enum.Enum):
     POOL_STARTING = "pool_starting"  # no replica was ready yet: a cold pool
     TOO_LONG = "too_long"  # it ran on a replica past the budget
     NO_FREE_REPLICA = "no_free_replica"  # every replica stayed busy with other executions
+    ABANDONED = "abandoned"  # propeller gave up first (its ExecuteTaskSync deadline is shorter than the budget)

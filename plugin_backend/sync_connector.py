@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import threading
 import typing
 from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
@@ -85,10 +86,21 @@ class ActorSyncConnector(SyncConnectorBase):
         task_execution_metadata: Optional[TaskExecutionMetadata] = None,
         **kwargs,
     ) -> Resource:
+        abandoned = threading.Event()
         call = functools.partial(
-            service().execute_sync, task_template, output_prefix, inputs, task_execution_metadata, sync_budget_s()
+            service().execute_sync,
+            task_template,
+            output_prefix,
+            inputs,
+            task_execution_metadata,
+            sync_budget_s(),
+            abandoned,
         )
-        status = await asyncio.get_running_loop().run_in_executor(_waiters(), call)
+        try:
+            status = await asyncio.get_running_loop().run_in_executor(_waiters(), call)
+        except asyncio.CancelledError:  # propeller's deadline passed or it hung up: cancel the execution now
+            abandoned.set()
+            raise
         return status_resource(status)
 
 

@@ -20,7 +20,7 @@ from flytekitplugins_actor.constants import (
     ACTOR_TASK_TYPE,
     DEFAULT_TTL_SECONDS,
 )
-from flytekitplugins_actor.map_plan import required_successes
+from flytekitplugins_actor.map_model import MapSpec, MapSpecError
 from flytekitplugins_actor.replica.command import ExecutionCommand
 from plugin_backend.errors import SUPPORTED_TYPE_VERSION, InvalidTaskTemplate
 
@@ -34,20 +34,6 @@ __all__ = [
     "MapSpec",
     "parse_template",
 ]
-
-
-@dataclass(frozen=True)
-class MapSpec:
-    """How an `actor_map` task fans out: which inputs are lists to split, which are bound as is."""
-
-    mapped_inputs: Tuple[str, ...]
-    bound_inputs: Tuple[str, ...]
-    subtask: str
-    concurrency: Optional[int] = None
-    min_success_ratio: float = 1.0
-
-    def min_successes(self, n: int) -> int:
-        return min(n, required_successes(n, self.min_success_ratio))
 
 
 @dataclass(frozen=True)
@@ -367,14 +353,15 @@ def _map_spec(template: TaskTemplate, spec: dict, inputs: Tuple[str, ...]) -> Ma
     for n in [*mapped, *bound]:
         if n not in inputs:
             raise _refuse(template, f"custom.spec.map names input {n!r}, which the interface does not declare")
-    if set(mapped) & set(bound):
-        raise _refuse(template, f"inputs {sorted(set(mapped) & set(bound))} are both mapped and bound")
     for n in mapped:
         if template.interface.inputs[n].type.collection_type is None:
             raise _refuse(template, f"mapped input {n!r} is not a list in the interface")
-    concurrency = _int(template, m, "concurrency", None, 0) or None  # 0 means unbounded, as in flytekit.map_task
-    ratio = m.get("min_success_ratio", 1.0)
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio <= 1.0:
-        raise _refuse(template, f"custom.spec.map.min_success_ratio={ratio!r} must be a number in [0, 1]")
-    subtask = m.get("subtask") or ""
-    return MapSpec(tuple(mapped), tuple(bound), str(subtask), concurrency, float(ratio))
+    concurrency = m.get("concurrency")
+    if isinstance(concurrency, float) and concurrency.is_integer():  # a protobuf Struct carries numbers as doubles
+        concurrency = int(concurrency)
+    try:  # the SDK's MapSpec holds the rules (concurrency None or >= 1, ratio in [0, 1]): one check, one message
+        return MapSpec(
+            tuple(mapped), tuple(bound), str(m.get("subtask") or ""), concurrency, m.get("min_success_ratio", 1.0)
+        )
+    except MapSpecError as e:
+        raise _refuse(template, f"custom.spec.map: {e}") from None

@@ -23,6 +23,7 @@ from flytekitplugins_actor.replica.sandbox import (
     engine_dir_error_file,
     execution_context,
     fast_path_applies,
+    run_coroutines_inline,
     use_frugal_serialization,
 )
 
@@ -82,6 +83,7 @@ class ReplicaRuntime:
         self.executions = 0
         self.dirs = ExecutionDirs()
         self._cwd_on_path: Optional[Tuple[str, int]] = None
+        self._start_cwd = os.getcwd()
         atexit.register(self.dirs.close)  # a replica leaves nothing in its temp dir
 
     def _activate_distribution(self, cmd: ExecutionCommand) -> None:
@@ -120,6 +122,7 @@ class ReplicaRuntime:
         fast = fast_path_applies()
         if not self.executions:  # the first execution of this process: it is a replica
             use_frugal_serialization()
+            run_coroutines_inline()
         try:
             os.environ.update(spec.env)
             for path in spec.env.get(SYS_PATH_ENV, "").split(os.pathsep):  # a local driver's module roots
@@ -172,7 +175,11 @@ class ReplicaRuntime:
         from flytekit.tools.module_loader import load_object_from_module
 
         with execution_context(cmd, exec_dir, raw, ckpt, prev) as ctx:
-            cwd = os.getcwd()
+            try:
+                cwd = os.getcwd()
+            except FileNotFoundError:  # an earlier task moved into its own temp dir, which is gone now
+                os.chdir(self._start_cwd)
+                cwd = self._start_cwd
             if self._cwd_on_path != (cwd, len(sys.path)):  # as pyflyte-execute: the working dir is importable
                 if all(os.path.realpath(p) != cwd for p in sys.path):
                     sys.path.append(cwd)

@@ -2,12 +2,17 @@
 
 import functools
 import os
+from typing import Optional
 
+import actor_map_tasks as mt
 import actor_tasks as t
 import pytest
+from flytekit.models.task import TaskTemplate
 from harness import PHASE, Attempt, literal_map, output_value, wait_for
 
 from flytekitplugins_actor.actor_map import map as actor_map
+from plugin_backend.errors import InvalidTaskTemplate
+from plugin_backend.template import parse_template
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -90,3 +95,31 @@ def test_delete_aborts_a_running_map(propeller, base):
     b, _, r = _run(propeller, base, actor_map(t.where), x=[1, 2])  # the pool serves the next map
     assert r.phase == PHASE.SUCCEEDED
     assert sorted(line.split()[1] for line in open(counter).read().splitlines()) == ["100", "101"]  # 102, 103 never ran
+
+
+def test_an_item_raising_keyboard_interrupt_fails_once_and_is_never_sent_again(propeller, base):
+    # before: the replica answered its stored "cancelled" and the connector re-sent the item for ever (RUNNING)
+    counter = os.path.join(base, "count")
+    m = actor_map(functools.partial(mt.interrupt_on, bad=1, counter=counter))
+    a, meta, r = _run(propeller, base, m, x=[0, 1, 2])
+    assert r.phase == PHASE.FAILED, r.message
+    assert "Item 1 failed" in r.message and "KeyboardInterrupt" in r.message
+    assert [line.split()[1] for line in open(counter).read().splitlines()].count("1") == 1  # ran once, not re-sent
+
+
+def test_an_item_calling_sys_exit_is_one_failed_item(propeller, base):
+    m = actor_map(functools.partial(mt.exit_on, bad=2), min_success_ratio=0.5)
+    a, meta, r = _run(propeller, base, m, x=[1, 2, 3])
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    assert output_value(a.outputs(), "o0", list[Optional[int]]) == [10, None, 30]
+
+
+def test_concurrency_zero_is_refused_as_by_the_sdk(propeller, base):
+    m = actor_map(t.where, concurrency=2)
+    a = Attempt(base, m, literal_map(m, x=[1]))
+    tt = TaskTemplate.from_flyte_idl(a.template)
+    tt.custom["spec"]["map"]["concurrency"] = 0  # what the SDK refuses at definition
+    with pytest.raises(InvalidTaskTemplate, match=r"concurrency=0 is invalid: must be None"):
+        parse_template(tt, "actor_map")
+    with pytest.raises(ValueError, match=r"concurrency=0 is invalid: must be None"):
+        actor_map(t.where, concurrency=0)

@@ -11,7 +11,7 @@ from harness import Attempt, literal_map
 from flytekitplugins_actor.actor_map import map as actor_map
 from plugin_backend.errors import InvalidActorRequest, InvalidResourceMeta, InvalidTaskTemplate
 from plugin_backend.identity import identity_of
-from plugin_backend.map_plan import MapPlan, item_args
+from plugin_backend.map_run import plan_of
 from plugin_backend.meta import ActorResourceMeta
 from plugin_backend.template import DEFAULT_TTL_SECONDS, parse_template
 
@@ -57,7 +57,7 @@ def test_map_template_needs_a_map_spec(tmp_path):
     a, tt = _template(m, str(tmp_path), x=[1, 2])
     parsed = parse_template(tt, "actor_map")
     assert parsed.map.mapped_inputs == ("x",) and set(parsed.map.bound_inputs) == {"counter", "gate"}
-    assert parsed.map.concurrency == 3 and parsed.map.min_successes(4) == 2
+    assert parsed.map.concurrency == 3 and parsed.map.required_successes(4) == 2
     del tt.custom["spec"]["map"]
     with pytest.raises(InvalidTaskTemplate, match="spec.map is missing"):
         parse_template(tt, "actor_map")
@@ -90,7 +90,7 @@ def test_execution_id_is_stable_per_attempt_and_distinct_across_retries(tmp_path
 def test_map_plan_splits_and_gathers_in_order(tmp_path):
     m = actor_map(functools.partial(t.square, counter="c", gate=""))
     a, tt = _template(m, str(tmp_path), x=[5, 6, 7])
-    plan = MapPlan(a.inputs, parse_template(tt, "actor_map").map)
+    plan = plan_of(a.inputs, parse_template(tt, "actor_map").map)
     assert plan.size == 3
     item = plan.item_inputs(1)
     assert (
@@ -105,7 +105,7 @@ def test_map_plan_splits_and_gathers_in_order(tmp_path):
         )
         for v in (25, 49)
     ]
-    gathered = MapPlan.gather(["o0"], [outs[0], None, outs[1]])
+    gathered = plan.gather(["o0"], [outs[0], None, outs[1]])
     lits = gathered.literals["o0"].collection.literals
     assert [lits[0].scalar.primitive.integer, lits[2].scalar.primitive.integer] == [25, 49]
     assert lits[1].scalar.HasField("none_type")
@@ -118,44 +118,7 @@ def test_mapped_lists_of_different_lengths_are_refused(tmp_path):
     for name, n in (("a", 2), ("b", 3)):
         inputs.literals[name].collection.literals.extend([literals_pb2.Literal()] * n)
     with pytest.raises(InvalidActorRequest, match="different lengths"):
-        MapPlan(inputs, MapSpec(("a", "b"), (), "s"))
-
-
-def test_item_args_rewrite_inputs_outputs_and_checkpoints_only():
-    args = [
-        "pyflyte-fast-execute",
-        "--additional-distribution",
-        "s3://d.tgz",
-        "--dest-dir",
-        ".",
-        "--",
-        "pyflyte-execute",
-        "--inputs",
-        "s3://x/inputs.pb",
-        "--output-prefix",
-        "s3://x",
-        "--raw-output-data-prefix",
-        "s3://raw",
-        "--checkpoint-path",
-        "s3://ck",
-        "--prev-checkpoint",
-        '""',
-        "--resolver",
-        "r",
-        "--",
-        "task-module",
-        "m",
-        "task-name",
-        "t",
-    ]
-    out = item_args(args, "s3://x/items/4/inputs.pb", "s3://x/items/4", 4)
-    assert out[out.index("--inputs") + 1] == "s3://x/items/4/inputs.pb"
-    assert out[out.index("--output-prefix") + 1] == "s3://x/items/4"
-    assert out[out.index("--checkpoint-path") + 1] == "s3://ck/4"
-    assert out[out.index("--prev-checkpoint") + 1] == '""'
-    assert (
-        out[out.index("--raw-output-data-prefix") + 1] == "s3://raw" and out[-4:] == args[-4:] and out[:6] == args[:6]
-    )
+        plan_of(inputs, MapSpec(("a", "b"), (), "s"))
 
 
 def test_template_record_round_trips_for_restarts(tmp_path):
@@ -218,7 +181,7 @@ def _map_run(tmp_path, pool, x, write_error=None):
     m = actor_map(functools.partial(t.square, counter="", gate=""))
     a, tt = _template(m, str(tmp_path), x=x)
     template = parse_template(tt, "actor_map")
-    return MapRun("m1", template, MapPlan(a.inputs, template.map), store.ExecutionRecord(a.dir), {}, lambda: pool)
+    return MapRun("m1", template, plan_of(a.inputs, template.map), store.ExecutionRecord(a.dir), {}, lambda: pool)
 
 
 def test_map_items_cancelled_under_the_map_are_dispatched_again(tmp_path):
@@ -227,14 +190,19 @@ def test_map_items_cancelled_under_the_map_are_dispatched_again(tmp_path):
     assert run.finished.wait(10), "the map never finished: a cancelled item left it waiting forever"
     assert run.phase == "succeeded", run.message
     assert sorted(pool.runs) == [0, 0, 1, 1]
-    lits = run.outputs.literals["o0"].collection.literals
+    from plugin_backend import store
+
+    outputs = literals_pb2.LiteralMap.FromString(store.read_bytes(run.record.path("outputs.pb")))
+    lits = outputs.literals["o0"].collection.literals
     assert [lit.scalar.primitive.integer for lit in lits] == [0, 1]
 
 
 def test_map_failure_is_decided_even_when_its_error_document_cannot_be_written(tmp_path, mocker):
+    from flytekitplugins_actor.map_model import MapDecision, MapPhase
+
     run = _map_run(tmp_path, _FakePool(), [2])
     mocker.patch("plugin_backend.map_run.write_error_document", side_effect=OSError("storage down"))
-    run._finish("failed", "1 of 1 items failed", recoverable=True)
+    run._conclude(MapDecision(MapPhase.FAILED, "1 of 1 items failed", recoverable=True))
     assert run.phase == "failed" and run.message == "1 of 1 items failed" and run.recoverable
 
 

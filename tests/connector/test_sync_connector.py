@@ -164,3 +164,24 @@ def test_sync_outputs_over_1_mib_go_by_reference_not_inline(propeller, base):
     assert len(output_value(a.outputs(), "o0", str)) == n
     small = Attempt(base, t.big_sync, literal_map(t.big_sync, n=10))
     assert _value(propeller.execute_sync(small), "o0", str) == "x" * 10
+
+
+def test_a_sync_call_propeller_gives_up_on_is_cancelled_at_once_not_at_the_budget(server, propeller, base):
+    """The module's connector has the default 10 s budget; this caller's deadline is 1.5 s (a propeller whose
+    timeouts.ExecuteTaskSync is too short). The execution must not keep the environment's only replica busy."""
+    import time
+
+    import grpc
+
+    counter = os.path.join(base, "count")
+    a = Attempt(base, t.nap_sync, literal_map(t.nap_sync, seconds=30.0, counter=counter))
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as e:
+        propeller.execute_sync(a, timeout=1.5)
+    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    after = Attempt(base, t.pid, literal_map(t.pid))
+    assert propeller.wait(propeller.create(after), timeout=30).phase == PHASE.SUCCEEDED
+    assert time.monotonic() - started < 7.0, "the abandoned execution held the replica until the 10 s budget"
+    assert len(open(counter).read().splitlines()) == 1
+    prefix = 'flyte_actor_sync_overruns_total{env="conn-test",reason="abandoned"} '
+    assert any(x.startswith(prefix) for x in server.metrics().splitlines())

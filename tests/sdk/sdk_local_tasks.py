@@ -261,3 +261,36 @@ def read_file_or_gone(path: str) -> str:
             return fh.read()
     except FileNotFoundError:
         return "<gone>"
+
+
+# ---- the context a task sees: on a replica, as under pyflyte-execute ----
+import json  # noqa: E402
+
+import flytekit  # noqa: E402
+from flytekit.core.context_manager import FlyteContextManager  # noqa: E402
+
+
+@basic.task
+def describe_context(payload: str) -> str:
+    """What a task can see of its execution, with paths reduced to facts that hold for any run."""
+    params = flytekit.current_context()
+    ctx = FlyteContextManager.current_context()
+    params.checkpoint.write(payload.encode())
+    scratch = tempfile.NamedTemporaryFile(delete=False)
+    scratch.close()
+    ss = ctx.serialization_settings
+    return json.dumps(
+        {
+            "execution_id": [params.execution_id.project, params.execution_id.domain, params.execution_id.name],
+            "task_id": [params.task_id.project, params.task_id.domain, params.task_id.name, params.task_id.version],
+            "raw_output_prefix": params.raw_output_prefix,
+            "output_metadata_prefix": params.output_metadata_prefix,
+            "working_directory_is_a_dir": os.path.isdir(params.working_directory),
+            "mode": str(ctx.execution_state.mode),
+            "serialization": [ss.project, ss.domain, ss.version],
+            "temp_file_in_sandbox_dir": os.path.dirname(scratch.name) == tempfile.gettempdir(),
+            "sandbox_under_temp_dir": str(ctx.file_access.local_sandbox_dir).startswith(tempfile.gettempdir()),
+            "engine_dir_is_a_dir": os.path.isdir(ctx.execution_state.engine_dir),
+        },
+        sort_keys=True,
+    )

@@ -1,6 +1,7 @@
 """Actor tasks for the map tests (and the driver-kill script)."""
 
 import os
+import sys
 import time
 import typing
 
@@ -67,3 +68,54 @@ def die_on(x: int, bad: int) -> int:
     if x == bad:
         os._exit(9)
     return x * 10
+
+
+@barrier_env.task
+def exit_on(x: int, bad: int) -> int:
+    """sys.exit in one item: that item's failure, nothing more."""
+    if x == bad:
+        sys.exit(3)
+    return x * 10
+
+
+@barrier_env.task
+def driver_pid(x: int) -> int:
+    return os.getpid()
+
+
+@barrier_env.task
+def fail_or_hold(x: int, marks: str) -> int:
+    """Item 0 fails at once; the others mark themselves running and run until cancelled (marking that too)."""
+    if x == 0:
+        raise ValueError("item 0 fails first")
+    try:  # marked inside the try: a cancel that lands at once still leaves its mark
+        open(os.path.join(marks, f"running-{x}"), "w").close()
+        while True:
+            time.sleep(0.02)
+    except KeyboardInterrupt:  # the replica's cancel
+        open(os.path.join(marks, f"cancelled-{x}"), "w").close()
+        raise
+    return x  # flytekit requires a return statement
+
+
+@barrier_env.task
+def hold(x: int, marks: str, stubborn: bool) -> int:
+    """Marks itself running (with its replica's pid) and runs until cancelled; a stubborn one ignores cancels."""
+    open(os.path.join(marks, f"running-{x}-{os.getpid()}"), "w").close()
+    while True:
+        try:
+            while True:
+                time.sleep(0.02)
+        except KeyboardInterrupt:
+            open(os.path.join(marks, f"cancelled-{x}"), "w").close()
+            if not stubborn:
+                raise
+    return x  # flytekit requires a return statement
+
+
+@workflow
+def wf_hold(xs: typing.List[int], marks: str, stubborn: bool) -> typing.List[int]:
+    """Six items on two replicas that never finish on their own: for Ctrl-C."""
+    import functools
+
+    return actor_map(functools.partial(hold, marks=marks, stubborn=stubborn))(x=xs)

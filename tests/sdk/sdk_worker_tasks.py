@@ -117,11 +117,17 @@ def keyboard_interrupt() -> int:
 
 @env.task
 def ignore_cancel(path: str, started: str) -> str:
-    """Waits for `path` like wait_for_file, but swallows every interrupt (a cancel included) while it waits."""
-    open(started, "w").close()
+    """Waits for `path` like wait_for_file, but swallows every interrupt (a cancel included) from the moment it
+    says it started until it is released."""
     deadline = time.monotonic() + 60
-    while not os.path.exists(path) and time.monotonic() < deadline:
+    marked = False
+    while True:
         try:
+            if not marked:
+                open(started, "w").close()
+                marked = True
+            if os.path.exists(path) or time.monotonic() > deadline:
+                break
             time.sleep(0.02)
         except BaseException:  # noqa: B036 -- the point of this task
             pass
