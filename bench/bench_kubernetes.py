@@ -80,10 +80,11 @@ def pods_for_executions(cluster, propeller: Propeller, base: str, n: int) -> tup
 
 def idle_requests(cluster, seconds: float) -> tuple:
     replicas = len(cluster.pods())
-    before = sum(cluster.requests.values())
+    before = dict(cluster.requests)
     time.sleep(seconds)  # a measurement window, not synchronisation
-    made = sum(cluster.requests.values()) - before
-    return made, replicas
+    by_verb = {f"{v} {r}": n - before.get((v, r), 0) for (v, r), n in cluster.requests.items()}
+    by_verb = {k: n for k, n in sorted(by_verb.items()) if n}
+    return sum(by_verb.values()), replicas, by_verb
 
 
 def main() -> None:
@@ -106,7 +107,7 @@ def main() -> None:
         warm_k8s = warm_p50(pk, base, args.runs)
         warm_local = warm_p50(pl, base, args.runs)
         created, live = pods_for_executions(cluster, pk, base, args.executions)
-        made, replicas = idle_requests(cluster, args.idle_s)
+        made, replicas, by_verb = idle_requests(cluster, args.idle_s)
     finally:
         k8s.stop()
         local.stop()
@@ -122,8 +123,8 @@ def main() -> None:
         (
             "API requests per replica per minute, idle",
             f"{per_min:.2f}",
-            f"goal <= 1; {made} requests in {args.idle_s:.0f} s, {replicas} replica pods; steady state: one watch "
-            f"per namespace re-opened every {WATCH_TIMEOUT_S} s",
+            f"goal <= 1; {made} requests in {args.idle_s:.0f} s ({by_verb or 'none'}), {replicas} replica pods; "
+            f"steady state: one watch per namespace re-opened every {WATCH_TIMEOUT_S} s",
         ),
     ]
     rows.append(("load average (1 min) at the end", open("/proc/loadavg").read().split()[0], f"{os.cpu_count()} cores"))
