@@ -9,6 +9,7 @@ from flytekit import workflow
 
 from flytekitplugins_actor import ActorEnvironment
 from flytekitplugins_actor import map as actor_map
+from flytekitplugins_actor.replica.execution import CancelRequested
 
 barrier_env = ActorEnvironment(name="sdk-map-pair", replica_count=2, ttl_seconds=300)
 
@@ -92,7 +93,7 @@ def fail_or_hold(x: int, marks: str) -> int:
         open(os.path.join(marks, f"running-{x}"), "w").close()
         while True:
             time.sleep(0.02)
-    except KeyboardInterrupt:  # the replica's cancel
+    except CancelRequested:  # the replica's cancel
         open(os.path.join(marks, f"cancelled-{x}"), "w").close()
         raise
     return x  # flytekit requires a return statement
@@ -106,7 +107,7 @@ def hold(x: int, marks: str, stubborn: bool) -> int:
         try:
             while True:
                 time.sleep(0.02)
-        except KeyboardInterrupt:
+        except CancelRequested:  # the replica's cancel
             open(os.path.join(marks, f"cancelled-{x}"), "w").close()
             if not stubborn:
                 raise

@@ -152,7 +152,8 @@ def _pyflyte_run_map_until_items_run(tmp_path, *extra: str, **env: str):
 
 def test_ctrl_c_cancels_the_items_in_flight_stops_dispatching_and_the_replicas(tmp_path):
     # before: SIGINT ended in flytekit's exit(1), and the driver then waited for ever on items that never end
-    with _pyflyte_run_map_until_items_run(tmp_path) as (p, marks, replica_pids):
+    # a grace long enough that a loaded machine still delivers each cancel before its replica would be replaced
+    with _pyflyte_run_map_until_items_run(tmp_path, FLYTE_ACTOR_MAP_INTERRUPT_GRACE_S="10") as (p, marks, replica_pids):
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=30)
     assert p.returncode != 0
