@@ -521,7 +521,13 @@ class ReplicaPool:
                 self._finish(slot, execution, ExecutionState.CANCELLED)
                 return True
         try:
-            client.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)
+            client.request(
+                "submit",
+                io_timeout=WAIT_ROUND_S + IO_MARGIN_S,  # never unbounded: a peer may vanish mid-request
+                execution_id=spec.execution_id,
+                args=spec.args,
+                env=spec.env,
+            )
         except AuthenticationError as e:
             self._unauthenticated(slot, execution, e)
             return False

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 from flyteidl.core.execution_pb2 import TaskExecution
 
 from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
+from flytekitplugins_actor.replica.backend import DeathCause
 from plugin_backend.map_run import MapRun
 from plugin_backend.status import Status, failure, log_links, waiting_for_resources
 
@@ -37,7 +38,7 @@ class Run(abc.ABC):
 
     @abc.abstractmethod
     def abort(self) -> None:
-        """Cancels the run (DeleteTask); returns once it ended or its bounded grace ran out."""
+        """Cancels the run (DeleteTask) without waiting for it to end: the pool escalates past the grace."""
 
     @abc.abstractmethod
     def wait(self, timeout: float) -> bool:
@@ -92,9 +93,16 @@ class SingleRun(Run):
         if state is ExecutionState.CANCELLED:
             return Status(TaskExecution.ABORTED, "aborted", links)
         # REPLICA_DIED
+        death = e.death
+        if death is not None and death.cause is DeathCause.START:  # it never ran; retryable, as propeller's
+            return Status(  # own ImagePullBackOff is (a pull can succeed later)
+                TaskExecution.RETRYABLE_FAILED,
+                f"actor environment {self.env_name} could not start a replica: {death}; execution {e.id} never ran",
+                links,
+            )
         return Status(
             TaskExecution.RETRYABLE_FAILED,
-            f"replica died: {e.death or 'replica ' + str(e.replica) + ' vanished'} while running execution {e.id}; "
+            f"replica died: {death or 'replica ' + str(e.replica) + ' vanished'} while running execution {e.id}; "
             f"a replacement replica serves the retry",
             links,
         )

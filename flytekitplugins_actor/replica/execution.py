@@ -31,9 +31,10 @@ SYS_PATH_ENV = "FLYTE_ACTOR_SYS_PATH"
 """Extra sys.path entries an execution needs (set by local runs: the task module's root)."""
 
 
-class CancelRequested(BaseException):
+class CancelRequested(KeyboardInterrupt):
     """Raised into a running task by the replica's cancel signal, and only by it: the execution is cancelled.
-    A KeyboardInterrupt the task raises itself is a failure like any other exception."""
+    A KeyboardInterrupt, so a task's `except KeyboardInterrupt:` clean-up runs on a cancel as on Ctrl-C; a
+    KeyboardInterrupt the task raises itself is a failure like any other exception."""
 
 
 class CodeVersionMismatch(RuntimeError):

@@ -14,7 +14,9 @@ short = ActorEnvironment(name="k8s-ttl", replica_count=1, ttl_seconds=1)
 
 
 def _gate(path: str) -> str:
-    """Waits (bounded) for a file the test creates; returns the replica's pod IP (FLYTE_ACTOR_HOST)."""
+    """Says it runs (`<path>.started`), then waits (bounded) for the file `path` the test creates; returns the
+    replica's pod IP (FLYTE_ACTOR_HOST)."""
+    open(f"{path}.started", "w").close()
     deadline = time.monotonic() + 60
     while not os.path.exists(path) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -59,6 +59,11 @@ def _ready_pods(cluster, env: str, namespace: str = NAMESPACE) -> list:
     ]
 
 
+def _running_in_replica(gate: str) -> None:
+    """Waits until the task runs in its replica (RUNNING is answered once dispatched, before the replica has it)."""
+    wait_for(lambda: os.path.exists(f"{gate}.started"), 60, "the task running in its replica")
+
+
 def _with_image(task, image: str):
     """The task's template as from an environment with another image (its own pool: the image is the code version)."""
     template = serialize(task)
@@ -111,7 +116,7 @@ def test_an_oom_killed_replica_fails_its_execution_retryably_naming_the_cause(cl
     gate = os.path.join(base, "gate")
     a = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate))
     meta = propeller.create(a)
-    propeller.wait(meta, phases={PHASE.RUNNING}, timeout=60)
+    _running_in_replica(gate)
     (pod,) = _ready_pods(cluster, "k8s-faults")
     cluster.kubelet.oom_kill(pod["metadata"]["name"])
     r = propeller.wait(meta, timeout=30)
@@ -123,7 +128,7 @@ def test_a_replica_lost_to_the_infrastructure_ends_or_moves_its_execution_within
     gate = os.path.join(base, "gate")
     a = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate))
     meta = propeller.create(a)
-    propeller.wait(meta, phases={PHASE.RUNNING}, timeout=60)
+    _running_in_replica(gate)
     (pod,) = _ready_pods(cluster, "k8s-faults")
     lost = pod["metadata"]["name"]
     if fault == "node-loss":
@@ -176,7 +181,7 @@ def test_delete_task_aborts_a_running_execution_on_a_pod(cluster, propeller, bas
     gate = os.path.join(base, "gate")
     a = Attempt(base, k.held, literal_map(k.held, gate=gate))
     meta = propeller.create(a)
-    propeller.wait(meta, phases={PHASE.RUNNING}, timeout=60)
+    _running_in_replica(gate)
     propeller.delete(meta)
     assert propeller.wait(meta, timeout=15).phase == PHASE.ABORTED
     a, _, r = _run(propeller, base, k.add, a=5, b=5)  # the environment still serves
@@ -210,7 +215,7 @@ def test_a_replica_busy_when_the_connector_died_is_not_adopted_and_its_execution
     gate = os.path.join(base, "gate")
     a = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate))
     meta = propeller.create(a)
-    propeller.wait(meta, phases={PHASE.RUNNING}, timeout=60)
+    _running_in_replica(gate)
     (busy,) = _ready_pods(cluster, "k8s-faults")
     server.kill()
     server.start()
@@ -236,3 +241,4 @@ def test_the_connector_used_exactly_the_verbs_deploy_grants(cluster):
     granted = {(verb, resource) for rule in cluster.rbac.rules for resource in rule.resources for verb in rule.verbs}
     assert set(cluster.requests) == granted
     assert not cluster.refused, cluster.refused
+    assert not cluster.kubelet.errors, cluster.kubelet.errors  # and the stand-in itself never failed

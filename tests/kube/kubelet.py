@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional
 
@@ -58,6 +59,7 @@ class Kubelet:
         self.bad_images: set = set()
         self.node_loss_grace = 3.0
         self._runs: Dict[str, _Run] = {}
+        self.errors: List[str] = []  # unexpected failures of the loop (tests may assert there are none)
         self._ips = _pod_ips()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -134,6 +136,9 @@ class Kubelet:
                     self._reconcile(pod)
                 except ApiError:
                     pass  # the pod changed or went meanwhile: the next round sees it
+                except Exception:  # a stand-in bug: said, and the node keeps serving the other pods
+                    self.errors.append(traceback.format_exc())
+                    traceback.print_exc()
             live = {p["metadata"]["uid"] for p in pods}
             with self._lock:  # pods garbage-collected with their owner: their processes go too
                 gone = [self._runs.pop(uid) for uid in list(self._runs) if uid not in live]
