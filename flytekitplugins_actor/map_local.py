@@ -23,15 +23,15 @@ from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.loggers import logger
 from flytekit.models.literals import LiteralMap
 
+from flytekitplugins_actor.constants import CANCEL_GRACE_S
 from flytekitplugins_actor.errors import ReplicaDied
 from flytekitplugins_actor.map_model import (
-    CANCEL_GRACE_S,
     MapDecision,
     MapPhase,
+    MapPlan,
     MapTally,
     cancel_items,
 )
-from flytekitplugins_actor.map_plan import MapPlan
 from flytekitplugins_actor.replica.error import ExecutionError
 
 INTERRUPT_GRACE_S = float(os.environ.get("FLYTE_ACTOR_MAP_INTERRUPT_GRACE_S", "1.0"))
