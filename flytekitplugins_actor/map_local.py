@@ -99,7 +99,7 @@ class LocalMapRun:
 
     def run(self, in_process: bool) -> LiteralMap:
         """Runs every item (or fewer, if the map fails first) and gathers their outputs in input order."""
-        guard = _SigintGuard(self.what)
+        guard = self._guard = _SigintGuard(self.what)
         with guard:
             try:
                 decision = self._run_in_process() if in_process else self._run_on_replicas()
@@ -122,8 +122,10 @@ class LocalMapRun:
             (i,) = tally.take(window=1)
             try:  # the subtask's own dispatch, which runs it here in this mode
                 out = self.task.dispatch_execute(self.ctx, self._inputs(i))
-            except KeyboardInterrupt:
-                raise  # the driver's Ctrl-C, or the task's own: run() tells which
+            except KeyboardInterrupt as e:
+                if self._guard.count:
+                    raise  # the driver's Ctrl-C
+                self._failed(i, e)  # the task's own KeyboardInterrupt: that item's failure
             except BaseException as e:  # sys.exit in one item is that item's failure
                 self._failed(i, e)
             else:

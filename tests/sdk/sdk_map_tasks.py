@@ -80,6 +80,14 @@ def exit_on(x: int, bad: int) -> int:
 
 
 @barrier_env.task
+def interrupt_on(x: int, bad: int) -> int:
+    """KeyboardInterrupt raised by one item's own code (nobody pressed Ctrl-C)."""
+    if x == bad:
+        raise KeyboardInterrupt("the task raised it")
+    return x * 10
+
+
+@barrier_env.task
 def driver_pid(x: int) -> int:
     return os.getpid()
 
