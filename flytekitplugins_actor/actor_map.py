@@ -18,8 +18,7 @@ from flytekit.core.interface import transform_interface_to_list_interface
 from flytekit.models.literals import LiteralMap
 
 from flytekitplugins_actor.constants import ACTOR_MAP_TASK_TYPE
-from flytekitplugins_actor.map_model import MapSpec, MapSpecError
-from flytekitplugins_actor.map_plan import MapInputError, MapPlan
+from flytekitplugins_actor.map_model import MapInputError, MapPlan, MapSpec, MapSpecError
 from flytekitplugins_actor.task import IN_PROCESS_ENV, ActorTask, execution_env
 
 

@@ -23,15 +23,15 @@ from flytekit.exceptions.user import FlyteRecoverableException
 from flytekit.loggers import logger
 from flytekit.models.literals import LiteralMap
 
+from flytekitplugins_actor.constants import CANCEL_GRACE_S
 from flytekitplugins_actor.errors import ReplicaDied
 from flytekitplugins_actor.map_model import (
-    CANCEL_GRACE_S,
     MapDecision,
     MapPhase,
+    MapPlan,
     MapTally,
     cancel_items,
 )
-from flytekitplugins_actor.map_plan import MapPlan
 from flytekitplugins_actor.replica.error import ExecutionError
 
 INTERRUPT_GRACE_S = float(os.environ.get("FLYTE_ACTOR_MAP_INTERRUPT_GRACE_S", "1.0"))
@@ -99,7 +99,7 @@ class LocalMapRun:
 
     def run(self, in_process: bool) -> LiteralMap:
         """Runs every item (or fewer, if the map fails first) and gathers their outputs in input order."""
-        guard = _SigintGuard(self.what)
+        guard = self._guard = _SigintGuard(self.what)
         with guard:
             try:
                 decision = self._run_in_process() if in_process else self._run_on_replicas()
@@ -122,8 +122,10 @@ class LocalMapRun:
             (i,) = tally.take(window=1)
             try:  # the subtask's own dispatch, which runs it here in this mode
                 out = self.task.dispatch_execute(self.ctx, self._inputs(i))
-            except KeyboardInterrupt:
-                raise  # the driver's Ctrl-C, or the task's own: run() tells which
+            except KeyboardInterrupt as e:
+                if self._guard.count:
+                    raise  # the driver's Ctrl-C
+                self._failed(i, e)  # the task's own KeyboardInterrupt: that item's failure
             except BaseException as e:  # sys.exit in one item is that item's failure
                 self._failed(i, e)
             else:

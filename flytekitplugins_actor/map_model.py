@@ -1,6 +1,7 @@
 """The one model of an actor map's run, shared by the local driver (`ActorMapTask.dispatch_execute`) and the
-connector's coordinator (`plugin_backend.map_run.MapRun`): its spec and window, the per-item tally, and the
-decision, with one set of rules and messages.
+connector's coordinator (`plugin_backend.map_run.MapRun`): its spec and window, the split of its inputs (item i
+gets the i-th element of every mapped input and every bound input as is; outputs are gathered in input order, a
+none literal for a failed item), the per-item tally, and the decision, with one set of rules and messages.
 
 The rules:
 - window: at most `concurrency` items are in flight, else `WINDOW_PER_REPLICA` per replica of the pool (enough
@@ -15,14 +16,15 @@ The rules:
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import enum
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable, Collection, Deque, Dict, List, Optional, Set, Tuple
+from typing import Callable, Collection, Deque, Dict, List, Optional, Sequence, Set, Tuple, Union
 
+from flyteidl.core import literals_pb2
 from flytekit.loggers import logger
+from flytekit.models.literals import LiteralMap
 
 from flytekitplugins_actor.replica.error import ExecutionError
 
@@ -31,12 +33,6 @@ WINDOW_PER_REPLICA = int(os.environ.get("FLYTE_ACTOR_MAP_WINDOW_PER_REPLICA", "2
 
 MAX_REDISPATCHES = 3
 """How many times an item that never reached a replica (its pool closed under it) is dispatched again."""
-
-CANCEL_GRACE_S = 2.0
-"""How long a cancelled item may take to stop before its replica is stopped (the pool's cancel grace)."""
-
-CANCEL_PARALLELISM = 16
-"""At most this many cancels of one map's in-flight items run at once (each may wait out a grace period)."""
 
 
 class MapSpecError(ValueError):
@@ -79,8 +75,72 @@ class MapSpec:
         return min(n, math.ceil(n * self.min_success_ratio - 1e-9))
 
 
-class MapPhase(str, enum.Enum):
-    """Where a map run is; the values are what status messages and the connector's GetTask read."""
+# ---- the split: per-item inputs, and outputs gathered back into lists ----
+ProtoMap = literals_pb2.LiteralMap
+
+
+class MapInputError(ValueError):
+    """The map's inputs cannot be split: a mapped input is missing or not a list, or the lists differ in length."""
+
+
+def _proto(m: Union[LiteralMap, ProtoMap, None]) -> ProtoMap:
+    if m is None:
+        return ProtoMap()
+    return m if isinstance(m, ProtoMap) else m.to_flyte_idl()
+
+
+def none_literal() -> literals_pb2.Literal:
+    """The value of a failed item in a gathered list."""
+    return literals_pb2.Literal(scalar=literals_pb2.Scalar(none_type=literals_pb2.Void()))
+
+
+class MapPlan:
+    """The split of one map's inputs. Works on flyteidl LiteralMaps (flytekit's models are accepted too)."""
+
+    def __init__(self, inputs: Union[LiteralMap, ProtoMap, None], spec: MapSpec):
+        self.spec = spec
+        self._inputs = _proto(inputs)
+        lengths: Dict[str, int] = {}
+        self._lists: Dict[str, Sequence[literals_pb2.Literal]] = {}
+        for name in spec.mapped_inputs:
+            if name not in self._inputs.literals:
+                raise MapInputError(f"mapped input {name!r} has no value")
+            lit = self._inputs.literals[name]
+            if not lit.HasField("collection"):
+                raise MapInputError(f"mapped input {name!r} is not a list literal")
+            self._lists[name] = lit.collection.literals
+            lengths[name] = len(lit.collection.literals)
+        if len(set(lengths.values())) > 1:
+            raise MapInputError(f"mapped inputs have different lengths: {lengths}")
+        self.size = next(iter(lengths.values()), 0)
+        self._bound = {n: self._inputs.literals[n] for n in spec.bound_inputs if n in self._inputs.literals}
+
+    def item_inputs(self, i: int) -> ProtoMap:
+        """Item i's inputs: the i-th element of every mapped list, every bound input as is."""
+        out = ProtoMap()
+        for name, items in self._lists.items():
+            out.literals[name].CopyFrom(items[i])
+        for name, lit in self._bound.items():
+            out.literals[name].CopyFrom(lit)
+        return out
+
+    @staticmethod
+    def gather(output_names: Sequence[str], results: List[Optional[ProtoMap]]) -> ProtoMap:
+        """One list per output name; results[i] is item i's outputs, or None for a failed item."""
+        out = ProtoMap()
+        for name in output_names:
+            coll = out.literals[name].collection
+            coll.SetInParent()  # an empty list is still a collection literal
+            for r in results:
+                if r is None or name not in r.literals:
+                    coll.literals.append(none_literal())
+                else:
+                    coll.literals.append(r.literals[name])
+        return out
+
+
+class MapPhase(enum.Enum):
+    """Where a map run is."""
 
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -198,17 +258,10 @@ class MapTally:
 
 
 def cancel_items(cancel: Callable[[str], None], execution_ids: Collection[str], what: str) -> None:
-    """Cancels executions together, at most CANCEL_PARALLELISM at a time, so a map's cancels share their grace
-    periods instead of adding them up; returns when every cancel has returned. A failed cancel is logged."""
-    if not execution_ids:
-        return
-
-    def one(execution_id: str) -> None:
+    """Cancels executions (a pool's cancel returns at once: its supervisor escalates past the grace); a failed
+    cancel is logged and the others still go out."""
+    for execution_id in execution_ids:
         try:
             cancel(execution_id)
         except Exception:
             logger.exception(f"{what}: could not cancel {execution_id}")
-
-    workers = min(CANCEL_PARALLELISM, len(execution_ids))
-    with concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="map-cancel") as ex:
-        list(ex.map(one, execution_ids))

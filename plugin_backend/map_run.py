@@ -2,8 +2,10 @@
 storage, and decides the map by the SDK's map model (`flytekitplugins_actor.map_model`), the same window, tally
 and decision as a local run. Item i's output prefix is `<outputPrefix>/items/<i>`.
 
-A coordinator thread per map keeps the map's window of items in the pool. Items already finished in storage (a
-connector restart) are not dispatched again; an item is dispatched again only when it never reached a replica.
+A coordinator thread per map keeps the map's window of items in the pool. Within one connector process an item is
+dispatched again only when it never reached a replica (its pool closed under it). After a connector restart the
+items with a result in storage are not run again, but the items that were in flight when it stopped left no
+result and are run again: a map item may run twice across a restart (there is no per-item started marker).
 """
 
 from __future__ import annotations
@@ -17,16 +19,17 @@ from flyteidl.core import literals_pb2
 from flytekit.loggers import logger
 from flytekit.models.literals import LiteralMap
 
+from flytekitplugins_actor.constants import CANCEL_GRACE_S
 from flytekitplugins_actor.map_model import (
     ABORTED,
-    CANCEL_GRACE_S,
     MapDecision,
+    MapInputError,
     MapPhase,
+    MapPlan,
     MapSpec,
     MapTally,
     cancel_items,
 )
-from flytekitplugins_actor.map_plan import MapInputError, MapPlan
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
 from flytekitplugins_actor.replica.error import ExecutionError, read_error_document, write_error_document
 from flytekitplugins_actor.replica.execution import ExecutionSpec
@@ -50,7 +53,7 @@ def plan_of(inputs: Union[LiteralMap, literals_pb2.LiteralMap, None], spec: MapS
 
 
 class MapRun:
-    """One map execution's progress. `phase` is a MapPhase (a str: running | succeeded | failed | aborted)."""
+    """One map execution's progress; `phase` is a MapPhase, set last when the map ends."""
 
     CANCEL_GRACE_S = CANCEL_GRACE_S
 
@@ -66,7 +69,6 @@ class MapRun:
         self.execution_id, self.template, self.plan, self.record, self.env = execution_id, template, plan, record, env
         self._pool_of = pool_of
         self.tally = MapTally(plan.spec, plan.size)
-        self.inflight: Dict[str, int] = {}  # item execution id -> item index, coordinator thread only
         self.phase = MapPhase.RUNNING
         self.message = ""
         self.recoverable = False
@@ -113,10 +115,8 @@ class MapRun:
 
     def _resume(self) -> None:
         """Counts the items whose result is already in storage (a connector restart): they are not run again."""
-        for i, kind in sorted(self.record.finished_items(self.n).items()):
-            error = None
-            if kind == "error":
-                error = read_error_document(self.record.item_prefix(i)) or UNREADABLE_ITEM_ERROR
+        for i, failed in sorted(self.record.finished_items(self.n).items()):
+            error = (read_error_document(self.record.item_prefix(i)) or UNREADABLE_ITEM_ERROR) if failed else None
             self.tally.resume(i, error)
 
     def _decision(self) -> Optional[MapDecision]:
@@ -126,10 +126,9 @@ class MapRun:
         prefix = self.record.item_prefix(i)
         inputs_path = store.join(prefix, "inputs.pb")
         store.write_bytes(inputs_path, self.plan.item_inputs(i).SerializeToString())
-        item_id = f"{self.execution_id}.{i}"
+        item_id = self._item_id(i)
         command = self.template.command.with_paths(inputs=inputs_path, output_prefix=prefix, item=i)
         spec = ExecutionSpec(item_id, command.to_args(), self.env)
-        self.inflight[item_id] = i
         try:
             pool.submit(spec, on_done=self._on_done)
         except PoolClosed:  # reaped while idle between two items: the next lookup makes a new pool
@@ -141,8 +140,8 @@ class MapRun:
 
     def _absorb(self, execution: Execution) -> None:
         """Counts a finished item. Only an item that never reached a replica goes back to the queue."""
-        i = self.inflight.pop(execution.id, None)
-        if i is None:
+        i = self._index(execution.id)
+        if i is None or i not in self.tally.inflight:
             return
         if execution.replica:
             self.replicas[execution.replica] = execution.log_uri or ""
@@ -199,10 +198,18 @@ class MapRun:
         outputs = MapPlan.gather(self.template.output_names, results)
         store.write_bytes(self.record.path("outputs.pb"), outputs.SerializeToString(), atomic=True)  # = SUCCEEDED
 
+    def _item_id(self, i: int) -> str:
+        """Item i's execution id in the pool."""
+        return f"{self.execution_id}.{i}"
+
+    def _index(self, item_id: str) -> Optional[int]:
+        prefix, _, index = item_id.rpartition(".")
+        return int(index) if prefix == self.execution_id and index.isdigit() else None
+
     def _cancel_inflight(self) -> None:
-        """Cancels every in-flight item together (a bounded executor, not a thread each): their grace periods
-        overlap, so a map with many items in flight stays inside propeller's DeleteTask timeout."""
-        if not self.inflight:
+        """Cancels every item still in flight (the pool escalates past the grace on its own) and forgets them."""
+        ids = [self._item_id(i) for i in sorted(self.tally.inflight)]
+        if not ids:
             return
         pool = self._pool_of()
 
@@ -210,5 +217,5 @@ class MapRun:
             pool.cancel(item_id, grace_seconds=self.CANCEL_GRACE_S)
             pool.forget(item_id)
 
-        cancel_items(cancel, list(self.inflight), f"map {self.execution_id}")
-        self.inflight.clear()
+        cancel_items(cancel, ids, f"map {self.execution_id}")
+        self.tally.inflight.clear()

@@ -13,12 +13,13 @@ from typing import Callable, Optional
 
 from flyteidl.core.execution_pb2 import TaskExecution
 
+from flytekitplugins_actor.constants import CANCEL_GRACE_S
+from flytekitplugins_actor.map_model import MapPhase
 from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
 from flytekitplugins_actor.replica.backend import DeathCause
 from plugin_backend.map_run import MapRun
 from plugin_backend.status import Status, failure, log_links, waiting_for_resources
 
-CANCEL_GRACE_S = 3.0
 """How long a cancelled execution may take to stop before its replica is replaced."""
 MAP_ABORT_WAIT_S = 10.0
 """How long DeleteTask waits for a map's coordinator to cancel its in-flight items."""
@@ -129,19 +130,19 @@ class MapRunView(Run):
 
     @property
     def terminal(self) -> bool:
-        return self.run.phase != "running"
+        return self.run.phase is not MapPhase.RUNNING
 
     def status(self) -> Status:
         run = self.run
         links = log_links(list(run.replicas.items()))
         info = run.progress()
         phase = run.phase
-        if phase == "running":
+        if phase is MapPhase.RUNNING:
             done = info["succeeded"] + info["failed"]
             return Status(TaskExecution.RUNNING, f"{done} of {run.n} items done", links, custom_info=info)
-        if phase == "succeeded":  # no inline outputs: an answer over 4 MiB fails in propeller's client
+        if phase is MapPhase.SUCCEEDED:  # no inline outputs: an answer over 4 MiB fails in propeller's client
             return Status(TaskExecution.SUCCEEDED, run.message, links, custom_info=info)
-        if phase == "aborted":
+        if phase is MapPhase.ABORTED:
             return Status(TaskExecution.ABORTED, run.message, links, custom_info=info)
         failed = TaskExecution.RETRYABLE_FAILED if run.recoverable else TaskExecution.FAILED
         return Status(failed, run.message, links, custom_info=info)

@@ -19,7 +19,7 @@ from flytekit.loggers import logger
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
-from flytekitplugins_actor.map_plan import MapPlan
+from flytekitplugins_actor.map_model import MapPlan
 from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
 from flytekitplugins_actor.replica.error import read_error_document
 from flytekitplugins_actor.replica.execution import ExecutionSpec

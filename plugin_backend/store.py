@@ -142,9 +142,9 @@ class ExecutionRecord:
     def item_prefix(self, i: int) -> str:
         return self.path(ITEMS, str(i))
 
-    def finished_items(self, n: int) -> Dict[int, str]:
-        """{item index: "outputs" | "error"} for every item with a result in storage."""
-        done: Dict[int, str] = {}
+    def finished_items(self, n: int) -> Dict[int, bool]:
+        """{item index: failed} for every item with a result in storage (True: its error.pb, False: outputs.pb)."""
+        done: Dict[int, bool] = {}
         root = self.path(ITEMS)
         local = local_path(root)
         if local is not None:
@@ -157,9 +157,9 @@ class ExecutionRecord:
                     continue
                 d = os.path.join(local, name)
                 if os.path.exists(os.path.join(d, "error.pb")):
-                    done[int(name)] = "error"
+                    done[int(name)] = True
                 elif os.path.exists(os.path.join(d, "outputs.pb")):
-                    done[int(name)] = "outputs"
+                    done[int(name)] = False
             return done
         fs = _fs(root)
         try:
@@ -170,7 +170,5 @@ class ExecutionRecord:
         for f in files:
             rel = f.split("://", 1)[-1][len(base) + 1 :].split("/")
             if len(rel) == 2 and rel[0].isdigit() and int(rel[0]) < n and rel[1] in ("outputs.pb", "error.pb"):
-                kind = "error" if rel[1] == "error.pb" else "outputs"
-                if done.get(int(rel[0])) != "error":
-                    done[int(rel[0])] = kind
+                done[int(rel[0])] = done.get(int(rel[0]), False) or rel[1] == "error.pb"
         return done

@@ -9,6 +9,7 @@ from flytekit import workflow
 
 from flytekitplugins_actor import ActorEnvironment
 from flytekitplugins_actor import map as actor_map
+from flytekitplugins_actor.replica.execution import CancelRequested
 
 barrier_env = ActorEnvironment(name="sdk-map-pair", replica_count=2, ttl_seconds=300)
 
@@ -79,6 +80,14 @@ def exit_on(x: int, bad: int) -> int:
 
 
 @barrier_env.task
+def interrupt_on(x: int, bad: int) -> int:
+    """KeyboardInterrupt raised by one item's own code (nobody pressed Ctrl-C)."""
+    if x == bad:
+        raise KeyboardInterrupt("the task raised it")
+    return x * 10
+
+
+@barrier_env.task
 def driver_pid(x: int) -> int:
     return os.getpid()
 
@@ -92,7 +101,7 @@ def fail_or_hold(x: int, marks: str) -> int:
         open(os.path.join(marks, f"running-{x}"), "w").close()
         while True:
             time.sleep(0.02)
-    except KeyboardInterrupt:  # the replica's cancel
+    except CancelRequested:  # the replica's cancel
         open(os.path.join(marks, f"cancelled-{x}"), "w").close()
         raise
     return x  # flytekit requires a return statement
@@ -106,7 +115,7 @@ def hold(x: int, marks: str, stubborn: bool) -> int:
         try:
             while True:
                 time.sleep(0.02)
-        except KeyboardInterrupt:
+        except CancelRequested:  # the replica's cancel
             open(os.path.join(marks, f"cancelled-{x}"), "w").close()
             if not stubborn:
                 raise

@@ -76,6 +76,7 @@ def test_sys_exit_in_one_item_is_one_failed_item():
     with pytest.raises(MapFailed, match=r"Item 1 failed: SystemExit: 3") as info:
         actor_map(functools.partial(m.exit_on, bad=2))(x=[1, 2, 3])
     assert isinstance(info.value.__cause__, SystemExit)
+    assert actor_map(functools.partial(m.interrupt_on, bad=2), min_success_ratio=0.5)(x=[1, 2, 3]) == [10, None, 30]
 
 
 def test_in_process_mode_runs_map_items_in_the_driver(monkeypatch):
@@ -83,6 +84,7 @@ def test_in_process_mode_runs_map_items_in_the_driver(monkeypatch):
     monkeypatch.setenv("FLYTE_ACTOR_IN_PROCESS", "1")
     assert actor_map(m.driver_pid)(x=[1, 2, 3]) == [os.getpid()] * 3
     assert actor_map(functools.partial(m.exit_on, bad=2), min_success_ratio=0.5)(x=[1, 2, 3]) == [10, None, 30]
+    assert actor_map(functools.partial(m.interrupt_on, bad=2), min_success_ratio=0.5)(x=[1, 2, 3]) == [10, None, 30]
     # in-process, flytekit prefixes the task's exception as in any local run of a plain task
     with pytest.raises(MapFailed, match=r"(?s)1 of 3 items failed; .* Item 1 failed: ValueError: .*item 2 is bad"):
         actor_map(functools.partial(m.fail_on, bad=2))(x=[1, 2, 3])
@@ -152,7 +154,8 @@ def _pyflyte_run_map_until_items_run(tmp_path, *extra: str, **env: str):
 
 def test_ctrl_c_cancels_the_items_in_flight_stops_dispatching_and_the_replicas(tmp_path):
     # before: SIGINT ended in flytekit's exit(1), and the driver then waited for ever on items that never end
-    with _pyflyte_run_map_until_items_run(tmp_path) as (p, marks, replica_pids):
+    # a grace long enough that a loaded machine still delivers each cancel before its replica would be replaced
+    with _pyflyte_run_map_until_items_run(tmp_path, FLYTE_ACTOR_MAP_INTERRUPT_GRACE_S="10") as (p, marks, replica_pids):
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=30)
     assert p.returncode != 0
