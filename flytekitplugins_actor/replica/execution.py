@@ -37,6 +37,11 @@ class CancelRequested(KeyboardInterrupt):
     KeyboardInterrupt the task raises itself is a failure like any other exception."""
 
 
+class ReplicaTerminated(BaseException):
+    """Raised into a running execution when its replica is told to stop (SIGTERM): the execution's fate is its
+    pool's (a system retry may write under the same output prefix), so nothing is written for it here."""
+
+
 class CodeVersionMismatch(RuntimeError):
     """A replica was handed code from another fast-registered distribution than the one it has imported."""
 
@@ -136,6 +141,8 @@ class ReplicaRuntime:
                 self._execute_in(exec_dir, cmd, raw, ckpt, prev)
             else:
                 self._execute_with_flytekit_setup(exec_dir, cmd, raw, ckpt, prev)
+        except ReplicaTerminated:  # no error.pb: the replica stops and reports nothing for this execution
+            raise
         except CancelRequested:
             outcome = ExecutionOutcome(spec.execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED)
         except KeyboardInterrupt as e:  # raised by the task's own code: its failure, named as such

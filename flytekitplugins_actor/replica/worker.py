@@ -27,7 +27,13 @@ from typing import Any, Callable, Dict, List, Optional
 from flytekit.loggers import logger
 
 from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError
-from flytekitplugins_actor.replica.execution import RUNTIME, CancelRequested, ExecutionOutcome, ExecutionSpec
+from flytekitplugins_actor.replica.execution import (
+    RUNTIME,
+    CancelRequested,
+    ExecutionOutcome,
+    ExecutionSpec,
+    ReplicaTerminated,
+)
 from flytekitplugins_actor.replica.protocol import (
     PROTOCOL_VERSION,
     TOKEN_ENV,
@@ -75,10 +81,6 @@ _CANCEL_ARMED = [False]  # read by the handler on the main thread: True only whi
 def _raise_cancel(signum, frame):
     if _CANCEL_ARMED[0]:  # anywhere else (bookkeeping, logging, locks) a late cancel is ignored
         raise CancelRequested(f"execution cancelled (signal {signum})")
-
-
-class ReplicaTerminated(BaseException):
-    """Raised into a running execution when the replica is told to stop (SIGTERM)."""
 
 
 class Worker:
@@ -406,8 +408,8 @@ def main(argv: Optional[list] = None) -> None:
 
     def _terminate(signum, frame):
         # Raise, never take a lock here: the handler runs between any two bytecodes of the main thread,
-        # possibly while it holds the queue's lock inside get(). Idle, this ends serve_forever; running,
-        # the execution fails (ReplicaTerminated) and serve_forever returns after recording it.
+        # possibly while it holds the queue's lock inside get(). Idle or running, this ends serve_forever: a
+        # running execution is neither recorded nor given an error.pb (its pool decides what becomes of it).
         worker.stopping = True
         raise ReplicaTerminated(f"replica {args.name} received signal {signum}")
 

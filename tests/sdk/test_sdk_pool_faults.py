@@ -370,6 +370,41 @@ def test_the_system_retry_budget_ends_in_replica_died_naming_replica_and_cause(t
         pool.shutdown()
 
 
+def test_a_system_retry_waits_for_the_old_run_to_end_and_nothing_of_it_is_left_under_the_prefix(tmp_path):
+    pool = make_pool(tmp_path, system_retries=1)
+    pool.backend.death_report_grace_s = 30.0
+    try:
+        e, runs, release, first = _running(pool, tmp_path)
+        out = ExecutionCommand.parse(e.spec.args).output_prefix
+        # a pod deleted by someone else: the platform reports it, then the replica gets its SIGTERM
+        first._set_dead("pod was deleted by someone else", None, DeathCause.INFRASTRUCTURE)
+        first.terminate(30)
+        wait_until(lambda: runs.read_text().count("run") == 2, 60)
+        assert first.wait_exited(0), "the retry started while the old replica still ran"
+        release.write_text("go")
+        assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.death)
+        assert os.path.exists(os.path.join(out, "outputs.pb"))
+        assert not os.path.exists(os.path.join(out, "error.pb")), "the terminated run wrote error.pb over the retry"
+    finally:
+        pool.shutdown()
+
+
+def test_an_infrastructure_death_whose_replica_is_not_seen_ended_is_not_run_twice(tmp_path):
+    pool = make_pool(tmp_path, system_retries=3)
+    pool.backend.death_report_grace_s = 1.0
+    e, runs, release, first = _running(pool, tmp_path)
+    try:
+        # e.g. a node gone silent: the platform gave the replica up, but nobody saw its process end
+        first._set_dead("pod not ready for 60s after it was ready (node lost)", None, DeathCause.INFRASTRUCTURE)
+        assert e.wait(30) and e.state is ExecutionState.REPLICA_DIED, (e.state, e.death)
+        assert e.death.cause is DeathCause.INFRASTRUCTURE and "not dispatched again" in e.death.reason
+        assert e.system_retries == 0 and runs.read_text().count("run") == 1
+    finally:
+        release.write_text("go")
+        first.terminate(0)
+        pool.shutdown()
+
+
 def test_a_replica_that_dies_of_its_task_is_not_retried(pool, tmp_path):
     e, runs, _, replica = _running(pool, tmp_path)
     os.kill(replica.pid, signal.SIGKILL)  # e.g. the OOM killer: the task's doing

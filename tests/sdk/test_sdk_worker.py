@@ -455,7 +455,7 @@ def test_sigterm_stops_an_idle_worker(tmp_path):
         w.client.close()
 
 
-def test_sigterm_during_an_execution_fails_it_as_recoverable_and_stops_the_worker(tmp_path):
+def test_sigterm_during_an_execution_stops_the_worker_and_leaves_the_executions_fate_to_its_pool(tmp_path):
     w = Worker(str(tmp_path))
     try:
         release, started = tmp_path / "release", tmp_path / "started"
@@ -465,10 +465,8 @@ def test_sigterm_during_an_execution_fails_it_as_recoverable_and_stops_the_worke
         w.replica.terminate(30)
         death = w.replica.wait_dead(30)
         assert death is not None and death.exit_code == 0, death
-        err = error_doc(out)  # a retry elsewhere is right: the task did nothing wrong
-        assert err.kind == errors_pb2.ContainerError.RECOVERABLE
-        assert err.origin == 2  # ExecutionError.SYSTEM
-        assert "received signal 15" in err.message
+        # nothing under the output prefix: a system retry writes there, and error.pb would be read first
+        assert not os.path.exists(os.path.join(out, "error.pb"))
         assert not os.path.exists(os.path.join(out, "outputs.pb"))
     finally:
         w.client.close()
