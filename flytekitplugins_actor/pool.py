@@ -568,8 +568,20 @@ class ReplicaPool:
                 self._unauthenticated(slot, execution, e)
                 return False
             except ProtocolError as e:
-                slot.lost = replica.wait_dead(5.0) or ReplicaDeath(
-                    replica.name, f"stopped answering its control port ({e})"
+                # not the pool's to say why: a lost node is reported (INFRASTRUCTURE) only after the backend's bound
+                grace = self.backend.death_report_grace_s
+                logger.warning(
+                    "pool %s: replica %s stopped answering while running %s (%s); waiting up to %gs for its backend "
+                    "to report its death",
+                    self.name,
+                    replica.name,
+                    spec.execution_id,
+                    e,
+                    grace,
+                )
+                slot.lost = replica.wait_dead(grace) or ReplicaDeath(
+                    replica.name,
+                    f"stopped answering its control port ({e}); its backend reported no death in {grace:g}s",
                 )
                 return False  # _on_slot_gone decides what becomes of the execution
             try:
@@ -622,8 +634,13 @@ class ReplicaPool:
             self._requeue_locked(execution)
 
     def _on_slot_gone(self, slot: _Slot) -> None:
-        # what the pool saw first (it stops a replica it gives up, so the backend's death would say "killed")
-        death = slot.lost or slot.replica.death or ReplicaDeath(slot.replica.name, "became unreachable")
+        # what the pool saw first (it stops a replica it gives up, so the backend's death would say "killed"),
+        # unless the backend says the platform took the replica: that cause decides whether it runs again
+        reported = slot.replica.death
+        if reported is not None and reported.cause is DeathCause.INFRASTRUCTURE:
+            death = reported
+        else:
+            death = slot.lost or reported or ReplicaDeath(slot.replica.name, "became unreachable")
         execution = slot.current
         exited = False
         if death.cause is DeathCause.INFRASTRUCTURE and execution is not None and not execution.cancel_requested:

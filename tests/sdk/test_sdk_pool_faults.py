@@ -444,3 +444,26 @@ def test_a_replica_that_stops_answering_mid_execution_is_noticed_within_a_wait_r
         assert replica.wait_dead(30) is not None  # the pool replaced it
     finally:
         pool.shutdown()
+
+
+def test_a_lost_node_reported_after_the_wait_round_timed_out_still_gets_its_system_retry(
+    tmp_path, monkeypatch, pool_log
+):
+    monkeypatch.setattr(pool_module, "WAIT_ROUND_S", 0.3)
+    monkeypatch.setattr(pool_module, "IO_MARGIN_S", 0.7)
+    pool = make_pool(tmp_path, system_retries=1)
+    pool.backend.death_report_grace_s = 60.0  # as on Kubernetes: node-status grace plus not-ready grace
+    try:
+        e, runs, release, first = _running(pool, tmp_path)
+        os.kill(first.pid, signal.SIGSTOP)  # a node gone silent: the connection stays open, nothing answers
+        waiting = lambda: any("waiting up to 60s" in r.getMessage() for r in pool_log)  # noqa: E731
+        wait_until(lambda: waiting() or e.state.terminal, 30)
+        assert e.state is ExecutionState.RUNNING, (e.state, e.death)  # the pool did not decide the cause itself
+        first._set_dead("pod not ready for 60s after it was ready (node lost)", None, DeathCause.INFRASTRUCTURE)
+        os.kill(first.pid, signal.SIGKILL)  # the node's end: its backend sees the process end
+        wait_until(lambda: runs.read_text().count("run") == 2, 60)
+        release.write_text("go")
+        assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.death)
+        assert e.system_retries == 1 and e.replica != first.name
+    finally:
+        pool.shutdown()
