@@ -274,6 +274,21 @@ def test_cancel_interrupts_a_task_blocked_in_a_system_call_and_keeps_the_replica
     assert worker.run(tasks.pid)[0]["state"] == "succeeded"
 
 
+def test_a_cancel_landing_in_the_clean_up_after_the_task_is_ignored(worker, tmp_path):
+    marker, release = tmp_path / "in-cleanup", tmp_path / "release"
+    execution_id, args, out = worker.args(tasks.hold_in_cleanup, marker=str(marker), release=str(release))
+    worker.request("submit", execution_id=execution_id, args=args, env={"FLYTE_ACTOR_LATE_CANCEL": "set"})
+    wait_until(marker.exists, 30)  # the task's code is done, its outputs written: the replica is cleaning up
+    worker.request("cancel", execution_id=execution_id)
+    release.touch()
+    reply = worker.request("wait", execution_id=execution_id, timeout=30)
+    assert reply["state"] == "succeeded", reply  # never CANCELLED for a task whose outputs are written
+    exec_dir = output(out)
+    assert not os.path.exists(exec_dir), f"execution dir {exec_dir} leaked"
+    reply, out = worker.run(tasks.env_var, var="FLYTE_ACTOR_LATE_CANCEL")
+    assert reply["state"] == "succeeded" and output(out) == "<unset>"  # the identity env was restored
+
+
 def test_a_keyboard_interrupt_raised_by_the_task_is_its_failure_not_a_cancel(worker):
     reply, out = worker.run(tasks.keyboard_interrupt)
     assert reply["state"] == "failed", reply
