@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from flytekit.loggers import logger
 
-from flytekitplugins_actor.replica.error import ExecutionError
+from flytekitplugins_actor.replica.error import CANCELLED
 from flytekitplugins_actor.replica.execution import (
     RUNTIME,
     CancelRequested,
@@ -190,8 +190,7 @@ class Worker:
         execution_id = str(msg["execution_id"])
         with self._lock:
             if self._accepted.pop(execution_id, None) is not None:
-                error = ExecutionError.user("ABORTED", "cancelled before it started")
-                self._record(ExecutionOutcome(execution_id, ReplicaExecutionState.CANCELLED, error=error))
+                self._record(ExecutionOutcome(execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED))
             elif self._running == execution_id and execution_id not in RUNTIME.cancelled:
                 RUNTIME.cancelled.add(execution_id)  # seen as the task starts, if the signal lands before that
                 signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)

@@ -164,3 +164,23 @@ def hold_in_cleanup(marker: str, release: str) -> str:
 
     RUNTIME.dirs.retire = retire
     return tempfile.gettempdir()
+
+
+@env.task
+def hold_in_tidy(marker: str, release: str) -> int:
+    """Succeeds at once, but makes the replica's next idle tidying wait for the file `release`, having created
+    `marker`: the replica is then idle to its pool while its main thread cannot start what it accepts."""
+    from flytekitplugins_actor.replica.execution import RUNTIME
+
+    original = RUNTIME.dirs.tidy_one
+
+    def tidy_one() -> None:
+        RUNTIME.dirs.tidy_one = original
+        open(marker, "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        original()
+
+    RUNTIME.dirs.tidy_one = tidy_one
+    return 0
