@@ -312,7 +312,8 @@ class ReplicaPool:
             return {
                 "queued": len(self._queue),
                 "replicas": len(self._slots),
-                "starting": sum(1 for s in self._slots if s.replica.state is ReplicaState.STARTING),
+                # replicas still inside backend.start (no slot yet) and started ones not ready yet
+                "starting": self._starting + sum(1 for s in self._slots if s.replica.state is ReplicaState.STARTING),
                 "busy": sum(1 for s in ready if s.busy),
                 "idle": sum(1 for s in ready if not s.busy),
                 "deaths": self.deaths,
@@ -389,6 +390,7 @@ class ReplicaPool:
         execution._transition(ExecutionState.QUEUED)
         execution.replica = execution.log_uri = execution.warm = execution.started_at = None
         execution.dispatched = False
+        execution.queued_at = time.monotonic()  # its dispatch latency counts from now, not from the first submit
         self._queue.appendleft(execution)
         self._cond.notify_all()
 

@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time as _time
 import uuid
 
 import pytest
@@ -348,11 +349,13 @@ def test_an_execution_whose_replica_the_platform_took_runs_again_elsewhere(tmp_p
     pool = make_pool(tmp_path, system_retries=1)
     try:
         e, runs, release, first = _running(pool, tmp_path)
+        taken = _time.monotonic()
         first.abandon("was evicted (node drained)", DeathCause.INFRASTRUCTURE)
         wait_until(lambda: runs.read_text().count("run") == 2, 60)  # dispatched again, to a new replica
         release.write_text("go")
         assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.death)
         assert e.replica != first.name and e.system_retries == 1
+        assert e.queued_at >= taken  # queued again: the dispatch latency counts from then, not the first submit
     finally:
         pool.shutdown()
 
@@ -466,4 +469,36 @@ def test_a_lost_node_reported_after_the_wait_round_timed_out_still_gets_its_syst
         assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.death)
         assert e.system_retries == 1 and e.replica != first.name
     finally:
+        pool.shutdown()
+
+
+class _GatedBackend(LocalProcessBackend):
+    """Local replicas whose start blocks until the test opens the gate (a slow API call, a process spawn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def start(self, spec):
+        self.entered.set()
+        assert self.gate.wait(60)
+        return super().start(spec)
+
+
+def test_stats_count_a_replica_still_being_started_by_its_backend(tmp_path):
+    backend = _GatedBackend()
+    pool = make_pool(tmp_path, backend=backend)
+    try:
+        spec = execution(tmp_path, tasks.pid)
+        submitter = threading.Thread(target=pool.submit, args=(spec,))
+        submitter.start()
+        assert backend.entered.wait(60)
+        assert pool.stats()["starting"] == 1 and pool.stats()["replicas"] == 0
+        backend.gate.set()
+        submitter.join(60)
+        e = pool.get(spec.execution_id)
+        assert e.wait(60) and e.state is ExecutionState.SUCCEEDED
+        assert pool.stats()["starting"] == 0
+    finally:
+        backend.gate.set()
         pool.shutdown()
