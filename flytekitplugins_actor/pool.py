@@ -312,7 +312,8 @@ class ReplicaPool:
             return {
                 "queued": len(self._queue),
                 "replicas": len(self._slots),
-                "starting": sum(1 for s in self._slots if s.replica.state is ReplicaState.STARTING),
+                # replicas still inside backend.start (no slot yet) and started ones not ready yet
+                "starting": self._starting + sum(1 for s in self._slots if s.replica.state is ReplicaState.STARTING),
                 "busy": sum(1 for s in ready if s.busy),
                 "idle": sum(1 for s in ready if not s.busy),
                 "deaths": self.deaths,
@@ -389,6 +390,7 @@ class ReplicaPool:
         execution._transition(ExecutionState.QUEUED)
         execution.replica = execution.log_uri = execution.warm = execution.started_at = None
         execution.dispatched = False
+        execution.queued_at = time.monotonic()  # its dispatch latency counts from now, not from the first submit
         self._queue.appendleft(execution)
         self._cond.notify_all()
 
@@ -568,8 +570,20 @@ class ReplicaPool:
                 self._unauthenticated(slot, execution, e)
                 return False
             except ProtocolError as e:
-                slot.lost = replica.wait_dead(5.0) or ReplicaDeath(
-                    replica.name, f"stopped answering its control port ({e})"
+                # not the pool's to say why: a lost node is reported (INFRASTRUCTURE) only after the backend's bound
+                grace = self.backend.death_report_grace_s
+                logger.warning(
+                    "pool %s: replica %s stopped answering while running %s (%s); waiting up to %gs for its backend "
+                    "to report its death",
+                    self.name,
+                    replica.name,
+                    spec.execution_id,
+                    e,
+                    grace,
+                )
+                slot.lost = replica.wait_dead(grace) or ReplicaDeath(
+                    replica.name,
+                    f"stopped answering its control port ({e}); its backend reported no death in {grace:g}s",
                 )
                 return False  # _on_slot_gone decides what becomes of the execution
             try:
@@ -622,17 +636,27 @@ class ReplicaPool:
             self._requeue_locked(execution)
 
     def _on_slot_gone(self, slot: _Slot) -> None:
+        # what the pool saw first (it stops a replica it gives up, so the backend's death would say "killed"),
+        # unless the backend says the platform took the replica: that cause decides whether it runs again
+        reported = slot.replica.death
+        if reported is not None and reported.cause is DeathCause.INFRASTRUCTURE:
+            death = reported
+        else:
+            death = slot.lost or reported or ReplicaDeath(slot.replica.name, "became unreachable")
+        execution = slot.current
+        exited = False
+        if death.cause is DeathCause.INFRASTRUCTURE and execution is not None and not execution.cancel_requested:
+            # run it again only once nothing of the old run is left: both would write under one output prefix
+            exited = slot.replica.wait_exited(self.backend.death_report_grace_s)
         callbacks: _Callbacks = []
         with self._cond:
             if slot in self._slots:
                 self._slots.remove(slot)
-            # what the pool saw first (it stops a replica it gives up, so the backend's death would say "killed")
-            death = slot.lost or slot.replica.death or ReplicaDeath(slot.replica.name, "became unreachable")
             if not self._closed:
                 self.deaths += 1
             execution, slot.current = slot.current, None
             if execution is not None and not execution.state.terminal:
-                callbacks += self._replica_lost_locked(execution, death)
+                callbacks += self._replica_lost_locked(execution, death, exited)
             if slot.client is None and not self._closed:  # never became usable: a failed start
                 callbacks += self._failed_start_locked(death, slot.replica.log_uri)
             to_start = self._reserve_locked()  # a replacement starts if work is waiting
@@ -640,12 +664,21 @@ class ReplicaPool:
         _run_callbacks(callbacks)
         self._start_replicas(to_start)
 
-    def _replica_lost_locked(self, execution: Execution, death: ReplicaDeath) -> _Callbacks:
+    def _replica_lost_locked(self, execution: Execution, death: ReplicaDeath, exited: bool) -> _Callbacks:
         """The replica running `execution` is gone: cancelled, dispatched again (the platform's fault, within the
-        budget) or REPLICA_DIED naming the replica and the cause."""
+        budget, and only once the old replica is seen ended: never two runs at once) or REPLICA_DIED naming the
+        replica and the cause."""
         if execution.cancel_requested:
             return self._complete_locked(execution, ExecutionState.CANCELLED)
-        if death.cause is DeathCause.INFRASTRUCTURE:
+        if death.cause is DeathCause.INFRASTRUCTURE and not exited:
+            death = ReplicaDeath(
+                death.replica,
+                f"{death.reason} (cause: {death.cause.value}; not dispatched again: its backend did not see it end "
+                f"within {self.backend.death_report_grace_s:g}s, so the execution may still be running there)",
+                death.exit_code,
+                death.cause,
+            )
+        elif death.cause is DeathCause.INFRASTRUCTURE:
             if execution.system_retries < self.system_retries and not self._closed:
                 execution.system_retries += 1
                 logger.warning(

@@ -125,9 +125,9 @@ class KubernetesReplica(Replica):
             return
         if pod is None:
             if self._terminate_requested:
-                self._die("was terminated (pod deleted)", None, DeathCause.TASK)
+                self._die("was terminated (pod deleted)", None, DeathCause.TASK, exited=True)
             else:
-                self._die("pod was deleted by someone else", None, DeathCause.INFRASTRUCTURE)
+                self._die("pod was deleted by someone else", None, DeathCause.INFRASTRUCTURE, exited=True)
             return
         meta, status = pod["metadata"], pod.get("status") or {}
         if meta.get("deletionTimestamp"):
@@ -151,7 +151,7 @@ class KubernetesReplica(Replica):
                 reason = (
                     f"container {primary} terminated: {term.get('reason') or 'Error'}, exit code {term['exitCode']}"
                 )
-                self._die(reason + detail, term["exitCode"], cause)
+                self._die(reason + detail, term["exitCode"], cause, exited=True)
                 return
             if waiting is not None and waiting.get("reason") in START_FAILURES:
                 self._die(
@@ -173,6 +173,7 @@ class KubernetesReplica(Replica):
                 f"pod {status['phase'].lower()}: {status.get('reason', '')} {status.get('message', '')}".rstrip(),
                 None,
                 cause,
+                exited=True,
             )
             return
         scheduled = _condition(pod, "PodScheduled")
@@ -202,11 +203,14 @@ class KubernetesReplica(Replica):
         if since is not None and now - since > self.backend.config_error_grace_s:
             self._die(f"cannot start: {self.waiting_reason}", None, DeathCause.START)
 
-    def _die(self, reason: str, exit_code: Optional[int], cause: DeathCause, delete: bool = True) -> None:
+    def _die(
+        self, reason: str, exit_code: Optional[int], cause: DeathCause, delete: bool = True, exited: bool = False
+    ) -> None:
+        """`exited`: the pod or its container is seen ended (not only being deleted, or on a node gone silent)."""
         if self.state is ReplicaState.DEAD:
             return
         logger.info(f"replica pod {self.namespace}/{self.pod_name} {reason} ({cause.value})")
-        self._set_dead(reason, exit_code, cause)
+        self._set_dead(reason, exit_code, cause, exited=exited)
         self.backend._forget(self)
         if delete:
             self._delete(0)
@@ -304,6 +308,8 @@ class KubernetesBackend(ReplicaBackend):
     name = "kubernetes"
     ready_timeout_s: float = 600.0
     """A pod may take minutes to be ready: scheduling, node scale-up, pulling a large (GPU) image."""
+    death_report_grace_s: float = 60.0
+    """A lost node's pod is reported dead only after the kubelet's node-status grace (~40 s) plus not_ready_grace_s."""
 
     def __init__(
         self,

@@ -80,6 +80,7 @@ class Replica(abc.ABC):
         self._state = ReplicaState.STARTING
         self._address: Optional[str] = None
         self._death: Optional[ReplicaDeath] = None
+        self._exited = False  # its backend saw its process (pod) end, not only a death recorded for it
         self._death_callbacks: List = []
         self.waiting_reason: Optional[str] = None
         """Why a starting replica waits, as its platform says (e.g. the scheduler's Unschedulable message)."""
@@ -115,9 +116,19 @@ class Replica(abc.ABC):
                 self._address, self._state = address, ReplicaState.READY
             self._cond.notify_all()
 
-    def _set_dead(self, reason: str, exit_code: Optional[int] = None, cause: DeathCause = DeathCause.TASK) -> None:
-        """Records the replica's death (the first one recorded wins) and runs the death callbacks."""
+    def _set_dead(
+        self,
+        reason: str,
+        exit_code: Optional[int] = None,
+        cause: DeathCause = DeathCause.TASK,
+        exited: bool = False,
+    ) -> None:
+        """Records the replica's death (the first one recorded wins) and runs the death callbacks. `exited`: the
+        backend saw the replica's process end (a death may be recorded before, e.g. by `abandon`)."""
         with self._cond:
+            if exited and not self._exited:
+                self._exited = True
+                self._cond.notify_all()
             if self._death is not None:
                 return
             self._death = ReplicaDeath(self.name, reason, exit_code, cause)
@@ -147,6 +158,12 @@ class Replica(abc.ABC):
             self._cond.wait_for(lambda: self._death is not None, timeout)
             return self._death
 
+    def wait_exited(self, timeout: Optional[float] = None) -> bool:
+        """Blocks until the backend has seen the replica's process end (nothing of it runs any more), or the
+        timeout passes; returns whether it has. The pool runs an execution again only after this."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._exited, timeout)
+
     @abc.abstractmethod
     def terminate(self, grace_seconds: float = 5.0) -> None:
         """Stops the replica (SIGTERM, then SIGKILL after the grace period); returns without waiting."""
@@ -157,6 +174,9 @@ class ReplicaBackend(abc.ABC):
 
     ready_timeout_s: float = 120.0
     """How long a started replica may take to become ready before it counts as a failed start."""
+    death_report_grace_s: float = 5.0
+    """How long after a replica stopped answering its backend may take to report the death (and its cause), or to
+    see its process end: the pool waits that long before it decides on its own."""
 
     @abc.abstractmethod
     def start(self, spec: ReplicaSpec) -> Replica:
@@ -232,7 +252,7 @@ class LocalProcessReplica(Replica):
             info = json.loads(line)
             self._set_ready(f"127.0.0.1:{info['port']}")
         returncode = self.process.wait()
-        self._set_dead(describe_exit(returncode), returncode)
+        self._set_dead(describe_exit(returncode), returncode, exited=True)
 
     def terminate(self, grace_seconds: float = 5.0) -> None:
         """SIGTERM to the replica's process group (the task's own subprocesses too), SIGKILL after the grace."""

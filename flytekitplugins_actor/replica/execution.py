@@ -13,7 +13,7 @@ import tempfile
 import time
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from flytekitplugins_actor.replica.command import ExecutionCommand
 from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError, read_engine_dir_error, write_error_document
@@ -35,6 +35,11 @@ class CancelRequested(KeyboardInterrupt):
     """Raised into a running task by the replica's cancel signal, and only by it: the execution is cancelled.
     A KeyboardInterrupt, so a task's `except KeyboardInterrupt:` clean-up runs on a cancel as on Ctrl-C; a
     KeyboardInterrupt the task raises itself is a failure like any other exception."""
+
+
+class ReplicaTerminated(BaseException):
+    """Raised into a running execution when its replica is told to stop (SIGTERM): the execution's fate is its
+    pool's (a system retry may write under the same output prefix), so nothing is written for it here."""
 
 
 class CodeVersionMismatch(RuntimeError):
@@ -82,6 +87,11 @@ class ReplicaRuntime:
         self.code_version: Optional[str] = None
         self.last_exception: Optional[BaseException] = None
         self.executions = 0
+        self.cancel_armed = False
+        """True only while the task's own execution runs: the replica's cancel signal raises CancelRequested then,
+        never during set-up or clean-up (env, temp dir, the execution's dir stay consistent)."""
+        self.cancelled: Set[str] = set()
+        """Executions whose cancel was asked for (by the replica's control thread): checked as the task starts."""
         self.dirs = ExecutionDirs()
         self._cwd_on_path: Optional[Tuple[str, int]] = None
         self._start_cwd = os.getcwd()
@@ -110,7 +120,7 @@ class ReplicaRuntime:
         The execution gets a prepared private dir (its temp dir and flytekit's sandbox); the moment it ends, the
         dir is moved away (so nothing of it is visible to the next execution, however soon that starts) and the
         returned callable recycles it off the hot path. Never raises for anything the task does; only a
-        CancelRequested (the replica's cancel) means cancelled."""
+        CancelRequested (the replica's cancel, armed only around the task's own execution) means cancelled."""
         from flytekit.bin.entrypoint import normalize_inputs
 
         started = time.perf_counter()
@@ -132,10 +142,18 @@ class ReplicaRuntime:
             tempfile.tempdir = exec_dir
             self._activate_distribution(cmd)
             raw, ckpt, prev = normalize_inputs(cmd.raw_output_data_prefix, cmd.checkpoint_path, cmd.prev_checkpoint)
-            if fast:
-                self._execute_in(exec_dir, cmd, raw, ckpt, prev)
-            else:
-                self._execute_with_flytekit_setup(exec_dir, cmd, raw, ckpt, prev)
+            self.cancel_armed = True
+            try:
+                if spec.execution_id in self.cancelled:  # asked for before the task could start
+                    raise CancelRequested("cancelled before it started")
+                if fast:
+                    self._execute_in(exec_dir, cmd, raw, ckpt, prev)
+                else:
+                    self._execute_with_flytekit_setup(exec_dir, cmd, raw, ckpt, prev)
+            finally:
+                self.cancel_armed = False
+        except ReplicaTerminated:  # no error.pb: the replica stops and reports nothing for this execution
+            raise
         except CancelRequested:
             outcome = ExecutionOutcome(spec.execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED)
         except KeyboardInterrupt as e:  # raised by the task's own code: its failure, named as such

@@ -26,8 +26,14 @@ from typing import Any, Callable, Dict, List, Optional
 
 from flytekit.loggers import logger
 
-from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError
-from flytekitplugins_actor.replica.execution import RUNTIME, CancelRequested, ExecutionOutcome, ExecutionSpec
+from flytekitplugins_actor.replica.error import CANCELLED
+from flytekitplugins_actor.replica.execution import (
+    RUNTIME,
+    CancelRequested,
+    ExecutionOutcome,
+    ExecutionSpec,
+    ReplicaTerminated,
+)
 from flytekitplugins_actor.replica.protocol import (
     PROTOCOL_VERSION,
     TOKEN_ENV,
@@ -69,16 +75,9 @@ def _setup_log(name: str) -> None:
     log.propagate = False  # flytekit's own handler wraps lines for a terminal; a replica log is read line by line
 
 
-_CANCEL_ARMED = [False]  # read by the handler on the main thread: True only while a task's code runs
-
-
 def _raise_cancel(signum, frame):
-    if _CANCEL_ARMED[0]:  # anywhere else (bookkeeping, logging, locks) a late cancel is ignored
+    if RUNTIME.cancel_armed:  # only while the task's code runs: in set-up, clean-up or bookkeeping it is ignored
         raise CancelRequested(f"execution cancelled (signal {signum})")
-
-
-class ReplicaTerminated(BaseException):
-    """Raised into a running execution when the replica is told to stop (SIGTERM)."""
 
 
 class Worker:
@@ -92,7 +91,6 @@ class Worker:
         self._running: Optional[str] = None
         self._accepted: Dict[str, ExecutionSpec] = {}
         self._outcomes: "collections.OrderedDict[str, ExecutionOutcome]" = collections.OrderedDict()
-        self._cancelled: set = set()
         self.stopping = False
         self.last_request = time.monotonic()  # of an authenticated request: the orphan timeout counts from it
 
@@ -192,10 +190,9 @@ class Worker:
         execution_id = str(msg["execution_id"])
         with self._lock:
             if self._accepted.pop(execution_id, None) is not None:
-                error = ExecutionError.user("ABORTED", "cancelled before it started")
-                self._record(ExecutionOutcome(execution_id, ReplicaExecutionState.CANCELLED, error=error))
-            elif self._running == execution_id and execution_id not in self._cancelled:
-                self._cancelled.add(execution_id)  # seen by the main thread even if the signal lands late
+                self._record(ExecutionOutcome(execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED))
+            elif self._running == execution_id and execution_id not in RUNTIME.cancelled:
+                RUNTIME.cancelled.add(execution_id)  # seen as the task starts, if the signal lands before that
                 signal.pthread_kill(threading.main_thread().ident, CANCEL_SIGNAL)
             return self._state_of(execution_id)
 
@@ -231,21 +228,11 @@ class Worker:
                     continue  # cancelled while queued
                 self._running = spec.execution_id
             log.info("execution %s started", spec.execution_id)
-            cleanup = None
-            try:
-                try:
-                    _CANCEL_ARMED[0] = True
-                    if spec.execution_id in self._cancelled:  # the cancel came before the task could start
-                        raise CancelRequested("cancelled before it started")
-                    outcome, cleanup = RUNTIME.run_deferred(spec)
-                finally:
-                    _CANCEL_ARMED[0] = False
-            except CancelRequested:  # a cancel that landed around the task, not in it
-                outcome = ExecutionOutcome(spec.execution_id, ReplicaExecutionState.CANCELLED, error=CANCELLED)
+            outcome, cleanup = RUNTIME.run_deferred(spec)  # it arms the cancel around the task's own code only
             log.info("execution %s %s in %.4fs", spec.execution_id, outcome.state.value, outcome.duration_s)
             with self._lock:
                 self._running = None
-                self._cancelled.discard(spec.execution_id)
+                RUNTIME.cancelled.discard(spec.execution_id)
                 self._record(outcome)
             if cleanup is not None:
                 cleanups.append(cleanup)
@@ -406,8 +393,8 @@ def main(argv: Optional[list] = None) -> None:
 
     def _terminate(signum, frame):
         # Raise, never take a lock here: the handler runs between any two bytecodes of the main thread,
-        # possibly while it holds the queue's lock inside get(). Idle, this ends serve_forever; running,
-        # the execution fails (ReplicaTerminated) and serve_forever returns after recording it.
+        # possibly while it holds the queue's lock inside get(). Idle or running, this ends serve_forever: a
+        # running execution is neither recorded nor given an error.pb (its pool decides what becomes of it).
         worker.stopping = True
         raise ReplicaTerminated(f"replica {args.name} received signal {signum}")
 

@@ -144,3 +144,43 @@ def count_then_wait(path: str, release: str) -> int:
         time.sleep(0.02)
     with open(path) as f:
         return len(f.readlines())
+
+
+@env.task
+def hold_in_cleanup(marker: str, release: str) -> str:
+    """Succeeds at once, but makes the replica's clean-up after it (retiring its dir) wait for the file `release`,
+    having created `marker`: a window in which a late cancel lands. Returns its execution dir."""
+    from flytekitplugins_actor.replica.execution import RUNTIME
+
+    original = RUNTIME.dirs.retire
+
+    def retire(path: str) -> None:
+        RUNTIME.dirs.retire = original
+        open(marker, "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        original(path)
+
+    RUNTIME.dirs.retire = retire
+    return tempfile.gettempdir()
+
+
+@env.task
+def hold_in_tidy(marker: str, release: str) -> int:
+    """Succeeds at once, but makes the replica's next idle tidying wait for the file `release`, having created
+    `marker`: the replica is then idle to its pool while its main thread cannot start what it accepts."""
+    from flytekitplugins_actor.replica.execution import RUNTIME
+
+    original = RUNTIME.dirs.tidy_one
+
+    def tidy_one() -> None:
+        RUNTIME.dirs.tidy_one = original
+        open(marker, "w").close()
+        deadline = time.monotonic() + 60
+        while not os.path.exists(release) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        original()
+
+    RUNTIME.dirs.tidy_one = tidy_one
+    return 0

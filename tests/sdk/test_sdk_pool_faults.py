@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time as _time
 import uuid
 
 import pytest
@@ -348,11 +349,13 @@ def test_an_execution_whose_replica_the_platform_took_runs_again_elsewhere(tmp_p
     pool = make_pool(tmp_path, system_retries=1)
     try:
         e, runs, release, first = _running(pool, tmp_path)
+        taken = _time.monotonic()
         first.abandon("was evicted (node drained)", DeathCause.INFRASTRUCTURE)
         wait_until(lambda: runs.read_text().count("run") == 2, 60)  # dispatched again, to a new replica
         release.write_text("go")
         assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.death)
         assert e.replica != first.name and e.system_retries == 1
+        assert e.queued_at >= taken  # queued again: the dispatch latency counts from then, not the first submit
     finally:
         pool.shutdown()
 
@@ -367,6 +370,41 @@ def test_the_system_retry_budget_ends_in_replica_died_naming_replica_and_cause(t
         assert "evicted" in str(e.death) and "infrastructure" in str(e.death) and "0 system retries" in str(e.death)
         assert runs.read_text().count("run") == 1
     finally:
+        pool.shutdown()
+
+
+def test_a_system_retry_waits_for_the_old_run_to_end_and_nothing_of_it_is_left_under_the_prefix(tmp_path):
+    pool = make_pool(tmp_path, system_retries=1)
+    pool.backend.death_report_grace_s = 30.0
+    try:
+        e, runs, release, first = _running(pool, tmp_path)
+        out = ExecutionCommand.parse(e.spec.args).output_prefix
+        # a pod deleted by someone else: the platform reports it, then the replica gets its SIGTERM
+        first._set_dead("pod was deleted by someone else", None, DeathCause.INFRASTRUCTURE)
+        first.terminate(30)
+        wait_until(lambda: runs.read_text().count("run") == 2, 60)
+        assert first.wait_exited(0), "the retry started while the old replica still ran"
+        release.write_text("go")
+        assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.death)
+        assert os.path.exists(os.path.join(out, "outputs.pb"))
+        assert not os.path.exists(os.path.join(out, "error.pb")), "the terminated run wrote error.pb over the retry"
+    finally:
+        pool.shutdown()
+
+
+def test_an_infrastructure_death_whose_replica_is_not_seen_ended_is_not_run_twice(tmp_path):
+    pool = make_pool(tmp_path, system_retries=3)
+    pool.backend.death_report_grace_s = 1.0
+    e, runs, release, first = _running(pool, tmp_path)
+    try:
+        # e.g. a node gone silent: the platform gave the replica up, but nobody saw its process end
+        first._set_dead("pod not ready for 60s after it was ready (node lost)", None, DeathCause.INFRASTRUCTURE)
+        assert e.wait(30) and e.state is ExecutionState.REPLICA_DIED, (e.state, e.death)
+        assert e.death.cause is DeathCause.INFRASTRUCTURE and "not dispatched again" in e.death.reason
+        assert e.system_retries == 0 and runs.read_text().count("run") == 1
+    finally:
+        release.write_text("go")
+        first.terminate(0)
         pool.shutdown()
 
 
@@ -408,4 +446,59 @@ def test_a_replica_that_stops_answering_mid_execution_is_noticed_within_a_wait_r
         assert e.state is ExecutionState.REPLICA_DIED and "stopped answering" in e.death.reason
         assert replica.wait_dead(30) is not None  # the pool replaced it
     finally:
+        pool.shutdown()
+
+
+def test_a_lost_node_reported_after_the_wait_round_timed_out_still_gets_its_system_retry(
+    tmp_path, monkeypatch, pool_log
+):
+    monkeypatch.setattr(pool_module, "WAIT_ROUND_S", 0.3)
+    monkeypatch.setattr(pool_module, "IO_MARGIN_S", 0.7)
+    pool = make_pool(tmp_path, system_retries=1)
+    pool.backend.death_report_grace_s = 60.0  # as on Kubernetes: node-status grace plus not-ready grace
+    try:
+        e, runs, release, first = _running(pool, tmp_path)
+        os.kill(first.pid, signal.SIGSTOP)  # a node gone silent: the connection stays open, nothing answers
+        waiting = lambda: any("waiting up to 60s" in r.getMessage() for r in pool_log)  # noqa: E731
+        wait_until(lambda: waiting() or e.state.terminal, 30)
+        assert e.state is ExecutionState.RUNNING, (e.state, e.death)  # the pool did not decide the cause itself
+        first._set_dead("pod not ready for 60s after it was ready (node lost)", None, DeathCause.INFRASTRUCTURE)
+        os.kill(first.pid, signal.SIGKILL)  # the node's end: its backend sees the process end
+        wait_until(lambda: runs.read_text().count("run") == 2, 60)
+        release.write_text("go")
+        assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.death)
+        assert e.system_retries == 1 and e.replica != first.name
+    finally:
+        pool.shutdown()
+
+
+class _GatedBackend(LocalProcessBackend):
+    """Local replicas whose start blocks until the test opens the gate (a slow API call, a process spawn)."""
+
+    def __init__(self):
+        super().__init__()
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def start(self, spec):
+        self.entered.set()
+        assert self.gate.wait(60)
+        return super().start(spec)
+
+
+def test_stats_count_a_replica_still_being_started_by_its_backend(tmp_path):
+    backend = _GatedBackend()
+    pool = make_pool(tmp_path, backend=backend)
+    try:
+        spec = execution(tmp_path, tasks.pid)
+        submitter = threading.Thread(target=pool.submit, args=(spec,))
+        submitter.start()
+        assert backend.entered.wait(60)
+        assert pool.stats()["starting"] == 1 and pool.stats()["replicas"] == 0
+        backend.gate.set()
+        submitter.join(60)
+        e = pool.get(spec.execution_id)
+        assert e.wait(60) and e.state is ExecutionState.SUCCEEDED
+        assert pool.stats()["starting"] == 0
+    finally:
+        backend.gate.set()
         pool.shutdown()

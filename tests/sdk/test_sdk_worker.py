@@ -18,6 +18,7 @@ from sdk_helpers import pid_alive, wait_until
 
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
 from flytekitplugins_actor.replica.command import ExecutionCommand
+from flytekitplugins_actor.replica.error import CANCELLED
 from flytekitplugins_actor.replica.protocol import (
     AuthenticationError,
     ProtocolError,
@@ -267,11 +268,38 @@ def test_cancel_interrupts_a_task_blocked_in_a_system_call_and_keeps_the_replica
     # the task would block for 10 minutes; only a signal delivered to the main thread ends it before this wait does
     reply = worker.request("wait", execution_id=execution_id, timeout=30)
     assert reply["state"] == "cancelled", reply
-    assert reply["error"]["code"] == "ABORTED"
+    assert reply["error"] == CANCELLED.to_wire()  # the one cancelled error, as for a cancel before the start
     assert not os.path.exists(os.path.join(out, "outputs.pb"))
     h = worker.request("health")
     assert h["state"] == "idle" and h["pid"] == pid  # the same warm replica, not a replacement
     assert worker.run(tasks.pid)[0]["state"] == "succeeded"
+
+
+def test_a_cancel_landing_in_the_clean_up_after_the_task_is_ignored(worker, tmp_path):
+    marker, release = tmp_path / "in-cleanup", tmp_path / "release"
+    execution_id, args, out = worker.args(tasks.hold_in_cleanup, marker=str(marker), release=str(release))
+    worker.request("submit", execution_id=execution_id, args=args, env={"FLYTE_ACTOR_LATE_CANCEL": "set"})
+    wait_until(marker.exists, 30)  # the task's code is done, its outputs written: the replica is cleaning up
+    worker.request("cancel", execution_id=execution_id)
+    release.touch()
+    reply = worker.request("wait", execution_id=execution_id, timeout=30)
+    assert reply["state"] == "succeeded", reply  # never CANCELLED for a task whose outputs are written
+    exec_dir = output(out)
+    assert not os.path.exists(exec_dir), f"execution dir {exec_dir} leaked"
+    reply, out = worker.run(tasks.env_var, var="FLYTE_ACTOR_LATE_CANCEL")
+    assert reply["state"] == "succeeded" and output(out) == "<unset>"  # the identity env was restored
+
+
+def test_an_execution_cancelled_before_it_started_reports_the_one_cancelled_error(worker, tmp_path):
+    marker, release = tmp_path / "tidying", tmp_path / "release"
+    assert worker.run(tasks.hold_in_tidy, marker=str(marker), release=str(release))[0]["state"] == "succeeded"
+    wait_until(marker.exists, 30)  # the main thread is busy tidying: what is accepted now waits for it
+    execution_id, args, out = worker.args(tasks.pid)
+    assert worker.request("submit", execution_id=execution_id, args=args)["state"] == "accepted"
+    cancelled = worker.request("cancel", execution_id=execution_id)
+    release.touch()
+    assert cancelled["state"] == "cancelled", cancelled
+    assert cancelled["error"] == CANCELLED.to_wire()
 
 
 def test_a_keyboard_interrupt_raised_by_the_task_is_its_failure_not_a_cancel(worker):
@@ -455,7 +483,7 @@ def test_sigterm_stops_an_idle_worker(tmp_path):
         w.client.close()
 
 
-def test_sigterm_during_an_execution_fails_it_as_recoverable_and_stops_the_worker(tmp_path):
+def test_sigterm_during_an_execution_stops_the_worker_and_leaves_the_executions_fate_to_its_pool(tmp_path):
     w = Worker(str(tmp_path))
     try:
         release, started = tmp_path / "release", tmp_path / "started"
@@ -465,10 +493,8 @@ def test_sigterm_during_an_execution_fails_it_as_recoverable_and_stops_the_worke
         w.replica.terminate(30)
         death = w.replica.wait_dead(30)
         assert death is not None and death.exit_code == 0, death
-        err = error_doc(out)  # a retry elsewhere is right: the task did nothing wrong
-        assert err.kind == errors_pb2.ContainerError.RECOVERABLE
-        assert err.origin == 2  # ExecutionError.SYSTEM
-        assert "received signal 15" in err.message
+        # nothing under the output prefix: a system retry writes there, and error.pb would be read first
+        assert not os.path.exists(os.path.join(out, "error.pb"))
         assert not os.path.exists(os.path.join(out, "outputs.pb"))
     finally:
         w.client.close()
