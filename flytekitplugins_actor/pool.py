@@ -67,6 +67,9 @@ without a request)."""
 WAIT_ROUND_S = 5.0
 """A `wait` asks the replica for at most this long: a vanished peer is noticed within WAIT_ROUND_S + IO_MARGIN_S."""
 IO_MARGIN_S = 5.0
+EXIT_CONFIRM_S = 10.0
+"""After an INFRASTRUCTURE death, how long the pool waits for the backend to see the old replica's process (pod)
+end before it gives up on a system retry (REPLICA_DIED instead): two runs of one execution must never overlap."""
 CONTROL_TIMEOUT_S = 2.0
 """Bound on a keepalive or cancel request (connect and answer)."""
 
@@ -647,7 +650,7 @@ class ReplicaPool:
         exited = False
         if death.cause is DeathCause.INFRASTRUCTURE and execution is not None and not execution.cancel_requested:
             # run it again only once nothing of the old run is left: both would write under one output prefix
-            exited = slot.replica.wait_exited(self.backend.death_report_grace_s)
+            exited = slot.replica.wait_exited(EXIT_CONFIRM_S)
         callbacks: _Callbacks = []
         with self._cond:
             if slot in self._slots:
@@ -674,7 +677,7 @@ class ReplicaPool:
             death = ReplicaDeath(
                 death.replica,
                 f"{death.reason} (cause: {death.cause.value}; not dispatched again: its backend did not see it end "
-                f"within {self.backend.death_report_grace_s:g}s, so the execution may still be running there)",
+                f"within {EXIT_CONFIRM_S:g}s, so the execution may still be running there)",
                 death.exit_code,
                 death.cause,
             )

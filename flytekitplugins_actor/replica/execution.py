@@ -142,8 +142,8 @@ class ReplicaRuntime:
             tempfile.tempdir = exec_dir
             self._activate_distribution(cmd)
             raw, ckpt, prev = normalize_inputs(cmd.raw_output_data_prefix, cmd.checkpoint_path, cmd.prev_checkpoint)
-            self.cancel_armed = True
             try:
+                self.cancel_armed = True  # then checked: a cancel before this line is in self.cancelled
                 if spec.execution_id in self.cancelled:  # asked for before the task could start
                     raise CancelRequested("cancelled before it started")
                 if fast:
@@ -167,6 +167,7 @@ class ReplicaRuntime:
         except BaseException as e:  # _dispatch_execute catches task errors; this is a failure around it
             outcome = self._fail(spec, cmd, ExecutionError.system("SYSTEM", traceback.format_exc()), e)
         finally:
+            self.cancel_armed = False  # again: a cancel may have landed just before the inner finally's reset
             for k, v in saved_env.items():
                 if v is None:
                     os.environ.pop(k, None)
