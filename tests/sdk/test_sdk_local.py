@@ -293,7 +293,7 @@ def test_replicas_exit_when_the_driver_is_killed(tmp_path):
         wait_until(
             lambda: not any(pid_alive(x) for x in pids),
             15,
-            message=lambda: f"replicas outlived their driver: {[x for x in pids if pid_alive(x)]}",
+            what=lambda: f"replicas outlived their driver: {[x for x in pids if pid_alive(x)]}",
         )
     finally:
         if p.poll() is None:

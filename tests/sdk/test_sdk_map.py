@@ -145,7 +145,7 @@ def _pyflyte_run_map_until_items_run(tmp_path, *extra: str, **env: str):
         running = wait_until(
             lambda: [f for f in os.listdir(marks) if f.startswith("running-")] if len(os.listdir(marks)) >= 2 else None,
             60,
-            message="two items running on the two replicas",
+            what="two items running on the two replicas",
         )
         yield p, marks, {int(f.split("-")[2]) for f in running}
     finally:

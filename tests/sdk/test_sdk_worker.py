@@ -399,7 +399,7 @@ def test_per_execution_temp_dirs_are_removed(worker):
     wait_until(
         lambda: sorted(os.listdir(worker.tmpdir)) == before,
         10,
-        message=lambda: f"temp dirs leaked: {sorted(set(os.listdir(worker.tmpdir)) ^ set(before))}",
+        what=lambda: f"temp dirs leaked: {sorted(set(os.listdir(worker.tmpdir)) ^ set(before))}",
     )
     assert not any(os.path.exists(p) for p in paths)
 
