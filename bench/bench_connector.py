@@ -17,9 +17,11 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "connector"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import actor_tasks as t  # noqa: E402
-from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map, wait_for  # noqa: E402
+from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 from flytekitplugins_actor.actor_map import map as actor_map  # noqa: E402
 
@@ -118,7 +120,7 @@ def warm_two_replicas(propeller: Propeller, base: str) -> None:
     m = actor_map(functools.partial(t.square, counter=counter, gate=gate))
     a = Attempt(base, m, literal_map(m, x=[100, 101]))
     meta = propeller.create(a)
-    wait_for(lambda: os.path.exists(counter) and len(open(counter).read().splitlines()) == 2, 60, "two replicas")
+    wait_until(lambda: os.path.exists(counter) and len(open(counter).read().splitlines()) == 2, 60, "two replicas")
     open(gate, "w").close()
     assert _until_done(propeller, meta, "actor_map").phase == PHASE.SUCCEEDED
 

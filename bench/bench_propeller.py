@@ -35,7 +35,7 @@ from typing import List, Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "bench")
-sys.path[:0] = [BENCH, os.path.join(ROOT, "tests", "connector")]
+sys.path[:0] = [BENCH, os.path.join(ROOT, "tests", "connector"), os.path.join(ROOT, "tests")]
 
 import propeller_tasks as pt  # noqa: E402
 from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map  # noqa: E402

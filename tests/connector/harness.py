@@ -11,7 +11,7 @@ import subprocess
 import time
 import uuid
 from collections import OrderedDict
-from typing import Callable, Dict, Optional
+from typing import Dict, Optional
 
 import grpc
 from flyteidl.admin import agent_pb2
@@ -21,10 +21,10 @@ from flytekit.configuration import ImageConfig, SerializationSettings
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.core.type_engine import TypeEngine
 from flytekit.tools.translator import get_serializable
+from waiting import VENV_BIN, wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-VENV_BIN = os.path.join(ROOT, ".venv", "bin")
 TERMINAL = {
     execution_pb2.TaskExecution.SUCCEEDED,
     execution_pb2.TaskExecution.FAILED,
@@ -38,18 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.005):
-    """Polls cond until it returns something truthy; fails with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
 
 
 class ConnectorServer:
@@ -258,7 +246,7 @@ class Propeller:
         return answers[0].header.resource
 
     def wait(self, meta: bytes, task_type: str = "actor", timeout: float = 60.0, phases=TERMINAL) -> agent_pb2.Resource:
-        return wait_for(
+        return wait_until(
             lambda: (lambda r: r if r.phase in phases else None)(self.get(meta, task_type)),
             timeout,
             f"phase in {sorted(PHASE.Phase.Name(p) for p in phases)}",

@@ -8,7 +8,8 @@ import actor_tasks as t
 import grpc
 import pytest
 from flyteidl.admin import agent_pb2
-from harness import PHASE, Attempt, literal_map, output_value, serialize, wait_for
+from harness import PHASE, Attempt, literal_map, output_value, serialize
+from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -104,7 +105,7 @@ def test_delete_drops_queued_and_aborts_running(propeller, base):
     queued = Attempt(base, t.wait_for_file, literal_map(t.wait_for_file, path=gate, counter=counter, label="queued"))
     m_running = propeller.create(running)
     propeller.wait(m_running, phases={PHASE.RUNNING})
-    wait_for(lambda: _lines(counter), 30, "the task to start on its replica")
+    wait_until(lambda: _lines(counter), 30, "the task to start on its replica")
     m_queued = propeller.create(queued)
     assert propeller.get(m_queued).phase == PHASE.QUEUED
     propeller.delete(m_queued)
@@ -141,7 +142,7 @@ def test_replica_sigkill_is_retryable_and_replaced(propeller, base):
     a = Attempt(base, t.wait_for_file, literal_map(t.wait_for_file, path=gate, counter=counter, label="k"))
     meta = propeller.create(a)
     running = propeller.wait(meta, phases={PHASE.RUNNING})
-    wait_for(lambda: os.path.exists(counter), 30, "the task to start on its replica")
+    wait_until(lambda: os.path.exists(counter), 30, "the task to start on its replica")
     replica_pid = _replica_pid(running)
     assert open(counter).read().split()[1] == str(replica_pid)
     os.kill(replica_pid, signal.SIGKILL)
@@ -235,7 +236,7 @@ def test_pool_idle_past_ttl_is_torn_down(propeller, base):
     a = Attempt(base, t.pid_short_ttl, literal_map(t.pid_short_ttl))
     assert propeller.wait(propeller.create(a)).phase == PHASE.SUCCEEDED
     replica_pid = output_value(a.outputs(), "o0", int)
-    wait_for(lambda: not _alive(replica_pid), 15, "the idle pool's replica to be torn down after ttl_seconds=1")
+    wait_until(lambda: not _alive(replica_pid), 15, "the idle pool's replica to be torn down after ttl_seconds=1")
     b = Attempt(base, t.pid_short_ttl, literal_map(t.pid_short_ttl))
     assert propeller.wait(propeller.create(b)).phase == PHASE.SUCCEEDED  # a new pool serves the next one
     assert output_value(b.outputs(), "o0", int) != replica_pid

@@ -8,7 +8,8 @@ import actor_map_tasks as mt
 import actor_tasks as t
 import pytest
 from flytekit.models.task import TaskTemplate
-from harness import PHASE, Attempt, literal_map, output_value, wait_for
+from harness import PHASE, Attempt, literal_map, output_value
+from waiting import wait_until
 
 from flytekitplugins_actor.actor_map import map as actor_map
 from plugin_backend.errors import InvalidTaskTemplate
@@ -28,7 +29,7 @@ def test_map_fans_out_over_two_replicas_in_order(propeller, base):
     blocking = actor_map(functools.partial(t.square, counter=counter, gate=gate))
     warm = Attempt(base, blocking, literal_map(blocking, x=[100, 101]))
     warm_meta = propeller.create(warm)
-    wait_for(
+    wait_until(
         lambda: os.path.exists(counter) and len(open(counter).read().splitlines()) == 2,
         60,
         "both items running at once, one per replica",
@@ -83,7 +84,7 @@ def test_delete_aborts_a_running_map(propeller, base):
     m = actor_map(functools.partial(t.square, counter=counter, gate=gate), concurrency=2)
     a = Attempt(base, m, literal_map(m, x=[100, 101, 102, 103]))
     meta = propeller.create(a)
-    wait_for(
+    wait_until(
         lambda: os.path.exists(counter) and len(open(counter).read().splitlines()) == 2,
         60,
         "two items running (concurrency=2)",

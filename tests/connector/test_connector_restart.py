@@ -7,7 +7,8 @@ import os
 
 import actor_tasks as t
 import pytest
-from harness import PHASE, Attempt, ConnectorServer, Propeller, literal_map, output_value, wait_for
+from harness import PHASE, Attempt, ConnectorServer, Propeller, literal_map, output_value
+from waiting import wait_until
 
 from flytekitplugins_actor.actor_map import map as actor_map
 
@@ -38,7 +39,7 @@ def test_single_executions_survive_a_connector_sigkill(restartable, tmp_path):
     assert propeller.wait(m_failed).phase == PHASE.FAILED
     m_running = propeller.create(running)
     propeller.wait(m_running, phases={PHASE.RUNNING})
-    wait_for(lambda: _lines(counter), 30, "the task to start on its replica")
+    wait_until(lambda: _lines(counter), 30, "the task to start on its replica")
     m_queued, m_deleted = propeller.create(queued), propeller.create(deleted)
     assert propeller.get(m_queued).phase == PHASE.QUEUED
 
@@ -69,7 +70,7 @@ def test_map_resumes_after_a_connector_sigkill_without_rerunning_finished_items(
     a = Attempt(base, m, literal_map(m, x=xs))
     meta = propeller.create(a)
     items = os.path.join(a.dir, "items")
-    wait_for(
+    wait_until(
         lambda: (
             all(os.path.exists(os.path.join(items, str(i), "outputs.pb")) for i in range(4))
             and {"100", "101"} <= {line.split()[1] for line in _lines(counter)}

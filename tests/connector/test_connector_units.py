@@ -7,6 +7,7 @@ import pytest
 from flyteidl.core import literals_pb2
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 from harness import Attempt, literal_map
+from waiting import wait_until
 
 from flytekitplugins_actor.actor_map import map as actor_map
 from flytekitplugins_actor.map_model import MapDecision, MapPhase
@@ -389,7 +390,6 @@ def test_union_sdk_nulls_mean_the_defaults(tmp_path):
 
 
 def test_the_pool_reaper_survives_a_pool_that_cannot_say_whether_it_expired(tmp_path):
-    from harness import wait_for
 
     from flytekitplugins_actor.pool import ReplicaPool
     from flytekitplugins_actor.replica.backend import LocalProcessBackend
@@ -404,9 +404,9 @@ def test_the_pool_reaper_survives_a_pool_that_cannot_say_whether_it_expired(tmp_
 
         pool("bad", None)  # what a null ttl_seconds used to become: expired() raises TypeError
         pool("short-1", 0)
-        wait_for(lambda: manager.get("short-1") is None, 10, "the expired pool to be reaped beside the bad one")
+        wait_until(lambda: manager.get("short-1") is None, 10, "the expired pool to be reaped beside the bad one")
         pool("short-2", 0)  # the reaper is still alive for pools that come later
-        wait_for(lambda: manager.get("short-2") is None, 10, "a later expired pool to be reaped too")
+        wait_until(lambda: manager.get("short-2") is None, 10, "a later expired pool to be reaped too")
         assert manager.get("bad") is not None
     finally:
         manager.shutdown()

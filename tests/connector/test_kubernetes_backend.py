@@ -13,8 +13,9 @@ from kubernetes import client, config
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from harness import Attempt, literal_map, wait_for  # noqa: E402
+from harness import Attempt, literal_map  # noqa: E402
 from kube import NAMESPACE, ROOT, standin  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 from flytekitplugins_actor.replica.backend import DeathCause, ReplicaSpec, ReplicaState  # noqa: E402
 from flytekitplugins_actor.replica.protocol import ReplicaClient  # noqa: E402
@@ -82,7 +83,7 @@ def test_a_replica_pod_starts_binds_its_pod_ip_and_reads_its_token_from_an_owned
     replica.terminate(1)
     death = replica.wait_dead(15)
     assert death is not None and "terminated" in death.reason
-    wait_for(lambda: not cluster.pods() and not cluster.secrets(), 15, "pod and Secret gone (owner GC)")
+    wait_until(lambda: not cluster.pods() and not cluster.secrets(), 15, "pod and Secret gone (owner GC)")
     assert cluster.requests[("create", "secrets")] == 1 and ("patch", "secrets") not in cluster.requests
 
 
@@ -92,7 +93,7 @@ def test_an_oom_killed_replica_is_a_task_death_and_its_pod_is_deleted(cluster, b
     cluster.kubelet.oom_kill(replica.pod_name)
     death = replica.wait_dead(15)
     assert death.cause is DeathCause.TASK and death.exit_code == 137 and "OOMKilled" in death.reason
-    wait_for(lambda: not cluster.pods(), 15, "the dead replica's pod deleted")
+    wait_until(lambda: not cluster.pods(), 15, "the dead replica's pod deleted")
 
 
 def test_an_image_pull_failure_fails_the_start_at_once(cluster, backend):
@@ -101,7 +102,7 @@ def test_an_image_pull_failure_fails_the_start_at_once(cluster, backend):
     assert replica.wait_ready(15) is ReplicaState.DEAD
     assert replica.death.cause is DeathCause.START and "ErrImagePull" in replica.death.reason
     assert "ghcr.io/x/missing:1" in replica.death.reason
-    wait_for(lambda: not cluster.pods(), 15, "the pod that cannot start deleted")
+    wait_until(lambda: not cluster.pods(), 15, "the pod that cannot start deleted")
 
 
 def test_a_lasting_config_error_fails_the_start_with_its_cause(cluster, backend):
@@ -114,13 +115,13 @@ def test_a_lasting_config_error_fails_the_start_with_its_cause(cluster, backend)
 
 def test_an_unschedulable_replica_waits_and_says_why(cluster, backend):
     replica = backend.start(_spec(resources={"limits": {"nvidia.com/gpu": "1"}}))
-    wait_for(lambda: replica.waiting_reason, 15, "the scheduler's reason on the replica")
+    wait_until(lambda: replica.waiting_reason, 15, "the scheduler's reason on the replica")
     assert "Insufficient nvidia.com/gpu" in replica.waiting_reason and "Unschedulable" in replica.waiting_reason
     assert replica.state is ReplicaState.STARTING
     tolerations = _pod(cluster, replica)["spec"].get("tolerations")
     assert tolerations is None  # tolerations come from replica_pod_spec (see test_pod_spec), not this bare spec
     replica.terminate(0)
-    wait_for(lambda: not cluster.pods(), 15, "the pending pod deleted")
+    wait_until(lambda: not cluster.pods(), 15, "the pending pod deleted")
 
 
 def test_a_lost_node_ends_the_replica_as_infrastructure(cluster, backend):
@@ -148,7 +149,7 @@ def test_the_watch_relists_after_410_gone_and_still_sees_deaths(cluster):
         lists = cluster.requests[("list", "pods")]
         cluster.store.create("secrets", "default", {"metadata": {"name": "unrelated"}})  # a version it never saw
         cluster.store.compact()  # the next watch resumes from a version etcd no longer has
-        wait_for(lambda: cluster.requests[("list", "pods")] > lists, 15, "a relist after 410 Gone")
+        wait_until(lambda: cluster.requests[("list", "pods")] > lists, 15, "a relist after 410 Gone")
         cluster.kubelet.oom_kill(replica.pod_name)
         assert replica.wait_dead(15).cause is DeathCause.TASK
     finally:
@@ -198,7 +199,7 @@ def test_pods_no_pool_claims_are_deleted_after_their_orphan_timeout(cluster, bac
     successor = _backend(cluster)
     try:
         assert successor.take_inventory() == 1
-        wait_for(lambda: not cluster.pods() and not cluster.secrets(), 15, "the unclaimed pod and its Secret deleted")
+        wait_until(lambda: not cluster.pods() and not cluster.secrets(), 15, "the unclaimed pod and its Secret deleted")
     finally:
         successor.shutdown()
 
@@ -209,14 +210,14 @@ def test_a_replica_whose_connector_is_gone_exits_and_the_next_connector_removes_
     replica = backend.start(spec)
     assert replica.wait_ready(30) is ReplicaState.READY
     backend.shutdown()  # the connector is gone for good: nobody talks to the replica any more
-    wait_for(
+    wait_until(
         lambda: cluster.pods()[0]["status"]["phase"] in ("Succeeded", "Failed"), 30, "the replica exiting on its own"
     )
     assert "no request from any pool" in cluster.kubelet.log(replica.pod_name)
     successor = _backend(cluster)
     try:
         assert successor.take_inventory() == 0  # nothing to adopt: the finished pod is deleted, its Secret with it
-        wait_for(lambda: not cluster.pods() and not cluster.secrets(), 15, "the finished pod and its Secret deleted")
+        wait_until(lambda: not cluster.pods() and not cluster.secrets(), 15, "the finished pod and its Secret deleted")
     finally:
         successor.shutdown()
 
@@ -242,7 +243,7 @@ def _pod_for(cluster, backend, task, tmp_path, **inputs) -> dict:
     try:
         pool = manager.pool_for(PoolKey(NAMESPACE, "team-sa", template.env_key, template.code_version), template)
         pool.submit(ExecutionSpec("e1", template.args, {}))
-        (pod,) = wait_for(lambda: cluster.pods(NAMESPACE), 15, "the replica pod to be created")
+        (pod,) = wait_until(lambda: cluster.pods(NAMESPACE), 15, "the replica pod to be created")
         return pod
     finally:
         manager.shutdown()

@@ -7,7 +7,8 @@ import sys
 
 import k8s_tasks as k
 import pytest
-from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map, output_value, serialize, wait_for
+from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map, output_value, serialize
+from waiting import wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
@@ -61,7 +62,7 @@ def _ready_pods(cluster, env: str, namespace: str = NAMESPACE) -> list:
 
 def _running_in_replica(gate: str) -> None:
     """Waits until the task runs in its replica (RUNNING is answered once dispatched, before the replica has it)."""
-    wait_for(lambda: os.path.exists(f"{gate}.started"), 60, "the task running in its replica")
+    wait_until(lambda: os.path.exists(f"{gate}.started"), 60, "the task running in its replica")
 
 
 def _with_image(task, image: str):
@@ -143,7 +144,7 @@ def test_a_replica_lost_to_the_infrastructure_ends_or_moves_its_execution_within
         others = [p for p in _ready_pods(cluster, "k8s-faults") if p["metadata"]["name"] != lost]
         return r if r.phase == PHASE.RUNNING and others else None
 
-    r = wait_for(ended_or_moved, 60, "the execution ended or re-dispatched after the replica was lost")
+    r = wait_until(ended_or_moved, 60, "the execution ended or re-dispatched after the replica was lost")
     open(gate, "w").close()
     if r.phase not in TERMINAL:  # re-dispatched to another replica (the pool's system retries): it completes there
         r = propeller.wait(meta, timeout=60)
@@ -191,7 +192,7 @@ def test_delete_task_aborts_a_running_execution_on_a_pod(cluster, propeller, bas
 def test_an_idle_pool_past_its_ttl_leaves_no_pod_and_no_secret(cluster, propeller, base):
     _, _, r = _run(propeller, base, k.quick)
     assert r.phase == PHASE.SUCCEEDED, r.message
-    wait_for(lambda: not _pods(cluster, "k8s-ttl"), 30, "the idle pool's pod deleted after ttl_seconds")
+    wait_until(lambda: not _pods(cluster, "k8s-ttl"), 30, "the idle pool's pod deleted after ttl_seconds")
     assert not cluster.secrets(NAMESPACE, "flyte-actor/env=k8s-ttl")
 
 
@@ -226,7 +227,7 @@ def test_a_replica_busy_when_the_connector_died_is_not_adopted_and_its_execution
     r = propeller.wait(propeller.create(b), timeout=60)
     assert r.phase == PHASE.SUCCEEDED, r.message
     assert output_value(b.outputs(), "o0", str) != busy["status"]["podIP"]  # a new pod, not the busy one
-    wait_for(
+    wait_until(
         lambda: busy["metadata"]["name"] not in {p["metadata"]["name"] for p in cluster.pods()},
         15,
         "the busy replica's pod deleted",

@@ -5,8 +5,9 @@ import os
 
 import actor_tasks as t
 import pytest
-from harness import PHASE, Attempt, literal_map, output_value, wait_for
+from harness import PHASE, Attempt, literal_map, output_value
 from test_actor_connector import _alive
+from waiting import wait_until
 
 from flytekitplugins_actor.actor_map import map as actor_map
 
@@ -52,7 +53,7 @@ def test_union_shaped_template_with_nulls_runs_and_idle_pools_are_still_reaped(p
     short = Attempt(base, t.pid_short_ttl, literal_map(t.pid_short_ttl))
     assert propeller.wait(propeller.create(short)).phase == PHASE.SUCCEEDED
     short_replica = output_value(short.outputs(), "o0", int)
-    wait_for(lambda: not _alive(short_replica), 15, "the ttl_seconds=1 pool to be torn down by the reaper")
+    wait_until(lambda: not _alive(short_replica), 15, "the ttl_seconds=1 pool to be torn down by the reaper")
     assert _alive(union_replica)
 
 

@@ -6,7 +6,8 @@ import os
 import actor_tasks as t
 import pytest
 from flyteidl.admin import agent_pb2
-from harness import PHASE, Attempt, ConnectorServer, Propeller, literal_map, output_value, wait_for
+from harness import PHASE, Attempt, ConnectorServer, Propeller, literal_map, output_value
+from waiting import wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -105,7 +106,7 @@ def test_sync_on_a_cold_pool_answers_retryable_failed_saying_it_is_starting(tigh
         )
         return r if r.phase == PHASE.SUCCEEDED else None
 
-    r = wait_for(retry, 60, "a retry on the warmed pool to succeed", interval=0.1)
+    r = wait_until(retry, 60, "a retry on the warmed pool to succeed", interval=0.1)
     assert _value(r, "o0", int) == 2
 
 
@@ -114,7 +115,7 @@ def test_sync_task_longer_than_the_budget_is_cancelled_and_retryable(tight, tmp_
     warm = Attempt(base, t.pid, literal_map(t.pid))
     assert Propeller(tight).wait(propeller.create(warm)).phase == PHASE.SUCCEEDED
     counter = os.path.join(base, "count")
-    wait_for(  # a new attempt each try: a repeated attempt gets its first answer again
+    wait_until(  # a new attempt each try: a repeated attempt gets its first answer again
         lambda: (
             propeller.execute_sync(Attempt(base, t.nap_sync, literal_map(t.nap_sync, seconds=0.0, counter=""))).phase
             == PHASE.SUCCEEDED

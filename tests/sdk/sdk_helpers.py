@@ -1,30 +1,13 @@
-"""Helpers shared by the SDK tests: waiting on conditions (never sleeping blindly) and watching processes."""
+"""Helpers shared by the SDK tests: overlap probes, watching processes, a subprocess env (waiting: tests/waiting.py)."""
 
 from __future__ import annotations
 
 import os
 import time
-from typing import Callable, TypeVar
 
-T = TypeVar("T")
+from waiting import REPO, TESTS, VENV_BIN
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-VENV_BIN = os.path.join(REPO, ".venv", "bin")
-
-
-def wait_until(cond: Callable[[], T], timeout: float, interval: float = 0.02, message=None) -> T:
-    """Polls `cond` until it returns something truthy and returns that; fails the test after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            if callable(message):
-                message = message()
-            raise AssertionError(message or f"condition {getattr(cond, '__name__', cond)!r} not met within {timeout}s")
-        time.sleep(interval)
 
 
 def saw_overlap(probe_dir: str, me: str, hold: float) -> bool:
@@ -63,7 +46,7 @@ def subprocess_env(**extra: str) -> dict:
     """The environment for a driver subprocess: the repo importable, the venv's scripts first on PATH."""
     env = dict(os.environ)
     env["PATH"] = VENV_BIN + os.pathsep + env.get("PATH", "")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, HERE, env.get("PYTHONPATH")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, HERE, TESTS, env.get("PYTHONPATH")) if p)
     env.pop("FLYTE_ACTOR_IN_PROCESS", None)
     env.update(extra)
     return env

@@ -7,7 +7,7 @@ import threading
 import pytest
 from flytekit.types.directory import FlyteDirectory
 from flytekit.types.file import FlyteFile
-from sdk_helpers import wait_until
+from waiting import wait_until
 
 from flytekitplugins_actor import actor_cache
 from flytekitplugins_actor.replica.execution import RUNTIME

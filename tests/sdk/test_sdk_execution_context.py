@@ -14,7 +14,8 @@ from flyteidl.core import literals_pb2
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.core.type_engine import TypeEngine
 from flytekit.core.utils import load_proto_from_file, write_proto_to_file
-from sdk_helpers import VENV_BIN, subprocess_env
+from sdk_helpers import subprocess_env
+from waiting import VENV_BIN
 
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
 from flytekitplugins_actor.replica.command import ExecutionCommand

@@ -10,7 +10,8 @@ import time
 
 import pytest
 import sdk_local_tasks as t
-from sdk_helpers import HERE, REPO, VENV_BIN, pid_alive, subprocess_env, wait_until
+from sdk_helpers import HERE, pid_alive, subprocess_env
+from waiting import REPO, VENV_BIN, wait_until
 
 import flytekitplugins_actor
 from flytekitplugins_actor import map as actor_map_of
@@ -174,7 +175,7 @@ def test_a_replica_killed_while_idle_is_replaced_on_the_next_task():
 def test_idle_replicas_are_torn_down_after_ttl(task):
     pid = task()
     assert pid != os.getpid()
-    wait_until(lambda: not pid_alive(pid), 15, message=f"replica {pid} still alive past its ttl")
+    wait_until(lambda: not pid_alive(pid), 15, what=f"replica {pid} still alive past its ttl")
     wait_until(lambda: pool_of(task.task_config) is None, 5)
     again = task()  # a new pool and replica start on demand
     assert again != pid and pid_alive(again)
@@ -213,7 +214,7 @@ def test_task_defined_in_main_runs_by_cloudpickle(tmp_path, cwd):
     replica_pid = int(m.group(1))
     assert replica_pid != out["driver_pid"]
     # the driver exited normally: its replica is torn down with it
-    wait_until(lambda: not pid_alive(replica_pid), 15, message=f"replica {replica_pid} outlived its driver")
+    wait_until(lambda: not pid_alive(replica_pid), 15, what=f"replica {replica_pid} outlived its driver")
 
 
 @pytest.mark.timeout(90)
@@ -292,7 +293,7 @@ def test_replicas_exit_when_the_driver_is_killed(tmp_path):
         wait_until(
             lambda: not any(pid_alive(x) for x in pids),
             15,
-            message=lambda: f"replicas outlived their driver: {[x for x in pids if pid_alive(x)]}",
+            what=lambda: f"replicas outlived their driver: {[x for x in pids if pid_alive(x)]}",
         )
     finally:
         if p.poll() is None:
@@ -373,7 +374,7 @@ def test_nothing_of_a_run_remains_in_the_temp_dir(tmp_path, how):
             p.kill()
     assert p.returncode == (0 if how == "exit" else (1 if how == "sigint" else 128 + signal.SIGTERM)), err[-3000:]
     replica_pid = int(re.search(r"hello from the task, pid (\d+)", err).group(1))
-    wait_until(lambda: not pid_alive(replica_pid), 15, message=f"replica {replica_pid} outlived its driver")
+    wait_until(lambda: not pid_alive(replica_pid), 15, what=f"replica {replica_pid} outlived its driver")
     # the task's scratch file and replica_dir() file, the driver's workdirs: all gone; the replica log stays
     files = _files_under(tmp)
     assert all(re.fullmatch(rf"flyte-actor-logs/{p.pid}/sdk-cleanup-\d+\.log", f) for f in files), files

@@ -9,7 +9,8 @@ import subprocess
 import flytekit
 import pytest
 import sdk_map_tasks as m
-from sdk_helpers import HERE, VENV_BIN, pid_alive, subprocess_env, wait_until
+from sdk_helpers import HERE, pid_alive, subprocess_env
+from waiting import VENV_BIN, wait_until
 
 from flytekitplugins_actor import MapFailed
 from flytekitplugins_actor import map as actor_map
@@ -144,7 +145,7 @@ def _pyflyte_run_map_until_items_run(tmp_path, *extra: str, **env: str):
         running = wait_until(
             lambda: [f for f in os.listdir(marks) if f.startswith("running-")] if len(os.listdir(marks)) >= 2 else None,
             60,
-            message="two items running on the two replicas",
+            what="two items running on the two replicas",
         )
         yield p, marks, {int(f.split("-")[2]) for f in running}
     finally:
@@ -164,7 +165,7 @@ def test_ctrl_c_cancels_the_items_in_flight_stops_dispatching_and_the_replicas(t
     running = sorted(f.split("-")[1] for f in names if f.startswith("running-"))
     assert len(running) == 2  # nothing was dispatched after the Ctrl-C
     assert sorted(f.split("-")[1] for f in names if f.startswith("cancelled-")) == running  # each got its cancel
-    wait_until(lambda: not any(pid_alive(pid) for pid in replica_pids), 10, message="the replicas stopped")
+    wait_until(lambda: not any(pid_alive(pid) for pid in replica_pids), 10, what="the replicas stopped")
 
 
 def test_a_second_ctrl_c_exits_at_once(tmp_path):
@@ -172,10 +173,10 @@ def test_a_second_ctrl_c_exits_at_once(tmp_path):
     stubborn = _pyflyte_run_map_until_items_run(tmp_path, "--stubborn", FLYTE_ACTOR_MAP_INTERRUPT_GRACE_S="120")
     with stubborn as (p, marks, replica_pids):
         p.send_signal(signal.SIGINT)
-        wait_until(lambda: any(f.startswith("cancelled-") for f in os.listdir(marks)), 30, message="the cancel arrived")
+        wait_until(lambda: any(f.startswith("cancelled-") for f in os.listdir(marks)), 30, what="the cancel arrived")
         p.send_signal(signal.SIGINT)
         _, err = p.communicate(timeout=30)  # far less than the 120 s the orderly stop would wait
     assert p.returncode == 130, err
     assert "Ctrl-C again to exit at once" in err and "second Ctrl-C, exiting at once" in err, err
     assert "replicas stopped" not in err  # it did not wait for the orderly stop
-    wait_until(lambda: not any(pid_alive(pid) for pid in replica_pids), 10, message="the replicas exited with it")
+    wait_until(lambda: not any(pid_alive(pid) for pid in replica_pids), 10, what="the replicas exited with it")

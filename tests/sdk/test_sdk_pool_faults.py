@@ -13,11 +13,11 @@ import uuid
 import pytest
 import sdk_worker_tasks as tasks
 from flytekit.core.context_manager import FlyteContextManager
-from flytekit.core.python_auto_container import default_task_resolver
 from flytekit.core.type_engine import TypeEngine
 from flytekit.core.utils import write_proto_to_file
 from flytekit.loggers import logger
-from sdk_helpers import pid_alive, wait_until
+from sdk_helpers import pid_alive
+from waiting import RESOLVER, wait_until
 
 from flytekitplugins_actor import pool as pool_module
 from flytekitplugins_actor.pool import Execution, ExecutionState, InvalidTransition, PoolRegistry, ReplicaPool
@@ -33,8 +33,6 @@ from flytekitplugins_actor.replica.execution import ExecutionSpec
 from flytekitplugins_actor.replica.protocol import ProtocolError, ReplicaClient
 
 pytestmark = pytest.mark.timeout(120)
-
-RESOLVER = default_task_resolver.location  # as flytekit renders it into a task's container args
 
 
 def execution(tmp, task, **inputs) -> ExecutionSpec:
@@ -184,7 +182,7 @@ def test_stopping_a_replica_stops_the_subprocesses_its_task_started(pool, tmp_pa
     replica = pool.replicas[0]
     replica.terminate(0.5)
     assert replica.wait_dead(30) is not None
-    wait_until(lambda: not pid_alive(child), 30, message=f"task subprocess {child} outlived its replica")
+    wait_until(lambda: not pid_alive(child), 30, what=f"task subprocess {child} outlived its replica")
     assert e.wait(30) and e.state in (ExecutionState.FAILED, ExecutionState.REPLICA_DIED)
 
 
@@ -279,7 +277,7 @@ def test_the_reaper_survives_a_pool_that_fails_and_reaps_the_others(tmp_path, po
         for key in ("good-1", "good-2"):  # the reaper thread keeps reaping, round after failing round
             good = make_pool(tmp_path, ttl=0)
             assert registry.submit(key, lambda: good, execution(tmp_path, tasks.pid)).wait(60)
-            wait_until(lambda: registry.get(key) is None, 30, message=f"the reaper stopped reaping ({key})")
+            wait_until(lambda: registry.get(key) is None, 30, what=f"the reaper stopped reaping ({key})")
         assert registry.get("bad") is bad
         assert any("could not check pool" in r.getMessage() for r in pool_log)
     finally:

@@ -10,11 +10,11 @@ import pytest
 import sdk_worker_tasks as tasks
 from flyteidl.core import errors_pb2, literals_pb2
 from flytekit.core.context_manager import FlyteContextManager
-from flytekit.core.python_auto_container import default_task_resolver
 from flytekit.core.type_engine import TypeEngine
 from flytekit.core.utils import load_proto_from_file, write_proto_to_file
 from flytekit.models.literals import LiteralMap
-from sdk_helpers import pid_alive, wait_until
+from sdk_helpers import pid_alive
+from waiting import RESOLVER, wait_until
 
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
 from flytekitplugins_actor.replica.command import ExecutionCommand
@@ -28,8 +28,6 @@ from flytekitplugins_actor.replica.protocol import (
 )
 
 pytestmark = pytest.mark.timeout(120)
-
-RESOLVER = default_task_resolver.location  # as flytekit renders it into a task's container args
 
 
 class Worker:
@@ -401,7 +399,7 @@ def test_per_execution_temp_dirs_are_removed(worker):
     wait_until(
         lambda: sorted(os.listdir(worker.tmpdir)) == before,
         10,
-        message=lambda: f"temp dirs leaked: {sorted(set(os.listdir(worker.tmpdir)) ^ set(before))}",
+        what=lambda: f"temp dirs leaked: {sorted(set(os.listdir(worker.tmpdir)) ^ set(before))}",
     )
     assert not any(os.path.exists(p) for p in paths)
 
@@ -465,7 +463,7 @@ def test_a_replica_whose_parent_is_gone_takes_its_task_subprocesses_along(tmp_pa
         assert pid_alive(child)
         w.replica.process.stdin.close()  # what the replica sees when its parent dies, even by SIGKILL
         assert w.replica.wait_dead(30) is not None
-        wait_until(lambda: not pid_alive(child), 30, message=f"task subprocess {child} outlived its replica")
+        wait_until(lambda: not pid_alive(child), 30, what=f"task subprocess {child} outlived its replica")
     finally:
         w.client.close()
 
