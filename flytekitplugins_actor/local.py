@@ -11,7 +11,7 @@ import sys
 import tempfile
 import threading
 import uuid
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 from flytekit.configuration import ImageConfig, SerializationSettings
 from flytekit.core.context_manager import FlyteContextManager
@@ -242,16 +242,27 @@ def run_on_replica(task, native_inputs: Dict[str, Any]) -> Any:
     return values[names[0]] if len(names) == 1 else tuple(values[n] for n in names)
 
 
-def run_literals_on_replica(task, inputs: LiteralMap, execution_id: Optional[str] = None) -> LiteralMap:
+def run_literals_on_replica(
+    task, inputs: LiteralMap, execution_id: Optional[str] = None, queued: Optional[Callable[[], None]] = None
+) -> LiteralMap:
     """Executes an actor task on a warm local replica of its environment: inputs.pb in, outputs.pb out.
-    `execution_id` names the execution in its pool (a map cancels its items by it); a fresh one by default."""
+    `execution_id` names the execution in its pool (a map cancels its items by it); a fresh one by default.
+    `queued()` is called once the execution is in its pool's FIFO queue (a map queues its items in input order)."""
     ctx = FlyteContextManager.current_context()
     pools = local_pools()
     with pools.workdir() as workdir:
-        return _run_in(workdir, ctx, pools, task, inputs, execution_id or f"local-{uuid.uuid4().hex}")
+        return _run_in(workdir, ctx, pools, task, inputs, execution_id or f"local-{uuid.uuid4().hex}", queued)
 
 
-def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap, execution_id: str) -> LiteralMap:
+def _run_in(
+    workdir: str,
+    ctx,
+    pools: "LocalPools",
+    task,
+    inputs: LiteralMap,
+    execution_id: str,
+    queued: Optional[Callable[[], None]] = None,
+) -> LiteralMap:
     inputs_path = os.path.join(workdir, "inputs.pb")
     output_prefix = os.path.join(workdir, "outputs")
     write_proto_to_file(inputs.to_flyte_idl(), inputs_path)
@@ -268,6 +279,8 @@ def _run_in(workdir: str, ctx, pools: "LocalPools", task, inputs: LiteralMap, ex
     if root:  # the pool's PYTHONPATH has the first task's root; another task of the environment may need its own
         env[SYS_PATH_ENV] = root
     execution = pools.submit_to(task.task_config, ExecutionSpec(execution_id, args, env), want_exception=True)
+    if queued is not None:
+        queued()
     execution.wait()
     pools.forget(task.task_config, execution.id)
     if execution.replica:  # the task's output reaches the terminal before its result reaches the caller

@@ -158,10 +158,13 @@ class LocalMapRun:
     ) -> MapDecision:
         tally = self.tally
         window = tally.spec.window(self.task.task_config.replica_count)
+        previous: Optional[threading.Event] = None  # set once the item dispatched before is in the pool's queue
         while (decision := tally.decision()) is None:
             for i in tally.take(window):
                 context = contextvars.copy_context()  # each item in a copy of the driver's flytekit context
-                inflight[ex.submit(context.run, self._run_item, i, stop)] = i
+                queued = threading.Event()
+                inflight[ex.submit(context.run, self._run_item, i, stop, previous, queued)] = i
+                previous = queued
             done, _ = concurrent.futures.wait(inflight, return_when=concurrent.futures.FIRST_COMPLETED)
             for f in done:
                 del inflight[f]
@@ -172,15 +175,25 @@ class LocalMapRun:
                     self._succeeded(i, outputs)
         return decision
 
-    def _run_item(self, i: int, stop: threading.Event) -> _ItemResult:
+    def _run_item(
+        self, i: int, stop: threading.Event, previous: Optional[threading.Event], queued: threading.Event
+    ) -> _ItemResult:
+        """Runs item i on a replica; it joins the pool's FIFO queue only after the item dispatched before it
+        (`previous`), so items reach the replicas in input order, as the connector's coordinator sends them."""
         from flytekitplugins_actor.local import run_literals_on_replica
 
-        if stop.is_set():
-            return i, None, None  # never started: nobody reads it, the map is decided or interrupted
         try:
-            return i, run_literals_on_replica(self.task, self._inputs(i), self._ids[i]).to_flyte_idl(), None
-        except BaseException as e:  # sys.exit, KeyboardInterrupt raised by the task: that item's failure
-            return i, None, e
+            if previous is not None:
+                previous.wait()  # set by that item's thread, which started first (a FIFO executor of `window` threads)
+            if stop.is_set():
+                return i, None, None  # never started: nobody reads it, the map is decided or interrupted
+            try:
+                outputs = run_literals_on_replica(self.task, self._inputs(i), self._ids[i], queued.set)
+                return i, outputs.to_flyte_idl(), None
+            except BaseException as e:  # sys.exit, KeyboardInterrupt raised by the task: that item's failure
+                return i, None, e
+        finally:
+            queued.set()  # also when it never reached the pool: the next item must not wait for it
 
     def _interrupted(self, inflight: Dict[concurrent.futures.Future, int]) -> None:
         """The driver's Ctrl-C: cancel what runs, stop the environment's replicas, say so."""
