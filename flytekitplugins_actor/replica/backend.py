@@ -24,9 +24,14 @@ from flytekitplugins_actor.replica.supervisor import Supervisor
 
 
 class ReplicaState(enum.Enum):
+    """A replica's life as its backend sees it: starting, then ready (it has an address) or dead (a ReplicaDeath)."""
+
     STARTING = "starting"
+    """Started (a process spawned, a pod created) but not yet answering on its control port."""
     READY = "ready"
+    """Answering on its control port: the pool may hand it executions."""
     DEAD = "dead"
+    """Gone for good; `Replica.death` says how and whose fault it was."""
 
 
 class DeathCause(enum.Enum):
