@@ -1,4 +1,4 @@
-# The actor connector: `pyflyte serve connector` with plugin_backend registered (task types "actor", "actor_map").
+# The actor connector: `pyflyte serve connector` with plugin_backend registered (task types "actor", "actor_sync", "actor_map").
 #   docker build -t flyte-actor-connector:0.1.0 .
 #   docker run -p 8000:8000 -p 9090:9090 flyte-actor-connector:0.1.0
 FROM python:3.11-slim-bookworm
