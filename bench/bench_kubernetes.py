@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import actor_tasks as t  # noqa: E402
 from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map  # noqa: E402
 from kube import NAMESPACE, standin  # noqa: E402
+from table import print_rows  # noqa: E402
 
 POLL_S = float(os.environ.get("BENCH_POLL_S", "0.0005"))
 WATCH_TIMEOUT_S = 300  # KubernetesBackend.watch_timeout_s
@@ -127,11 +128,7 @@ def main() -> None:
             f"steady state: one watch per namespace re-opened every {WATCH_TIMEOUT_S} s",
         ),
     ]
-    rows.append(("load average (1 min) at the end", open("/proc/loadavg").read().split()[0], f"{os.cpu_count()} cores"))
-    w = max(len(r[0]) for r in rows)
-    print(f"{'measure'.ljust(w)} | value | note")
-    for name, value, note in rows:
-        print(f"{name.ljust(w)} | {value} | {note}")
+    print_rows(rows)
 
 
 if __name__ == "__main__":
