@@ -21,25 +21,10 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import actor_tasks as t  # noqa: E402
 from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map  # noqa: E402
-from table import print_rows  # noqa: E402
+from table import WAIT_S, percentile, print_rows  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 from flytekitplugins_actor.actor_map import map as actor_map  # noqa: E402
-
-
-def _until_done(propeller: Propeller, meta: bytes, task_type: str = "actor", interval: float = 0.0):
-    """Polls GetTask until terminal; interval=0 is back-to-back polling (it competes for the 2 cores)."""
-    while True:
-        r = propeller.get(meta, task_type)
-        if r.phase in TERMINAL:
-            return r
-        if interval:
-            time.sleep(interval)
-
-
-def _pct(values, p):
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
 def _rss_mb(pid: int) -> float:
@@ -58,16 +43,16 @@ def bench_latency(propeller: Propeller, base: str, runs: int) -> dict:
         t0 = time.perf_counter()
         meta = propeller.server.stub.CreateTask(req, timeout=10).resource_meta
         t1 = time.perf_counter()
-        r = _until_done(propeller, meta, interval=POLL_S)
+        r = propeller.wait(meta, timeout=WAIT_S, interval=POLL_S)
         t2 = time.perf_counter()
         assert r.phase == PHASE.SUCCEEDED, r.message
         if i >= 20:  # the first ones warm the replica and the connector
             create_s.append(t1 - t0)
             total_s.append(t2 - t0)
     return {
-        "create_p50_ms": _pct(create_s, 50) * 1e3,
-        "p50_ms": _pct(total_s, 50) * 1e3,
-        "p90_ms": _pct(total_s, 90) * 1e3,
+        "create_p50_ms": percentile(create_s, 50) * 1e3,
+        "p50_ms": percentile(total_s, 50) * 1e3,
+        "p90_ms": percentile(total_s, 90) * 1e3,
     }
 
 
@@ -99,16 +84,16 @@ def bench_in_process(base: str, runs: int) -> float:
                 total.append(time.perf_counter() - t0)
     finally:
         svc.shutdown()
-    return _pct(total, 50) * 1e3
+    return percentile(total, 50) * 1e3
 
 
 def bench_map(propeller: Propeller, base: str, task, items: int) -> float:
     m = actor_map(task)
     warm = Attempt(base, m, literal_map(m, x=list(range(50))))
-    assert _until_done(propeller, propeller.create(warm), "actor_map").phase == PHASE.SUCCEEDED
+    assert propeller.wait(propeller.create(warm), "actor_map", WAIT_S, interval=0.0).phase == PHASE.SUCCEEDED
     a = Attempt(base, m, literal_map(m, x=list(range(items))))
     t0 = time.perf_counter()
-    r = _until_done(propeller, propeller.create(a), "actor_map", interval=0.05)
+    r = propeller.wait(propeller.create(a), "actor_map", WAIT_S, interval=0.05)
     elapsed = time.perf_counter() - t0
     assert r.phase == PHASE.SUCCEEDED, r.message
     return items / elapsed
@@ -123,7 +108,7 @@ def warm_two_replicas(propeller: Propeller, base: str) -> None:
     meta = propeller.create(a)
     wait_until(lambda: os.path.exists(counter) and len(open(counter).read().splitlines()) == 2, 60, "two replicas")
     open(gate, "w").close()
-    assert _until_done(propeller, meta, "actor_map").phase == PHASE.SUCCEEDED
+    assert propeller.wait(meta, "actor_map", WAIT_S, interval=0.0).phase == PHASE.SUCCEEDED
 
 
 def bench_queued_rss(server: ConnectorServer, propeller: Propeller, base: str, queued: int) -> dict:

@@ -25,32 +25,18 @@ sys.path.insert(0, os.path.join(ROOT, "tests", "connector"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import actor_tasks as t  # noqa: E402
-from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map  # noqa: E402
+from harness import PHASE, Attempt, ConnectorServer, Propeller, literal_map  # noqa: E402
 from kube import NAMESPACE, standin  # noqa: E402
-from table import print_rows  # noqa: E402
+from table import WAIT_S, percentile, print_rows  # noqa: E402
 
 POLL_S = float(os.environ.get("BENCH_POLL_S", "0.0005"))
 WATCH_TIMEOUT_S = 300  # KubernetesBackend.watch_timeout_s
 
 
-def _until_done(propeller: Propeller, meta: bytes, interval: float = POLL_S):
-    while True:
-        r = propeller.get(meta)
-        if r.phase in TERMINAL:
-            return r
-        if interval:
-            time.sleep(interval)
-
-
-def _pct(values, p):
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
-
-
 def cold_first(propeller: Propeller, base: str) -> float:
     a = Attempt(base, t.inc1, literal_map(t.inc1, x=0))
     t0 = time.perf_counter()
-    r = _until_done(propeller, propeller.create(a), interval=0.01)
+    r = propeller.wait(propeller.create(a), timeout=WAIT_S, interval=0.01)
     assert r.phase == PHASE.SUCCEEDED, r.message
     return time.perf_counter() - t0
 
@@ -62,18 +48,18 @@ def warm_p50(propeller: Propeller, base: str, runs: int) -> float:
         req = a.request()
         t0 = time.perf_counter()
         meta = propeller.server.stub.CreateTask(req, timeout=10).resource_meta
-        r = _until_done(propeller, meta)
+        r = propeller.wait(meta, timeout=WAIT_S, interval=POLL_S)
         assert r.phase == PHASE.SUCCEEDED, r.message
         if i >= 10:
             total.append(time.perf_counter() - t0)
-    return _pct(total, 50) * 1e3
+    return percentile(total, 50) * 1e3
 
 
 def pods_for_executions(cluster, propeller: Propeller, base: str, n: int) -> tuple:
     before = cluster.requests[("create", "pods")]
     metas = [propeller.create(Attempt(base, t.inc2, literal_map(t.inc2, x=i))) for i in range(n)]
     for meta in metas:
-        r = _until_done(propeller, meta, interval=0.01)
+        r = propeller.wait(meta, timeout=WAIT_S, interval=0.01)
         assert r.phase == PHASE.SUCCEEDED, r.message
     pods = cluster.pods(NAMESPACE, "flyte-actor/env=conn-map")
     return cluster.requests[("create", "pods")] - before, len(pods)

@@ -245,11 +245,15 @@ class Propeller:
         assert len(answers) == 1 and answers[0].HasField("header"), answers
         return answers[0].header.resource
 
-    def wait(self, meta: bytes, task_type: str = "actor", timeout: float = 60.0, phases=TERMINAL) -> agent_pb2.Resource:
+    def wait(
+        self, meta: bytes, task_type: str = "actor", timeout: float = 60.0, phases=TERMINAL, interval: float = 0.005
+    ) -> agent_pb2.Resource:
+        """Polls GetTask every `interval` seconds (0: back to back, as the benches' tight poll) until `phases`."""
         return wait_until(
             lambda: (lambda r: r if r.phase in phases else None)(self.get(meta, task_type)),
             timeout,
             f"phase in {sorted(PHASE.Phase.Name(p) for p in phases)}",
+            interval,
         )
 
 
