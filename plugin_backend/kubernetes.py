@@ -305,7 +305,6 @@ def _version_at_least(version: str, created: int) -> bool:
 class KubernetesBackend(ReplicaBackend):
     """Replicas as pods. `api` is a kubernetes CoreV1Api (in-cluster config, else the kubeconfig, when omitted)."""
 
-    name = "kubernetes"
     ready_timeout_s: float = 600.0
     """A pod may take minutes to be ready: scheduling, node scale-up, pulling a large (GPU) image."""
     death_report_grace_s: float = 60.0
