@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 from flytekit.configuration import ImageConfig, SerializationSettings
 from flytekit.core.context_manager import FlyteContextManager
 from flytekit.core.type_engine import TypeEngine
-from flytekit.core.utils import load_proto_from_file, write_proto_to_file
+from flytekit.core.utils import load_proto_from_file
 from flytekit.models.literals import LiteralMap
 
 from flytekitplugins_actor.environment import ActorEnvironment
@@ -27,6 +27,7 @@ from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSp
 from flytekitplugins_actor.replica.command import ExecutionCommand
 from flytekitplugins_actor.replica.execution import SYS_PATH_ENV, ExecutionSpec
 from flytekitplugins_actor.replica.identity import identity_env
+from flytekitplugins_actor.replica.protocol import INLINE_LIMIT_BYTES
 from flytekitplugins_actor.replica_logs import KEEP_RUNS, ReplicaOutput, prune_runs
 
 
@@ -265,7 +266,11 @@ def _run_in(
 ) -> LiteralMap:
     inputs_path = os.path.join(workdir, "inputs.pb")
     output_prefix = os.path.join(workdir, "outputs")
-    write_proto_to_file(inputs.to_flyte_idl(), inputs_path)
+    inputs_pb = inputs.to_flyte_idl().SerializeToString()
+    inline = len(inputs_pb) <= INLINE_LIMIT_BYTES  # small inputs go with the request, big ones through a file
+    if not inline:
+        with open(inputs_path, "wb") as f:
+            f.write(inputs_pb)
     resolver, loader_args = _loader(task, workdir)
     args = ExecutionCommand.build(
         inputs=inputs_path,
@@ -278,7 +283,9 @@ def _run_in(
     root = _module_root(task)
     if root:  # the pool's PYTHONPATH has the first task's root; another task of the environment may need its own
         env[SYS_PATH_ENV] = root
-    execution = pools.submit_to(task.task_config, ExecutionSpec(execution_id, args, env), want_exception=True)
+    # the driver is the only reader of this execution's outputs: small ones come back in the reply
+    spec = ExecutionSpec(execution_id, args, env, inputs_pb=inputs_pb if inline else None, return_outputs=True)
+    execution = pools.submit_to(task.task_config, spec, want_exception=True)
     if queued is not None:
         queued()
     execution.wait()
@@ -288,9 +295,11 @@ def _run_in(
     if execution.state is ExecutionState.SUCCEEDED:
         from flyteidl.core import literals_pb2
 
-        return literal_map_from_pb(  # kept as protobuf: in a workflow it usually goes straight to the next task
-            load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb"))
-        )
+        if execution.outputs is not None:
+            outputs = literals_pb2.LiteralMap.FromString(execution.outputs)
+        else:
+            outputs = load_proto_from_file(literals_pb2.LiteralMap, os.path.join(output_prefix, "outputs.pb"))
+        return literal_map_from_pb(outputs)  # kept as protobuf: in a workflow it usually goes straight to the next task
     where = f"actor task {task.name!r}" + (
         f" on replica {execution.replica} (log: {execution.log_uri})" if execution.replica else ""
     )

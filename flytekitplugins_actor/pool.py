@@ -33,7 +33,7 @@ import secrets
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Deque, Dict, List, Optional, Tuple
+from typing import Callable, Deque, Dict, List, Optional, Tuple, Union
 
 from flytekit.loggers import logger
 
@@ -55,6 +55,7 @@ from flytekitplugins_actor.replica.protocol import (
     ReplicaClient,
     ReplicaExecutionState,
     RequestRefused,
+    decode_bytes,
 )
 from flytekitplugins_actor.replica.supervisor import Supervisor
 
@@ -110,6 +111,8 @@ class Execution:
     log_uri: Optional[str] = None
     warm: Optional[bool] = None
     exception_payload: Optional[str] = None
+    outputs: Optional[bytes] = None
+    """outputs.pb as the replica returned it, when the execution asked for its outputs back (`return_outputs`)."""
     queued_at: float = field(default_factory=time.monotonic)
     started_at: Optional[float] = None
     want_exception: bool = False
@@ -525,14 +528,15 @@ class ReplicaPool:
             if execution.cancel_requested:  # cancelled while the hook ran
                 self._finish(slot, execution, ExecutionState.CANCELLED)
                 return True
+        # submit and the first `wait` round go out together (one round trip); the submit's own reply says
+        # whether the replica accepted it, so a connection lost after that is an accepted execution's loss
         try:
-            client.request(
-                "submit",
+            submitted, first_round = client.pipeline(
+                [("submit", spec.to_wire()), ("wait", self._wait_fields(execution))],
                 io_timeout=WAIT_ROUND_S + IO_MARGIN_S,  # never unbounded: a peer may vanish mid-request
-                execution_id=spec.execution_id,
-                args=spec.args,
-                env=spec.env,
             )
+            if isinstance(submitted, Exception):
+                raise submitted
         except AuthenticationError as e:
             self._unauthenticated(slot, execution, e)
             return False
@@ -555,20 +559,24 @@ class ReplicaPool:
             cancel = execution.cancel_requested
         if cancel:  # asked while the submit was on its way: cancel() left the delivery to this thread
             self._supervisor.call_soon(self._deliver_cancel, slot, execution)
-        return self._await(slot, execution)
+        return self._await(slot, execution, first_round)
 
-    def _await(self, slot: _Slot, execution: Execution) -> bool:
-        """Waits for the execution's end in bounded rounds, so a vanished peer is noticed within one round."""
+    @staticmethod
+    def _wait_fields(execution: Execution) -> dict:
+        return {"execution_id": execution.id, "timeout": WAIT_ROUND_S, "include_exception": execution.want_exception}
+
+    def _await(self, slot: _Slot, execution: Execution, reply: Union[dict, Exception, None] = None) -> bool:
+        """Waits for the execution's end in bounded rounds, so a vanished peer is noticed within one round.
+        `reply` is the first round's answer when it was sent along with the submit."""
         spec, replica, client = execution.spec, slot.replica, slot.client
         while True:
             try:
-                reply = client.request(
-                    "wait",
-                    io_timeout=WAIT_ROUND_S + IO_MARGIN_S,
-                    execution_id=spec.execution_id,
-                    timeout=WAIT_ROUND_S,
-                    include_exception=execution.want_exception,
-                )
+                if reply is None:
+                    reply = client.request(
+                        "wait", io_timeout=WAIT_ROUND_S + IO_MARGIN_S, **self._wait_fields(execution)
+                    )
+                elif isinstance(reply, Exception):
+                    raise reply
             except AuthenticationError as e:
                 self._unauthenticated(slot, execution, e)
                 return False
@@ -592,16 +600,20 @@ class ReplicaPool:
             try:
                 state = ReplicaExecutionState.from_wire(reply.get("state"))
                 if state in (ReplicaExecutionState.ACCEPTED, ReplicaExecutionState.RUNNING):
+                    reply = None
                     continue
                 if not state.ended:
                     raise ProtocolError(f"replica {replica.name} has no record of {spec.execution_id} it accepted")
                 error = None if reply.get("error") is None else ExecutionError.from_wire(reply["error"])
+                outputs = decode_bytes(reply.get("outputs_pb"))
             except (ProtocolError, ValueError) as e:  # a replica that breaks the protocol is not trusted again
                 logger.error("pool %s: replica %s broke the protocol: %s", self.name, replica.name, e)
                 error = ExecutionError.system("ProtocolError", f"replica {replica.name}: {e}")
                 self._finish(slot, execution, ExecutionState.FAILED, error=error)
                 return False
-            self._finish(slot, execution, _ENDED[state], error=error, exception_payload=reply.get("exception"))
+            self._finish(
+                slot, execution, _ENDED[state], error=error, exception_payload=reply.get("exception"), outputs=outputs
+            )
             return True
 
     def _unauthenticated(self, slot: _Slot, execution: Execution, e: AuthenticationError) -> None:
@@ -623,9 +635,10 @@ class ReplicaPool:
         state: ExecutionState,
         error: Optional[ExecutionError] = None,
         exception_payload: Optional[str] = None,
+        outputs: Optional[bytes] = None,
     ) -> None:
         with self._cond:
-            execution.error, execution.exception_payload = error, exception_payload
+            execution.error, execution.exception_payload, execution.outputs = error, exception_payload, outputs
             slot.current = None
             callbacks = self._complete_locked(execution, state)
         _run_callbacks(callbacks)

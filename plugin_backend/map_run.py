@@ -1,6 +1,7 @@
 """Runs one `actor_map` execution in the connector: dispatches its items to the pool, keeps each result in
 storage, and decides the map by the SDK's map model (`flytekitplugins_actor.map_model`), the same window, tally
-and decision as a local run. Item i's output prefix is `<outputPrefix>/items/<i>`.
+and decision as a local run. Item i's output prefix is `<outputPrefix>/items/<i>`; its inputs travel with the
+request to the replica (written to `items/<i>/inputs.pb` only when they are too big for that).
 
 A coordinator thread per map keeps the map's window of items in the pool. Within one connector process an item is
 dispatched again only when it never reached a replica (its pool closed under it). After a connector restart the
@@ -33,6 +34,7 @@ from flytekitplugins_actor.map_model import (
 from flytekitplugins_actor.pool import Execution, ExecutionState, PoolClosed, ReplicaPool
 from flytekitplugins_actor.replica.error import ExecutionError, read_error_document, write_error_document
 from flytekitplugins_actor.replica.execution import ExecutionSpec
+from flytekitplugins_actor.replica.protocol import INLINE_LIMIT_BYTES
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
 from plugin_backend.template import ActorTemplate
@@ -125,10 +127,13 @@ class MapRun:
     def _dispatch(self, pool: ReplicaPool, i: int) -> None:
         prefix = self.record.item_prefix(i)
         inputs_path = store.join(prefix, "inputs.pb")
-        store.write_bytes(inputs_path, self.plan.item_inputs(i).SerializeToString())
+        inputs_pb = self.plan.item_inputs(i).SerializeToString()
+        inline = len(inputs_pb) <= INLINE_LIMIT_BYTES  # small inputs go with the request: no storage write per item
+        if not inline:
+            store.write_bytes(inputs_path, inputs_pb)
         item_id = self._item_id(i)
         command = self.template.command.with_paths(inputs=inputs_path, output_prefix=prefix, item=i)
-        spec = ExecutionSpec(item_id, command.to_args(), self.env)
+        spec = ExecutionSpec(item_id, command.to_args(), self.env, inputs_pb=inputs_pb if inline else None)
         try:
             pool.submit(spec, on_done=self._on_done)
         except PoolClosed:  # reaped while idle between two items: the next lookup makes a new pool

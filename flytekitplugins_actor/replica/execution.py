@@ -17,13 +17,20 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from flytekitplugins_actor.replica.command import ExecutionCommand
 from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError, read_engine_dir_error, write_error_document
-from flytekitplugins_actor.replica.protocol import ReplicaExecutionState
+from flytekitplugins_actor.replica.protocol import (
+    INLINE_LIMIT_BYTES,
+    ProtocolError,
+    ReplicaExecutionState,
+    decode_bytes,
+    encode_bytes,
+)
 from flytekitplugins_actor.replica.sandbox import (
     ExecutionDirs,
     engine_dir_error_file,
     execution_context,
     fast_path_applies,
     run_coroutines_inline,
+    stage_inputs,
     use_frugal_serialization,
 )
 
@@ -48,11 +55,19 @@ class CodeVersionMismatch(RuntimeError):
 
 @dataclass
 class ExecutionSpec:
-    """What a replica needs to run one execution: the rendered container args and the execution's identity env."""
+    """What a replica needs to run one execution: the rendered container args and the execution's identity env.
+
+    `inputs_pb`, when set, is the inputs LiteralMap itself: the execution reads it instead of the file at the
+    command's `--inputs` (a local run or a map item saves a file write and read per execution). With
+    `return_outputs`, a succeeded execution's outputs.pb (up to INLINE_LIMIT_BYTES) comes back in the reply instead
+    of being written under the output prefix: only for a caller that is the sole reader of its outputs (a local
+    run's driver)."""
 
     execution_id: str
     args: List[str]
     env: Dict[str, str] = field(default_factory=dict)
+    inputs_pb: Optional[bytes] = None
+    return_outputs: bool = False
 
     def parsed(self) -> ExecutionCommand:
         cached = self.__dict__.get("_parsed")
@@ -60,24 +75,59 @@ class ExecutionSpec:
             cached = self.__dict__["_parsed"] = ExecutionCommand.parse(self.args)
         return cached
 
+    def to_wire(self) -> Dict[str, Any]:
+        """The `submit` request's fields."""
+        wire: Dict[str, Any] = {"execution_id": self.execution_id, "args": self.args, "env": self.env}
+        if self.inputs_pb is not None:
+            wire["inputs_pb"] = encode_bytes(self.inputs_pb)
+        if self.return_outputs:
+            wire["return_outputs"] = True
+        return wire
+
+    @classmethod
+    def from_wire(cls, msg: Dict[str, Any]) -> "ExecutionSpec":
+        """Reads a `submit` request; a malformed one raises KeyError, TypeError or ValueError (INVALID_ARGUMENT)."""
+        inputs = decode_inline(msg.get("inputs_pb"))
+        if inputs is not None and len(inputs) > INLINE_LIMIT_BYTES:
+            raise ValueError(f"inputs_pb is {len(inputs)} bytes; at most {INLINE_LIMIT_BYTES} travel inline")
+        return cls(
+            execution_id=str(msg["execution_id"]),
+            args=[str(a) for a in msg["args"]],
+            env={str(k): str(v) for k, v in (msg.get("env") or {}).items()},
+            inputs_pb=inputs,
+            return_outputs=bool(msg.get("return_outputs")),
+        )
+
+
+def decode_inline(field: Any) -> Optional[bytes]:
+    try:
+        return decode_bytes(field)
+    except ProtocolError as e:  # in a request: the request is malformed
+        raise ValueError(f"inputs_pb: {e}") from None
+
 
 @dataclass
 class ExecutionOutcome:
-    """How an execution ended: SUCCEEDED, FAILED or CANCELLED, with the error (as error.pb says) unless it succeeded."""
+    """How an execution ended: SUCCEEDED, FAILED or CANCELLED, with the error (as error.pb says) unless it succeeded,
+    and outputs.pb when the execution was asked to return it."""
 
     execution_id: str
     state: ReplicaExecutionState
     error: Optional[ExecutionError] = None
     duration_s: float = 0.0
     exception: Optional[BaseException] = None
+    outputs_pb: Optional[bytes] = None
 
     def to_wire(self) -> Dict[str, Any]:
-        return {
+        wire = {
             "execution_id": self.execution_id,
             "state": self.state.value,
             "error": None if self.error is None else self.error.to_wire(),
             "duration_s": self.duration_s,
         }
+        if self.outputs_pb is not None:
+            wire["outputs_pb"] = encode_bytes(self.outputs_pb)
+        return wire
 
 
 class ReplicaRuntime:
@@ -130,6 +180,7 @@ class ReplicaRuntime:
         exec_dir = self.dirs.take()
         self.last_exception = None
         outcome: Optional[ExecutionOutcome] = None
+        outputs_pb: Optional[bytes] = None
         fast = fast_path_applies()
         if not self.executions:  # the first execution of this process: it is a replica
             use_frugal_serialization()
@@ -140,6 +191,8 @@ class ReplicaRuntime:
                 if path and path not in sys.path:
                     sys.path.append(path)
             tempfile.tempdir = exec_dir
+            if spec.inputs_pb is not None:  # the inputs came with the request: the execution reads them from here
+                cmd = cmd.with_paths(inputs=stage_inputs(exec_dir, spec.inputs_pb))
             self._activate_distribution(cmd)
             raw, ckpt, prev = normalize_inputs(cmd.raw_output_data_prefix, cmd.checkpoint_path, cmd.prev_checkpoint)
             try:
@@ -147,7 +200,7 @@ class ReplicaRuntime:
                 if spec.execution_id in self.cancelled:  # asked for before the task could start
                     raise CancelRequested("cancelled before it started")
                 if fast:
-                    self._execute_in(exec_dir, cmd, raw, ckpt, prev)
+                    outputs_pb = self._execute_in(exec_dir, cmd, raw, ckpt, prev, spec.return_outputs)
                 else:
                     self._execute_with_flytekit_setup(exec_dir, cmd, raw, ckpt, prev)
             finally:
@@ -183,14 +236,22 @@ class ReplicaRuntime:
             state = ReplicaExecutionState.FAILED if error else ReplicaExecutionState.SUCCEEDED
             outcome = ExecutionOutcome(spec.execution_id, state, error=error)
             outcome.exception = self.last_exception if error else None
+            outcome.outputs_pb = None if error else outputs_pb
         self.dirs.retire(exec_dir)
         outcome.duration_s = time.perf_counter() - started
         return outcome, self.dirs.tidy_one
 
     def _execute_in(
-        self, exec_dir: str, cmd: ExecutionCommand, raw: str, ckpt: Optional[str], prev: Optional[str]
-    ) -> None:
-        """What `_execute_task` does, in a context built on the prepared dir (see replica/sandbox.py)."""
+        self,
+        exec_dir: str,
+        cmd: ExecutionCommand,
+        raw: str,
+        ckpt: Optional[str],
+        prev: Optional[str],
+        return_outputs: bool = False,
+    ) -> Optional[bytes]:
+        """What `_execute_task` does, in a context built on the prepared dir (see replica/sandbox.py). With
+        `return_outputs`, returns outputs.pb instead of writing it under the output prefix (if it is small)."""
         from flytekit.bin.entrypoint import _dispatch_execute
         from flytekit.tools.module_loader import load_object_from_module
 
@@ -206,7 +267,9 @@ class ReplicaRuntime:
                 self._cwd_on_path = (cwd, len(sys.path))
             resolver = load_object_from_module(cmd.resolver)
             loader_args = list(cmd.resolver_args)
+            ctx.file_access.keep_outputs = return_outputs
             _dispatch_execute(ctx, lambda: resolver.load_task(loader_args=loader_args), cmd.inputs, cmd.output_prefix)
+            return ctx.file_access.kept_outputs
 
     def _execute_with_flytekit_setup(
         self, exec_dir: str, cmd: ExecutionCommand, raw: str, ckpt: Optional[str], prev: Optional[str]

@@ -6,18 +6,23 @@ A request is ``{"op": ..., "token": ..., ...}``; a reply is ``{"ok": true, ...}`
 
 from __future__ import annotations
 
+import base64
 import enum
 import hmac
 import json
 import socket
 import struct
 import threading
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 PROTOCOL_VERSION = 1
 TOKEN_ENV = "FLYTE_ACTOR_TOKEN"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _HEADER = struct.Struct("!I")
+INLINE_LIMIT_BYTES = 16 * 1024
+"""Inputs and outputs up to this size may travel in the control messages instead of as files (`inputs_pb`,
+`return_outputs`); bigger ones always go through storage. It also bounds what a replica keeps per remembered
+outcome."""
 
 
 class ProtocolError(ConnectionError):
@@ -103,6 +108,23 @@ class AuthenticationError(PermissionError):
     """The request's token does not match the replica's pool token: a misconfiguration, never a transient fault."""
 
 
+def encode_bytes(data: Optional[bytes]) -> Optional[str]:
+    """Bytes (a serialized protobuf) as a JSON string field."""
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def decode_bytes(field: Any) -> Optional[bytes]:
+    """A field written by `encode_bytes`; anything else than a string or null is a protocol error."""
+    if field is None:
+        return None
+    if not isinstance(field, str):
+        raise ProtocolError(f"expected a base64 string, got {type(field).__name__}")
+    try:
+        return base64.b64decode(field, validate=True)
+    except ValueError as e:
+        raise ProtocolError(f"not base64: {e}") from None
+
+
 def send_message(sock: socket.socket, message: Dict[str, Any]) -> None:
     data = json.dumps(message, separators=(",", ":")).encode()
     sock.sendall(_HEADER.pack(len(data)) + data)
@@ -149,27 +171,53 @@ class ReplicaClient:
         """Sends one request and returns the reply; raises ProtocolError if the replica went away.
 
         `io_timeout` bounds the socket wait here; a `timeout` field is the op's own (e.g. how long `wait` waits)."""
+        reply = self.pipeline([(op, fields)], io_timeout)[0]
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+    def pipeline(
+        self, requests: List[Tuple[str, Dict[str, Any]]], io_timeout: Optional[float] = None
+    ) -> List[Union[Dict[str, Any], Exception]]:
+        """Sends several requests at once and reads their replies in order: one round trip instead of one each
+        (the replica serves a connection's requests in order). Each reply, or the error that stands in for it (a
+        refusal, or the connection lost before that reply came), is returned in its request's place, so the caller
+        knows which requests were answered. Raises ProtocolError only if nothing could be sent."""
         with self._lock:
             try:
                 self._sock.settimeout(io_timeout)
-                send_message(self._sock, {"op": op, "token": self._token, **fields})
-                reply = recv_message(self._sock)
+                for op, fields in requests:
+                    send_message(self._sock, {"op": op, "token": self._token, **fields})
             except (OSError, ValueError) as e:
                 if isinstance(e, ProtocolError):
                     raise
-                raise ProtocolError(f"{op} to replica at {self.address} failed: {e}") from e
-        if not reply.get("ok"):
-            error = reply.get("error", "unknown error")
-            try:
-                code = RefusalCode(reply.get("code"))
-            except ValueError:
-                raise ProtocolError(
-                    f"replica at {self.address} refused {op} with unknown code {reply.get('code')!r}: {error}"
-                ) from None
-            if code is RefusalCode.UNAUTHENTICATED:
-                raise AuthenticationError(f"replica at {self.address} refused {op}: {error}")
-            raise RequestRefused(f"replica at {self.address} refused {op}: {error}", code)
-        return reply
+                raise ProtocolError(f"{requests[0][0]} to replica at {self.address} failed: {e}") from e
+            replies: List[Union[Dict[str, Any], Exception]] = []
+            lost: Optional[ProtocolError] = None
+            for op, _ in requests:
+                if lost is None:
+                    try:
+                        replies.append(self._checked(op, recv_message(self._sock)))
+                        continue
+                    except (OSError, ValueError) as e:
+                        lost = ProtocolError(f"{op} to replica at {self.address} failed: {e}")
+                replies.append(lost)  # the connection is gone: no later reply comes either
+            return replies
+
+    def _checked(self, op: str, reply: Dict[str, Any]) -> Union[Dict[str, Any], Exception]:
+        """The reply, or the error a refusal stands for (AuthenticationError for a bad token)."""
+        if reply.get("ok"):
+            return reply
+        error = reply.get("error", "unknown error")
+        try:
+            code = RefusalCode(reply.get("code"))
+        except ValueError:
+            return ProtocolError(
+                f"replica at {self.address} refused {op} with unknown code {reply.get('code')!r}: {error}"
+            )
+        if code is RefusalCode.UNAUTHENTICATED:
+            return AuthenticationError(f"replica at {self.address} refused {op}: {error}")
+        return RequestRefused(f"replica at {self.address} refused {op}: {error}", code)
 
     def abort(self) -> None:
         """Unblocks a request waiting on this connection (from another thread): it fails with ProtocolError."""

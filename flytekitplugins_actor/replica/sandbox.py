@@ -24,6 +24,8 @@ import threading
 import traceback
 from typing import TYPE_CHECKING, List, Optional
 
+from flytekitplugins_actor.replica.protocol import INLINE_LIMIT_BYTES
+
 if TYPE_CHECKING:
     from flytekitplugins_actor.replica.command import ExecutionCommand  # noqa: F401
 
@@ -156,7 +158,13 @@ def _fast_file_access_class():
             os.makedirs(os.path.dirname(local_path) or ".", exist_ok=True)
             _copy(src, local_path)
 
+        keep_outputs = False
+        """Set per execution: keep a small outputs.pb (returned in the reply) instead of writing it to the prefix."""
+        kept_outputs: Optional[bytes] = None
+
         def put_data(self, local_path, remote_path: str, is_multipart: bool = False, **kwargs):
+            if self.keep_outputs and is_multipart and not kwargs and self._keep_outputs_of(str(local_path)):
+                return remote_path
             dest = _local_path(remote_path)
             if dest is None or kwargs:
                 return super().put_data(local_path, remote_path, is_multipart=is_multipart, **kwargs)
@@ -170,6 +178,22 @@ def _fast_file_access_class():
                 os.makedirs(os.path.dirname(dest) or ".", exist_ok=True)
                 _copy(src, dest)
             return remote_path
+
+        def _keep_outputs_of(self, engine_dir: str) -> bool:
+            """Keeps the engine dir's outputs.pb in memory when it is all the execution wrote and is small; True if
+            so (then nothing needs writing under the prefix)."""
+            from flytekit.core.constants import OUTPUT_FILE_NAME
+
+            try:
+                names = os.listdir(engine_dir)
+            except OSError:
+                return False
+            path = os.path.join(engine_dir, OUTPUT_FILE_NAME)
+            if names != [OUTPUT_FILE_NAME] or os.path.getsize(path) > INLINE_LIMIT_BYTES:
+                return False  # error.pb, futures.pb, decks, or big outputs: storage, as usual
+            with open(path, "rb") as f:
+                self.kept_outputs = f.read()
+            return True
 
     return LocalFastFileAccess
 
@@ -331,6 +355,14 @@ def execution_context(cmd: "ExecutionCommand", exec_dir: str, raw: str, ckpt: Op
     finally:
         while FlyteContextManager.size() > depth:
             FlyteContextManager.pop_context()
+
+
+def stage_inputs(exec_dir: str, inputs_pb: bytes) -> str:
+    """Writes inputs that came with the request into the execution's sandbox; returns the path to read them from."""
+    path = os.path.join(exec_dir, SANDBOX, "inline_inputs.pb")
+    with open(path, "wb") as f:
+        f.write(inputs_pb)
+    return path
 
 
 def fast_path_applies() -> bool:

@@ -147,11 +147,7 @@ class Worker:
             }
 
     def op_submit(self, msg: Dict[str, Any]) -> Dict[str, Any]:
-        spec = ExecutionSpec(
-            execution_id=str(msg["execution_id"]),
-            args=[str(a) for a in msg["args"]],
-            env={str(k): str(v) for k, v in (msg.get("env") or {}).items()},
-        )
+        spec = ExecutionSpec.from_wire(msg)
         spec.parsed()  # refuse a malformed command now, not on the main thread
         with self._lock:
             known = self._state_of(spec.execution_id)

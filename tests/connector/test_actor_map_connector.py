@@ -12,6 +12,7 @@ from harness import PHASE, Attempt, literal_map, output_value
 from waiting import wait_until
 
 from flytekitplugins_actor.actor_map import map as actor_map
+from flytekitplugins_actor.replica.protocol import INLINE_LIMIT_BYTES
 from plugin_backend.errors import InvalidTaskTemplate
 from plugin_backend.template import parse_template
 
@@ -44,6 +45,16 @@ def test_map_fans_out_over_two_replicas_in_order(propeller, base):
     assert len({v.split(":")[1] for v in values}) == 2, values
     assert not r.outputs.literals  # by reference: propeller reads outputs.pb (issue 8: an answer has a 4 MiB limit)
     assert all(os.path.exists(os.path.join(a.dir, "items", str(i), "outputs.pb")) for i in range(12))
+
+
+def test_map_item_inputs_travel_with_the_request_or_through_storage_when_big(propeller, base):
+    big = "b" * (INLINE_LIMIT_BYTES + 1)
+    m = actor_map(t.echo)
+    a, meta, r = _run(propeller, base, m, s=["small", big])
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    assert output_value(a.outputs(), "o0", list[str]) == ["small", big]
+    item_inputs = [os.path.join(a.dir, "items", str(i), "inputs.pb") for i in range(2)]
+    assert [os.path.exists(p) for p in item_inputs] == [False, True]
 
 
 def test_map_with_bound_inputs_and_concurrency(propeller, base):

@@ -53,6 +53,11 @@ def read_env(name: str) -> str:
 
 
 @basic.task
+def echo_twice(text: str) -> str:
+    return text + text
+
+
+@basic.task
 def raise_boom(message: str) -> int:
     raise Boom(message)
     return 0

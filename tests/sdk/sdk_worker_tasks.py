@@ -184,3 +184,9 @@ def hold_in_tidy(marker: str, release: str) -> int:
 
     RUNTIME.dirs.tidy_one = tidy_one
     return 0
+
+
+@env.task
+def repeat(text: str, times: int) -> str:
+    """Outputs `text` `times` times: small or big outputs on demand."""
+    return text * times

@@ -14,8 +14,10 @@ from sdk_helpers import HERE, pid_alive, subprocess_env
 from waiting import REPO, VENV_BIN, wait_until
 
 import flytekitplugins_actor
+from flytekitplugins_actor import local as local_module
 from flytekitplugins_actor import map as actor_map_of
 from flytekitplugins_actor.local import local_pools
+from flytekitplugins_actor.replica.protocol import INLINE_LIMIT_BYTES
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -140,6 +142,23 @@ def test_files_and_dataclasses_travel_between_driver_and_replica(tmp_path):
         text = fh.read()
     m = re.fullmatch(r"4 words from pid (\d+): warm replicas are fast", text)
     assert m and int(m.group(1)) != os.getpid(), text
+
+
+@pytest.mark.parametrize("size", [10, INLINE_LIMIT_BYTES + 10], ids=["inline", "through-files"])
+def test_small_and_big_values_travel_between_driver_and_replica(size, monkeypatch):
+    sent = []
+    original = local_module.ExecutionSpec
+
+    def spy(*args, **kwargs):
+        spec = original(*args, **kwargs)
+        sent.append(spec)
+        return spec
+
+    monkeypatch.setattr(local_module, "ExecutionSpec", spy)
+    text = "ab" * (size // 2)
+    assert t.echo_twice(text=text) == text + text
+    (spec,) = sent
+    assert (spec.inputs_pb is not None) == (size < INLINE_LIMIT_BYTES) and spec.return_outputs
 
 
 # ---- replica death ----

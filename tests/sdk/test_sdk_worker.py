@@ -4,6 +4,7 @@ import os
 import secrets
 import socket
 import sys
+import threading
 import uuid
 
 import pytest
@@ -19,10 +20,15 @@ from waiting import RESOLVER, wait_until
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaSpec, ReplicaState
 from flytekitplugins_actor.replica.command import ExecutionCommand
 from flytekitplugins_actor.replica.error import CANCELLED
+from flytekitplugins_actor.replica.execution import ExecutionSpec
 from flytekitplugins_actor.replica.protocol import (
+    INLINE_LIMIT_BYTES,
     AuthenticationError,
     ProtocolError,
+    RefusalCode,
     ReplicaClient,
+    RequestRefused,
+    decode_bytes,
     recv_message,
     send_message,
 )
@@ -233,6 +239,101 @@ def test_submit_is_idempotent_per_execution_id(worker, tmp_path):
     assert worker.request("health")["state"] == "idle"
     assert counter.read_text().count("run") == 1
     assert output(out) == 1
+
+
+# ---- pipelined requests and inline inputs/outputs ----
+def _inline(task, **inputs):
+    ctx = FlyteContextManager.current_context()
+    return TypeEngine.dict_to_literal_map(ctx, inputs, task.python_interface.inputs).to_flyte_idl().SerializeToString()
+
+
+def test_pipelined_submit_and_wait_are_answered_in_order_and_a_refusal_keeps_the_connection_in_step(worker, tmp_path):
+    execution_id, args, out = worker.args(tasks.count_run, path=str(tmp_path / "runs"))
+    submitted, waited = worker.client.pipeline(
+        [
+            ("submit", {"execution_id": execution_id, "args": args}),
+            ("wait", {"execution_id": execution_id, "timeout": 60}),
+        ]
+    )
+    assert submitted["state"] == "accepted" and waited["state"] == "succeeded" and output(out) == 1
+    # a refused submit stands in its place as an exception; the wait after it is still read, so the connection is
+    # in step for the next request
+    refused, waited = worker.client.pipeline(
+        [("submit", {"execution_id": "bad", "args": ["not-pyflyte"]}), ("wait", {"execution_id": "bad", "timeout": 1})]
+    )
+    assert isinstance(refused, RequestRefused) and refused.code is RefusalCode.INVALID_ARGUMENT
+    assert waited["state"] == "unknown"
+    assert worker.request("health")["state"] == "idle"
+
+
+def test_a_connection_lost_between_replies_is_reported_for_each_unanswered_request():
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+
+        def answer_one_then_vanish():
+            peer, _ = server.accept()
+            with peer:
+                recv_message(peer), recv_message(peer)
+                send_message(peer, {"ok": True, "state": "accepted"})  # the second request is never answered
+
+        peer_thread = threading.Thread(target=answer_one_then_vanish)
+        peer_thread.start()
+        client = ReplicaClient("127.0.0.1:%d" % server.getsockname()[1], "t")
+        try:
+            first, second = client.pipeline([("submit", {}), ("wait", {})], io_timeout=10)
+        finally:
+            client.close()
+            peer_thread.join(10)
+    assert first == {"ok": True, "state": "accepted"}
+    assert isinstance(second, ProtocolError) and "wait" in str(second)
+
+
+def test_inline_inputs_are_read_instead_of_the_inputs_file_and_outputs_come_back_in_the_reply(worker, tmp_path):
+    execution_id, args, out = worker.args(tasks.repeat, text="x", times=1)
+    os.unlink(os.path.join(os.path.dirname(out), "inputs.pb"))  # the request carries them: no file is read
+    spec = ExecutionSpec(execution_id, args, inputs_pb=_inline(tasks.repeat, text="ab", times=3), return_outputs=True)
+    worker.request("submit", **spec.to_wire())
+    reply = worker.request("wait", execution_id=execution_id, timeout=60)
+    assert reply["state"] == "succeeded", reply
+    outputs = LiteralMap.from_flyte_idl(literals_pb2.LiteralMap.FromString(decode_bytes(reply["outputs_pb"])))
+    assert outputs.literals["o0"].scalar.primitive.value == "ababab"
+    assert not os.path.exists(os.path.join(out, "outputs.pb"))  # returned instead of written: nothing to clean up
+    # a repeated wait (a reply lost on the way) gets the same outputs
+    again = worker.request("wait", execution_id=execution_id, timeout=60)
+    assert again["outputs_pb"] == reply["outputs_pb"]
+
+
+def test_outputs_too_big_to_travel_inline_and_failures_are_written_under_the_output_prefix(worker):
+    big = INLINE_LIMIT_BYTES + 1
+    execution_id, args, out = worker.args(tasks.repeat, text="y", times=big)
+    worker.request("submit", **ExecutionSpec(execution_id, args, return_outputs=True).to_wire())
+    reply = worker.request("wait", execution_id=execution_id, timeout=60)
+    assert reply["state"] == "succeeded" and "outputs_pb" not in reply
+    assert output(out) == "y" * big
+    execution_id, args, out = worker.args(tasks.user_error)
+    worker.request("submit", **ExecutionSpec(execution_id, args, return_outputs=True).to_wire())
+    reply = worker.request("wait", execution_id=execution_id, timeout=60)
+    assert reply["state"] == "failed" and "outputs_pb" not in reply
+    assert "user said no" in error_doc(out).message
+
+
+@pytest.mark.parametrize(
+    "inputs_pb, message",
+    [("not base64!", "inputs_pb: not base64"), (7, "inputs_pb: expected a base64 string, got int")],
+)
+def test_malformed_inline_inputs_are_refused_naming_the_field(worker, inputs_pb, message):
+    execution_id, args, _ = worker.args(tasks.pid)
+    with pytest.raises(RequestRefused, match=message) as refused:
+        worker.request("submit", execution_id=execution_id, args=args, inputs_pb=inputs_pb)
+    assert refused.value.code is RefusalCode.INVALID_ARGUMENT
+
+
+def test_inline_inputs_over_the_limit_are_refused(worker):
+    execution_id, args, _ = worker.args(tasks.pid)
+    spec = ExecutionSpec(execution_id, args, inputs_pb=b"\0" * (INLINE_LIMIT_BYTES + 1))
+    with pytest.raises(RequestRefused, match=f"at most {INLINE_LIMIT_BYTES} travel inline"):
+        worker.request("submit", **spec.to_wire())
 
 
 # ---- cancel ----
