@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import gc
 import json
 import logging
 import os
@@ -230,6 +231,8 @@ class Worker:
                 self._running = None
                 RUNTIME.cancelled.discard(spec.execution_id)
                 self._record(outcome)
+            if RUNTIME.executions == 1:  # the first execution imported the task's modules and flytekit's lazy parts
+                gc.freeze()
             if cleanup is not None:
                 cleanups.append(cleanup)
                 if len(cleanups) > MAX_PENDING_CLEANUPS:  # never idle: pay one cleanup per execution, no bursts
@@ -379,6 +382,8 @@ def main(argv: Optional[list] = None) -> None:
         threading.Thread(target=_watch_parent_stdin, name="parent-watch", daemon=True).start()
 
     import flytekit  # noqa: F401  -- pay the import before the first execution, not during it
+
+    gc.freeze()  # what is loaded now lives as long as the replica: the collector need not walk it per execution
 
     worker = Worker(token, args.name)
     server = _Server((args.host, args.port), _Handler)

@@ -421,3 +421,14 @@ def test_a_bad_sync_budget_is_refused_naming_the_variable(monkeypatch, raw):
         sync_budget_s()
     monkeypatch.setenv(SYNC_BUDGET_ENV, "2.5")
     assert sync_budget_s() == 2.5
+
+
+def test_importing_flytekit_does_not_load_the_kubernetes_client():
+    """Every process that imports flytekit (drivers, replicas, pyflyte-execute) loads this package through its
+    plugin entry point: the kubernetes client (~0.4 s to import) must wait until a connector builds a pod."""
+    import subprocess
+    import sys
+
+    code = "import sys, flytekit, plugin_backend; print(sorted(m for m in sys.modules if m.startswith('kubernetes')))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
