@@ -8,6 +8,7 @@ outputs.pb -> SUCCEEDED, error.pb -> FAILED or RETRYABLE_FAILED, dispatched but 
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -478,4 +479,7 @@ def service() -> ActorService:
     with _SERVICE_LOCK:
         if _SERVICE is None:
             _SERVICE = ActorService()
+            # the connector's first request: what is loaded now (flytekit, grpc, this package) lives as long as the
+            # process, so the collector need not walk it on every later collection
+            gc.freeze()
         return _SERVICE
