@@ -11,11 +11,13 @@ with TMPDIR=/dev/shm (tmpfs) for driver and replicas: an extra column, not the h
 
 Diagnostics (same trivial task `bench_tasks.noop`, x -> x + 1, everywhere):
   (a) warm   -- calling the actor task from the driver: the SDK's local run path, driver -> warm replica -> driver
-  (b) worker -- the replica's execution path alone: submit + wait of prepared pyflyte-execute args over the
-                control protocol (round trip), and the time the replica itself reports for the execution
+  (b) worker -- the replica's execution path alone: submit + wait (sent together, as the pool sends them) of
+                prepared pyflyte-execute args over the control protocol (round trip), and the time the replica
+                itself reports for the execution
   (c) floor  -- flytekit's own `_execute_task` called repeatedly in one warm process (a fresh subprocess)
   (d) fresh  -- a fresh `pyflyte-execute` process per task (bytecode compiled, like the replicas)
-  and, for scale, a plain (non-actor) flytekit @task called locally in-process: flytekit's own local-call cost
+  and, for scale, a plain (non-actor) flytekit @task called locally in-process: flytekit's own local-call cost,
+  and the actor workflow with the replica call stubbed out: flytekit's workflow machinery around an actor task
   (e) map    -- items/s of `flytekitplugins_actor.map` over 1 and 2 replicas (trivial and 20 ms tasks)
 The machine is small and noisy: look at medians and ratios, never at one absolute time.
 """
@@ -161,6 +163,33 @@ class Workflow(Warm):
             self.task(x=1)
 
 
+class Machinery(Workflow):
+    """`wf_actor` with the replica call replaced by its answer: flytekit's own workflow and task machinery around an
+    actor task, without the execution (where the actor workflow's time goes that no replica can save)."""
+
+    def __init__(self, warmup: int = 20):
+        from flytekit.models.literals import Literal, LiteralMap, Primitive, Scalar
+
+        import flytekitplugins_actor.local as local
+
+        self.local = local
+        self.real = local.run_literals_on_replica
+        self.answer = LiteralMap({"o0": Literal(scalar=Scalar(primitive=Primitive(integer=2)))})
+        super().__init__("wf_actor", warmup)
+
+    def run(self, n: int) -> List[float]:
+        self.local.run_literals_on_replica = lambda task, inputs, *a, **k: self.answer
+        try:
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                assert self.task(x=1) == 2
+                times.append(time.perf_counter() - t)
+            return times
+        finally:
+            self.local.run_literals_on_replica = self.real
+
+
 # ---------------------------------------------------------------- (b) the worker's path: a replica over its protocol
 class Worker:
     """A replica started by the local backend, driven directly with submit + wait of prepared pyflyte-execute args."""
@@ -193,8 +222,8 @@ class Worker:
             out = os.path.join(self.tmp, f"worker-{self.count}")
             eid = uuid.uuid4().hex
             t = time.perf_counter()
-            self.client.request("submit", execution_id=eid, args=execute_args(self.inputs, out, self.raw), env=IDENTITY)
-            reply = self.client.request("wait", execution_id=eid)
+            spec = {"execution_id": eid, "args": execute_args(self.inputs, out, self.raw), "env": IDENTITY}
+            _, reply = self.client.pipeline([("submit", spec), ("wait", {"execution_id": eid, "timeout": 60})])
             times.append(time.perf_counter() - t)
             assert reply["state"] == "succeeded", reply
             self.in_replica.append(reply["duration_s"])
@@ -277,7 +306,7 @@ def bench_interleaved(n: int, fresh_n: int, rounds: int, tmp: str, headline_only
         "fresh": Fresh(tmp),
     }
     if not headline_only:
-        paths.update(floor=Floor(tmp), warm=Warm(), worker=Worker(tmp), plain=Plain())
+        paths.update(floor=Floor(tmp), warm=Warm(), worker=Worker(tmp), plain=Plain(), machinery=Machinery())
     samples: Dict[str, List[float]] = {k: [] for k in paths}
     try:
         for r in range(rounds):
@@ -427,6 +456,7 @@ def table(r: Dict[str, object]) -> str:
     add("(b) worker path: time inside the replica", r["worker"]["in_replica"])
     add("(c) in-process flytekit floor (_execute_task)", r["floor"])
     add("    a plain flytekit @task called directly, in-process", r["plain"])
+    add("    actor workflow with the replica call stubbed: flytekit's workflow machinery", r["machinery"])
     for label, s in r["map"].items():
         rows.append(
             (
