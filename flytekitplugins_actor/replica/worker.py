@@ -91,6 +91,9 @@ class Worker:
         self._running: Optional[str] = None
         self._accepted: Dict[str, ExecutionSpec] = {}
         self._outcomes: "collections.OrderedDict[str, ExecutionOutcome]" = collections.OrderedDict()
+        self._uncollected: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        """Ended executions whose end no `wait` or `status` reply has carried yet (e.g. one that finished while its
+        connector was restarting): `health` names them, so a pool that adopts this replica collects them."""
         self.stopping = False
         self.last_request = time.monotonic()  # of an authenticated request: the orphan timeout counts from it
 
@@ -111,6 +114,11 @@ class Worker:
             return e.to_wire()
         except (KeyError, TypeError, ValueError) as e:
             return Refusal(RefusalCode.INVALID_ARGUMENT, f"{op}: {e}").to_wire()
+
+    def _collect(self, execution_id: str, include_exception: bool = False) -> Dict[str, Any]:
+        """The execution's state for a `wait` or `status` reply: an end it carries counts as collected."""
+        self._uncollected.pop(execution_id, None)
+        return self._state_of(execution_id, include_exception)
 
     def _state_of(self, execution_id: str, include_exception: bool = False) -> Dict[str, Any]:
         outcome = self._outcomes.get(execution_id)
@@ -142,6 +150,7 @@ class Worker:
                     else ReplicaActivity.IDLE
                 ).value,
                 "running": self._running,
+                "uncollected": list(self._uncollected),
                 "executions": RUNTIME.executions,
                 "code_version": RUNTIME.code_version,
             }
@@ -171,7 +180,7 @@ class Worker:
 
     def op_status(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         with self._lock:
-            return self._state_of(str(msg["execution_id"]), bool(msg.get("include_exception")))
+            return self._collect(str(msg["execution_id"]), bool(msg.get("include_exception")))
 
     def op_wait(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         execution_id = str(msg["execution_id"])
@@ -184,7 +193,7 @@ class Worker:
                 ),
                 timeout,
             )
-            return self._state_of(execution_id, bool(msg.get("include_exception")))
+            return self._collect(execution_id, bool(msg.get("include_exception")))
 
     def op_cancel(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         execution_id = str(msg["execution_id"])
@@ -198,8 +207,10 @@ class Worker:
 
     def _record(self, outcome: ExecutionOutcome) -> None:
         self._outcomes[outcome.execution_id] = outcome
+        self._uncollected[outcome.execution_id] = None
         while len(self._outcomes) > _KEEP_OUTCOMES:
-            self._outcomes.popitem(last=False)
+            forgotten, _ = self._outcomes.popitem(last=False)
+            self._uncollected.pop(forgotten, None)
         self._lock.notify_all()
 
     # ---- execution (main thread) ----
