@@ -92,8 +92,10 @@ class Worker:
         self._accepted: Dict[str, ExecutionSpec] = {}
         self._outcomes: "collections.OrderedDict[str, ExecutionOutcome]" = collections.OrderedDict()
         self._uncollected: "collections.OrderedDict[str, None]" = collections.OrderedDict()
-        """Ended executions whose end no `wait` or `status` reply has carried yet (e.g. one that finished while its
-        connector was restarting): `health` names them, so a pool that adopts this replica collects them."""
+        """Ended executions whose end no peer is known to have received (e.g. one that finished while its connector
+        was restarting): `health` names them, so a pool that adopts this replica collects them. A `wait` or `status`
+        reply carrying an end counts once its connection sends its next request (`collected`): a reply sent to a
+        connector that was killed meanwhile does not."""
         self.stopping = False
         self.last_request = time.monotonic()  # of an authenticated request: the orphan timeout counts from it
 
@@ -115,10 +117,18 @@ class Worker:
         except (KeyError, TypeError, ValueError) as e:
             return Refusal(RefusalCode.INVALID_ARGUMENT, f"{op}: {e}").to_wire()
 
-    def _collect(self, execution_id: str, include_exception: bool = False) -> Dict[str, Any]:
-        """The execution's state for a `wait` or `status` reply: an end it carries counts as collected."""
-        self._uncollected.pop(execution_id, None)
-        return self._state_of(execution_id, include_exception)
+    @staticmethod
+    def carried_end(msg: Dict[str, Any], reply: Dict[str, Any]) -> Optional[str]:
+        """The execution whose end a reply told its peer (a `wait` or `status` of an ended execution), or None."""
+        if msg.get("op") not in ("wait", "status") or not reply.get("ok"):
+            return None
+        ended = reply.get("state") in {s.value for s in ReplicaExecutionState if s.ended}
+        return str(reply.get("execution_id")) if ended else None
+
+    def collected(self, execution_id: str) -> None:
+        """The peer that was told the execution's end got it (it sent its next request): not uncollected any more."""
+        with self._lock:
+            self._uncollected.pop(execution_id, None)
 
     def _state_of(self, execution_id: str, include_exception: bool = False) -> Dict[str, Any]:
         outcome = self._outcomes.get(execution_id)
@@ -180,7 +190,7 @@ class Worker:
 
     def op_status(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         with self._lock:
-            return self._collect(str(msg["execution_id"]), bool(msg.get("include_exception")))
+            return self._state_of(str(msg["execution_id"]), bool(msg.get("include_exception")))
 
     def op_wait(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         execution_id = str(msg["execution_id"])
@@ -193,7 +203,7 @@ class Worker:
                 ),
                 timeout,
             )
-            return self._collect(execution_id, bool(msg.get("include_exception")))
+            return self._state_of(execution_id, bool(msg.get("include_exception")))
 
     def op_cancel(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         execution_id = str(msg["execution_id"])
@@ -275,15 +285,20 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         worker: Worker = self.server.worker  # type: ignore[attr-defined]
+        told: Optional[str] = None  # an end the last reply carried: received once the peer asks again
         while True:
             try:
                 msg = recv_message(self.request)
             except (ProtocolError, OSError, ValueError):
                 return
+            if told is not None:
+                worker.collected(told)
+            reply = worker.handle(msg)
             try:
-                send_message(self.request, worker.handle(msg))
+                send_message(self.request, reply)
             except OSError:
                 return
+            told = worker.carried_end(msg, reply)
 
 
 class _Server(socketserver.ThreadingTCPServer):
