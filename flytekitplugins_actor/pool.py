@@ -125,6 +125,7 @@ class Execution:
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _callbacks: List[Callable[["Execution"], None]] = field(default_factory=list, repr=False)
     _forget_when_done: bool = field(default=False, repr=False)
+    _claimed: bool = field(default=False, repr=False)  # a re-attached execution's first submit gave its on_done
     _cancel_grace_s: float = field(default=0.0, repr=False)
 
     @property
@@ -230,20 +231,25 @@ class ReplicaPool:
         """Queues an execution and returns at once. Idempotent per execution id: a repeat returns the same one.
 
         `before_dispatch(execution)` runs on the slot thread just before the replica gets the execution;
-        `on_done(execution)` runs once it is terminal, outside the pool's lock (a failure is logged)."""
+        `on_done(execution)` runs once it is terminal, outside the pool's lock (a failure is logged). The first
+        submit of an execution the pool re-attached (`adopt`) gets it, never a second run, and its `on_done`."""
         with self._cond:
             if self._closed:
                 raise PoolClosed(f"pool {self.name} ({self.key}) is shut down")
             existing = self._executions.get(spec.execution_id)
             if existing is not None:
-                return existing
-            execution = Execution(spec=spec, want_exception=want_exception, before_dispatch=before_dispatch)
-            if on_done is not None:
-                execution._callbacks.append(on_done)
-            self._executions[spec.execution_id] = execution
-            self._queue.append(execution)
-            to_start = self._reserve_locked()
-            self._cond.notify_all()
+                callbacks = self._claim_locked(existing, on_done)
+            else:
+                execution = Execution(spec=spec, want_exception=want_exception, before_dispatch=before_dispatch)
+                if on_done is not None:
+                    execution._callbacks.append(on_done)
+                self._executions[spec.execution_id] = execution
+                self._queue.append(execution)
+                to_start = self._reserve_locked()
+                self._cond.notify_all()
+        if existing is not None:
+            _run_callbacks(callbacks)
+            return existing
         self._start_replicas(to_start)
         return execution
 
@@ -275,6 +281,18 @@ class ReplicaPool:
                 replica.terminate(0)
         for slot in slots:
             self._start_serving(slot)
+
+    @staticmethod
+    def _claim_locked(execution: Execution, on_done: Optional[Callable[[Execution], None]]) -> _Callbacks:
+        """A submit of a re-attached execution's id hands it the `on_done` the pool could not know when it adopted
+        it (once: later repeats add nothing, as for any execution); returned to run now if it has ended."""
+        if not execution.reattached or execution._claimed or on_done is None:
+            return []
+        execution._claimed = True
+        if execution.state.terminal:
+            return [(on_done, execution)]
+        execution._callbacks.append(on_done)
+        return []
 
     def _adoptee(self, replica: Replica, token: str) -> Optional[_Adoptee]:
         """Whether a replica can be adopted, and the execution it holds: the one it runs, else the latest one that

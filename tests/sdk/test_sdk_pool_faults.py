@@ -541,10 +541,13 @@ def test_an_adopted_replica_running_an_execution_is_re_attached_and_its_end_coll
         e = pool.get(spec.execution_id)
         assert e is not None and e.reattached and e.dispatched and e.warm
         assert e.state is ExecutionState.RUNNING and e.replica == replica.name and e.log_uri == replica.log_uri
-        assert pool.submit(spec) is e  # idempotent per execution id: a re-attached one is never submitted again
+        done = []
+        assert pool.submit(spec, on_done=done.append) is e  # idempotent: a re-attached one is never submitted again
+        assert pool.submit(spec, on_done=done.append) is e and not done  # only the first submit's on_done is kept
         assert pool.stats()["busy"] == 1 and pool.stats()["reattached"] == 1
         release.write_text("go")
         assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.error, e.death)
+        wait_until(lambda: done == [e], 10, "the first submit's on_done")  # runs right after the state is set
         assert runs.read_text().count("run") == 1
         after = pool.submit(execution(tmp_path, tasks.pid))  # then the slot serves the queue, on the same replica
         assert after.wait(60) and after.state is ExecutionState.SUCCEEDED and after.replica == replica.name
@@ -565,8 +568,12 @@ def test_an_execution_that_ended_while_no_pool_watched_is_collected_by_the_adopt
         e = pool.get(spec.execution_id)
         assert e is not None and e.reattached
         assert e.wait(30) and e.state is ExecutionState.SUCCEEDED, (e.state, e.error)
+        done = []
+        assert pool.submit(spec, on_done=done.append) is e and done == [e]  # ended already: its on_done runs now
         assert runs.read_text().count("run") == 1
-        assert _health(replica, token)["uncollected"] == []  # collected: a later adoption does not see it again
+        after = pool.submit(execution(tmp_path, tasks.pid))  # the slot's next request: its end counts as received
+        assert after.wait(60) and after.replica == replica.name
+        assert spec.execution_id not in _health(replica, token)["uncollected"]  # a later adoption will not see it
     finally:
         pool.shutdown()
 
