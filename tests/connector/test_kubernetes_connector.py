@@ -2,6 +2,7 @@
 kubeconfig pointing at tests/kube's API server, driven over gRPC as propeller drives it. Replica pods are local
 processes at their own 127.a.b.N, started by the stand-in's kubelet from the pods the connector creates."""
 
+import functools
 import os
 import sys
 
@@ -328,6 +329,40 @@ def test_an_execution_whose_replica_died_with_the_connector_is_not_run_twice(clu
     assert "no replica adopted" in r.message, r.message
     open(os.path.join(base, "gate"), "w").close()
     assert _runs(base) == 1 and not os.path.exists(os.path.join(a.dir, "outputs.pb"))
+
+
+def test_a_map_resumed_after_a_restart_collects_its_in_flight_items_from_the_adopted_pods(
+    cluster, server, propeller, base
+):
+    gate, counter = os.path.join(base, "gate"), os.path.join(base, "runs")
+    m = actor_map(functools.partial(k.counted_square, gate=gate, counter=counter))
+    xs = [1, 2, 100, 101]
+    a = Attempt(base, m, literal_map(m, x=xs))
+    meta = propeller.create(a)
+    items = os.path.join(a.dir, "items")
+
+    def ran() -> list:
+        with open(counter) as f:
+            return [int(line) for line in f.read().split()]
+
+    wait_until(
+        lambda: (
+            all(os.path.exists(os.path.join(items, str(i), "outputs.pb")) for i in range(2))
+            and os.path.exists(counter)
+            and {100, 101} <= set(ran())
+        ),
+        60,
+        "items 0-1 finished and items 2-3 running",
+    )
+    creates = cluster.requests[("create", "pods")]
+    server.kill()
+    server.start()
+    open(gate, "w").close()
+    r = propeller.wait(meta, task_type="actor_map", timeout=60)
+    assert r.phase == PHASE.SUCCEEDED, r.message + server.log()
+    assert output_value(a.outputs(), "o0", list[int]) == [x * x for x in xs]
+    assert sorted(ran()) == sorted(xs)  # every item ran once: the two in flight were collected, not run again
+    assert cluster.requests[("create", "pods")] == creates
 
 
 def test_the_connector_used_exactly_the_verbs_deploy_grants(cluster):
