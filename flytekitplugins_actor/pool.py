@@ -17,6 +17,9 @@ Data flow of one execution (cf. CPython's concurrent/futures/process.py):
                 ended after the grace, stops its replica (a replacement starts when work waits)
     supervisor thread (one per pool): cancels and their escalation, a `health` keepalive of idle replicas
                 every KEEPALIVE_S (a replica that does not answer is replaced)
+    adopt() ─► replicas a previous process left (a restarted connector's pods): idle ones serve the queue; one
+                running an execution (or holding its uncollected end) is re-attached: RUNNING, collected by `_await`,
+                never dispatched again
 
 Every state change goes through `Execution._transition`, which refuses an invalid one (as
 `Future.set_running_or_notify_cancel` does). The pool's lock is not re-entrant and no callback runs under it.
