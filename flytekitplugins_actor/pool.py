@@ -17,6 +17,9 @@ Data flow of one execution (cf. CPython's concurrent/futures/process.py):
                 ended after the grace, stops its replica (a replacement starts when work waits)
     supervisor thread (one per pool): cancels and their escalation, a `health` keepalive of idle replicas
                 every KEEPALIVE_S (a replica that does not answer is replaced)
+    adopt() ─► replicas a previous process left (a restarted connector's pods): idle ones serve the queue; one
+                running an execution (or holding its uncollected end) is re-attached: RUNNING, collected by `_await`,
+                never dispatched again
 
 Every state change goes through `Execution._transition`, which refuses an invalid one (as
 `Future.set_running_or_notify_cancel` does). The pool's lock is not re-entrant and no callback runs under it.
@@ -121,10 +124,14 @@ class Execution:
     """The replica it runs on has accepted it (a cancel is then the replica's to deliver)."""
     system_retries: int = 0
     """How often it was dispatched again because the platform took its replica away."""
+    reattached: bool = False
+    """A previous process (connector) dispatched it; this pool adopted its replica and collects it. It has no
+    command, so it is never dispatched again (a lost replica ends it REPLICA_DIED)."""
     before_dispatch: Optional[Callable[["Execution"], None]] = field(default=None, repr=False)
     _done: threading.Event = field(default_factory=threading.Event, repr=False)
     _callbacks: List[Callable[["Execution"], None]] = field(default_factory=list, repr=False)
     _forget_when_done: bool = field(default=False, repr=False)
+    _claimed: bool = field(default=False, repr=False)  # a re-attached execution's first submit gave its on_done
     _cancel_grace_s: float = field(default=0.0, repr=False)
 
     @property
@@ -158,6 +165,14 @@ _Callbacks = List[Tuple[Callable[[Execution], None], Execution]]
 
 class PoolClosed(RuntimeError):
     """The pool was shut down; it accepts no more executions."""
+
+
+@dataclass(frozen=True)
+class _Adoptee:
+    """A replica a pool may adopt, and the id of the execution it holds (runs, or ended uncollected), if any."""
+
+    replica: Replica
+    holds: Optional[str] = None
 
 
 class _Slot:
@@ -206,6 +221,7 @@ class ReplicaPool:
         self.deaths = 0
         self.dispatches = {"warm": 0, "cold": 0}
         self.keepalives = 0  # health pings answered by idle replicas
+        self.reattached = 0  # executions of a previous process collected on adopted replicas
         self._failed_starts = 0
         self._supervisor = Supervisor(f"actor-pool-{name}")
         self._supervisor.call_later(KEEPALIVE_S, self._keepalive)
@@ -221,33 +237,49 @@ class ReplicaPool:
         """Queues an execution and returns at once. Idempotent per execution id: a repeat returns the same one.
 
         `before_dispatch(execution)` runs on the slot thread just before the replica gets the execution;
-        `on_done(execution)` runs once it is terminal, outside the pool's lock (a failure is logged)."""
+        `on_done(execution)` runs once it is terminal, outside the pool's lock (a failure is logged). The first
+        submit of an execution the pool re-attached (`adopt`) gets it, never a second run, and its `on_done`."""
         with self._cond:
             if self._closed:
                 raise PoolClosed(f"pool {self.name} ({self.key}) is shut down")
             existing = self._executions.get(spec.execution_id)
             if existing is not None:
-                return existing
-            execution = Execution(spec=spec, want_exception=want_exception, before_dispatch=before_dispatch)
-            if on_done is not None:
-                execution._callbacks.append(on_done)
-            self._executions[spec.execution_id] = execution
-            self._queue.append(execution)
-            to_start = self._reserve_locked()
-            self._cond.notify_all()
+                callbacks = self._claim_locked(existing, on_done)
+            else:
+                execution = Execution(spec=spec, want_exception=want_exception, before_dispatch=before_dispatch)
+                if on_done is not None:
+                    execution._callbacks.append(on_done)
+                self._executions[spec.execution_id] = execution
+                self._queue.append(execution)
+                to_start = self._reserve_locked()
+                self._cond.notify_all()
+        if existing is not None:
+            _run_callbacks(callbacks)
+            return existing
         self._start_replicas(to_start)
         return execution
 
     def adopt(self, token: str, replicas: List[Replica]) -> None:
         """Serves with replicas a previous process started for this pool (same key), and with their token: a
-        restarted connector's pool is warm at once. Only idle (or still starting) replicas are kept: one still
-        running an execution of the previous process is stopped, since that execution is answered RETRYABLE_FAILED
-        and retried by propeller, and must not run twice. Replicas beyond the pool's size are stopped too."""
-        usable = [r for r in replicas if self._adoptable(r, token)]
+        restarted connector's pool is warm at once. A replica that holds an execution of the previous process (it
+        runs it, or it ended and nobody collected its end) is re-attached: the execution is the pool's again,
+        RUNNING on that replica, and its end is collected as a normal one's (never submitted again). Replicas that
+        cannot be asked (no answer, refused token, stopping, or busy with an execution they do not name) and those
+        beyond the pool's size are stopped."""
+        found = [a for a in (self._adoptee(r, token) for r in replicas) if a is not None]
+        found.sort(key=lambda a: a.holds is None)  # replicas holding an execution first: never stop one for room
         with self._cond:
             self.token = token
             room = 0 if self._closed else max(0, self.size - len(self._slots) - self._starting)
-            slots = [_Slot(r) for r in usable[:room]]
+            slots = []
+            for adoptee in found[:room]:
+                if adoptee.holds in self._executions:  # never two records of one execution: not adopted
+                    continue
+                slot = _Slot(adoptee.replica)
+                if adoptee.holds is not None:
+                    slot.current = self._executions[adoptee.holds] = self._reattached_locked(slot, adoptee.holds)
+                    slot.accepted = 1
+                slots.append(slot)
             self._slots.extend(slots)
         kept = {id(s.replica) for s in slots}
         for replica in replicas:
@@ -256,25 +288,62 @@ class ReplicaPool:
         for slot in slots:
             self._start_serving(slot)
 
-    def _adoptable(self, replica: Replica, token: str) -> bool:
+    @staticmethod
+    def _claim_locked(execution: Execution, on_done: Optional[Callable[[Execution], None]]) -> _Callbacks:
+        """A submit of a re-attached execution's id hands it the `on_done` the pool could not know when it adopted
+        it (once: later repeats add nothing, as for any execution); returned to run now if it has ended."""
+        if not execution.reattached or execution._claimed or on_done is None:
+            return []
+        execution._claimed = True
+        if execution.state.terminal:
+            return [(on_done, execution)]
+        execution._callbacks.append(on_done)
+        return []
+
+    def _adoptee(self, replica: Replica, token: str) -> Optional[_Adoptee]:
+        """Whether a replica can be adopted, and the execution it holds: the one it runs, else the latest one that
+        ended without anyone collecting its end (`health`'s `uncollected`). None: it cannot be adopted."""
         if replica.state is not ReplicaState.READY:
-            return replica.state is ReplicaState.STARTING
+            return _Adoptee(replica) if replica.state is ReplicaState.STARTING else None
         try:
             with contextlib.closing(ReplicaClient(replica.address, token, timeout=CONTROL_TIMEOUT_S)) as client:
                 reply = client.request("health", io_timeout=CONTROL_TIMEOUT_S)
-        except (ProtocolError, OSError) as e:
+            activity = ReplicaActivity(reply.get("state"))
+        except (ProtocolError, OSError, ValueError) as e:
             logger.warning("pool %s: replica %s cannot be adopted: %s", self.name, replica.name, e)
-            return False
-        if reply.get("state") != ReplicaActivity.IDLE.value:
-            logger.info(
-                "pool %s: not adopting replica %s: it is %s (running %s)",
-                self.name,
-                replica.name,
-                reply.get("state"),
-                reply.get("running"),
-            )
-            return False
-        return True
+            return None
+        running, uncollected = reply.get("running"), reply.get("uncollected") or []
+        if activity is ReplicaActivity.BUSY and isinstance(running, str) and running:
+            logger.info("pool %s: adopting replica %s, re-attaching %s it runs", self.name, replica.name, running)
+            return _Adoptee(replica, running)
+        if activity is ReplicaActivity.IDLE and uncollected:
+            held = str(uncollected[-1])
+            logger.info("pool %s: adopting replica %s, collecting %s it finished", self.name, replica.name, held)
+            return _Adoptee(replica, held)
+        if activity is ReplicaActivity.IDLE:
+            return _Adoptee(replica)
+        logger.info(
+            "pool %s: not adopting replica %s: it is %s (running %s)", self.name, replica.name, activity.value, running
+        )
+        return None
+
+    def _reattached_locked(self, slot: _Slot, execution_id: str) -> Execution:
+        """The pool's execution for one an adopted replica holds: RUNNING there, already dispatched. The pool has
+        no command for it (a previous process submitted it), so it is collected, never dispatched again."""
+        now = time.monotonic()
+        execution = Execution(
+            spec=ExecutionSpec(execution_id, []),
+            state=ExecutionState.RUNNING,
+            replica=slot.replica.name,
+            log_uri=slot.replica.log_uri,
+            warm=True,
+            queued_at=now,
+            started_at=now,
+            dispatched=True,
+            reattached=True,
+        )
+        self.reattached += 1
+        return execution
 
     def get(self, execution_id: str) -> Optional[Execution]:
         with self._cond:
@@ -324,6 +393,7 @@ class ReplicaPool:
                 "idle": sum(1 for s in ready if not s.busy),
                 "deaths": self.deaths,
                 "keepalives": self.keepalives,
+                "reattached": self.reattached,
                 **self.dispatches,
             }
 
@@ -475,6 +545,9 @@ class ReplicaPool:
             slot.client = ReplicaClient(replica.address, self.token)
             with self._cond:
                 self._failed_starts = 0
+                held = slot.current  # re-attached at adoption: collected first (a cancel() delivers its own cancel)
+            if held is not None and not self._await(slot, held):
+                return
             while True:
                 execution = self._next_for(slot)
                 if execution is None or not self._run(slot, execution):
@@ -661,7 +734,12 @@ class ReplicaPool:
             death = slot.lost or reported or ReplicaDeath(slot.replica.name, "became unreachable")
         execution = slot.current
         exited = False
-        if death.cause is DeathCause.INFRASTRUCTURE and execution is not None and not execution.cancel_requested:
+        if (
+            death.cause is DeathCause.INFRASTRUCTURE
+            and execution is not None
+            and not execution.cancel_requested
+            and not execution.reattached  # never dispatched again: nothing to confirm
+        ):
             # run it again only once nothing of the old run is left: both would write under one output prefix
             exited = slot.replica.wait_exited(EXIT_CONFIRM_S)
         callbacks: _Callbacks = []
@@ -686,7 +764,15 @@ class ReplicaPool:
         replica and the cause."""
         if execution.cancel_requested:
             return self._complete_locked(execution, ExecutionState.CANCELLED)
-        if death.cause is DeathCause.INFRASTRUCTURE and not exited:
+        if death.cause is DeathCause.INFRASTRUCTURE and execution.reattached:
+            death = ReplicaDeath(
+                death.replica,
+                f"{death.reason} (cause: {death.cause.value}; not dispatched again: it was re-attached after a "
+                f"connector restart, and this pool holds no command for it)",
+                death.exit_code,
+                death.cause,
+            )
+        elif death.cause is DeathCause.INFRASTRUCTURE and not exited:
             death = ReplicaDeath(
                 death.replica,
                 f"{death.reason} (cause: {death.cause.value}; not dispatched again: its backend did not see it end "

@@ -5,7 +5,8 @@ service account (pools are keyed by both), built by plugin_backend.pod_spec. The
 through a Secret its pod owns. One label-selected watch per namespace (resumed from its last resource version,
 relisted after 410 Gone) reports every replica pod's state; one supervisor thread deletes pods and keeps the
 deadlines (a replica not ready for too long is lost). A restarted connector adopts the live replicas of its
-previous instance (`live_replicas`) and deletes the ones no pool claims within their orphan timeout.
+previous instance (`live_replicas`), busy ones included (their pool re-attaches the execution they run, so a
+connector restart loses no work), and deletes the ones no pool claims within their orphan timeout.
 
 Deaths are classified (`DeathCause`): the container's own end (exit code, signal, OOMKilled) is TASK, or START
 when it never was ready (image pull and config errors too); a pod deleted, evicted or lost with its node is

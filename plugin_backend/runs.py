@@ -84,9 +84,8 @@ class SingleRun(Run):
                 f"{stats['queued']} queued, {stats['busy']} of {stats['replicas']} replicas busy",
             )
         if state is ExecutionState.RUNNING:
-            return Status(
-                TaskExecution.RUNNING, f"running on replica {e.replica} ({'warm' if e.warm else 'cold'})", links
-            )
+            how = "re-attached after a connector restart" if e.reattached else ("warm" if e.warm else "cold")
+            return Status(TaskExecution.RUNNING, f"running on replica {e.replica} ({how})", links)
         if state is ExecutionState.SUCCEEDED:
             return Status(TaskExecution.SUCCEEDED, f"succeeded on replica {e.replica}", links)
         if state is ExecutionState.FAILED:

@@ -2,7 +2,8 @@
 
 In memory it keeps one record per execution it is serving; storage (see store.py) keeps what a restarted
 connector needs. GetTask for an execution this process does not know is answered from storage:
-outputs.pb -> SUCCEEDED, error.pb -> FAILED or RETRYABLE_FAILED, dispatched but no result -> RETRYABLE_FAILED
+outputs.pb -> SUCCEEDED, error.pb -> FAILED or RETRYABLE_FAILED, dispatched but no result -> re-attached when a
+replica adopted from the previous connector holds it (Kubernetes: RUNNING, then its result), else RETRYABLE_FAILED
 (never run twice), never dispatched -> queued again; maps resume from their items' results.
 """
 
@@ -12,7 +13,7 @@ import gc
 import threading
 import time
 from dataclasses import dataclass, replace
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from flyteidl.core import literals_pb2
 from flyteidl.core.execution_pb2 import TaskExecution
@@ -349,14 +350,12 @@ class ActorService:
 
     # ---- restart path ----
     def _adopt(self, meta: ActorResourceMeta) -> Optional[Status]:
-        """Answers for an execution this process did not create, from storage; re-enqueues or resumes if it must."""
+        """Answers for an execution this process did not create, from storage; re-enqueues, resumes or re-attaches
+        (collects it from the adopted replica that holds it) if it must."""
         record = store.ExecutionRecord(meta.output_prefix)
-        if record.has_error():
-            return failure(read_error_document(meta.output_prefix), "recorded in error.pb", [])
-        if record.has_outputs():
-            return Status(TaskExecution.SUCCEEDED, "succeeded (answered from storage)")
-        if record.marker(store.ABORTED) is not None:
-            return Status(TaskExecution.ABORTED, "aborted")
+        stored = self._stored_result(record, meta)
+        if stored is not None:
+            return stored
         request = record.read_request()
         if request is None or request.get("execution_id") != meta.execution_id:
             return Status(
@@ -367,20 +366,24 @@ class ActorService:
         if meta.kind != ACTOR_MAP_TASK_TYPE:
             started = record.marker(store.STARTED)
             if started is not None:
+                if self._reattach(meta, request) is not None:
+                    return None
+                stored = self._stored_result(record, meta)  # its replica may have ended it and gone since the look
+                if stored is not None:
+                    return stored
                 replica = started.split("\n", 1)[0] or "?"
                 return Status(
                     TaskExecution.RETRYABLE_FAILED,
-                    f"execution {meta.execution_id} was dispatched to replica {replica} but left no result: "
-                    "the connector "
-                    "restarted (or the replica died) while it ran; it is not run twice",
+                    f"execution {meta.execution_id} was dispatched to replica {replica} but left no result, and no "
+                    "replica adopted after the connector restarted holds it (the replica died with the connector, or "
+                    "was lost): it is not run twice",
                 )
         logger.info(
             "adopting execution %s from its record under %s (created before this connector started)",
             meta.execution_id,
             meta.output_prefix,
         )
-        template = ActorTemplate.from_record(request["template"])
-        key = PoolKey(request["namespace"], request["service_account"], template.env_key, template.code_version)
+        template, key = self._pool_key_of(request)
         plan = None
         if template.map is not None:
             data = store.read_bytes(template.command.inputs)
@@ -400,6 +403,58 @@ class ActorService:
             self._set_ready(entry)
         return None
 
+    @staticmethod
+    def _stored_result(record: store.ExecutionRecord, meta: ActorResourceMeta) -> Optional[Status]:
+        """The execution's end as storage holds it (error.pb, outputs.pb, the abort marker), or None."""
+        if record.has_error():
+            return failure(read_error_document(meta.output_prefix), "recorded in error.pb", [])
+        if record.has_outputs():
+            return Status(TaskExecution.SUCCEEDED, "succeeded (answered from storage)")
+        if record.marker(store.ABORTED) is not None:
+            return Status(TaskExecution.ABORTED, "aborted")
+        return None
+
+    @staticmethod
+    def _pool_key_of(request: Dict[str, Any]) -> Tuple[ActorTemplate, PoolKey]:
+        """The template and pool key of a stored request record."""
+        template = ActorTemplate.from_record(request["template"])
+        return template, PoolKey(
+            request["namespace"], request["service_account"], template.env_key, template.code_version
+        )
+
+    def _reattach(self, meta: ActorResourceMeta, request: Dict[str, Any]) -> Optional[_Entry]:
+        """The entry of a dispatched execution that an adopted replica holds, or None. Its pool is found or created
+        now (creating it adopts the replicas a previous connector left for it, re-attaching what they run), so a
+        GetTask or DeleteTask after a restart needs no CreateTask of that environment first."""
+        template, key = self._pool_key_of(request)
+        execution = self.manager.pool_for(key, template).get(meta.execution_id)
+        if execution is None:
+            return None
+        with self._lock:
+            entry = self._entries.get(meta.execution_id)
+            if entry is not None:
+                return entry
+            entry = self._entries[meta.execution_id] = _Entry(meta, key, template, ready=True)
+            entry.run = SingleRun(execution, template.env_name, lambda: self._find_pool(entry))
+        logger.info(
+            "re-attached execution %s: replica %s, adopted from a previous connector, holds it",
+            meta.execution_id,
+            execution.replica,
+        )
+        return entry
+
+    def _reattach_to_abort(self, meta: ActorResourceMeta, record: store.ExecutionRecord) -> Optional[_Entry]:
+        """For a DeleteTask of an execution this process does not know: the entry of a dispatched execution with no
+        result that an adopted replica still holds (so the abort reaches it), else None. Never queues anything."""
+        if meta.kind == ACTOR_MAP_TASK_TYPE or record.marker(store.STARTED) is None:
+            return None
+        request = record.read_request()
+        if request is None or request.get("execution_id") != meta.execution_id:
+            return None
+        if record.has_outputs() or record.has_error():
+            return None
+        return self._reattach(meta, request)
+
     # ---- delete ----
     def delete(self, meta: ActorResourceMeta) -> None:
         """Aborts a running execution or drops a queued one. Repeated or late deletes succeed quietly."""
@@ -409,6 +464,8 @@ class ActorService:
             self._wait_ready(entry)
         if entry is None or entry.final is None:
             self._mark_aborted(meta, record)
+        if entry is None:  # a restart: an adopted replica may still run it
+            entry = self._reattach_to_abort(meta, record)
         if entry is None or entry.run is None:
             return
         was_terminal = entry.run.terminal

@@ -92,6 +92,11 @@ class Worker:
         self._running: Optional[str] = None
         self._accepted: Dict[str, ExecutionSpec] = {}
         self._outcomes: "collections.OrderedDict[str, ExecutionOutcome]" = collections.OrderedDict()
+        self._uncollected: "collections.OrderedDict[str, None]" = collections.OrderedDict()
+        """Ended executions whose end no peer is known to have received (e.g. one that finished while its connector
+        was restarting): `health` names them, so a pool that adopts this replica collects them. A `wait` or `status`
+        reply carrying an end counts once its connection sends its next request (`collected`): a reply sent to a
+        connector that was killed meanwhile does not."""
         self.stopping = False
         self.last_request = time.monotonic()  # of an authenticated request: the orphan timeout counts from it
 
@@ -112,6 +117,19 @@ class Worker:
             return e.to_wire()
         except (KeyError, TypeError, ValueError) as e:
             return Refusal(RefusalCode.INVALID_ARGUMENT, f"{op}: {e}").to_wire()
+
+    @staticmethod
+    def carried_end(msg: Dict[str, Any], reply: Dict[str, Any]) -> Optional[str]:
+        """The execution whose end a reply told its peer (a `wait` or `status` of an ended execution), or None."""
+        if msg.get("op") not in ("wait", "status") or not reply.get("ok"):
+            return None
+        ended = reply.get("state") in {s.value for s in ReplicaExecutionState if s.ended}
+        return str(reply.get("execution_id")) if ended else None
+
+    def collected(self, execution_id: str) -> None:
+        """The peer that was told the execution's end got it (it sent its next request): not uncollected any more."""
+        with self._lock:
+            self._uncollected.pop(execution_id, None)
 
     def _state_of(self, execution_id: str, include_exception: bool = False) -> Dict[str, Any]:
         outcome = self._outcomes.get(execution_id)
@@ -143,6 +161,7 @@ class Worker:
                     else ReplicaActivity.IDLE
                 ).value,
                 "running": self._running,
+                "uncollected": list(self._uncollected),
                 "executions": RUNTIME.executions,
                 "code_version": RUNTIME.code_version,
             }
@@ -195,8 +214,10 @@ class Worker:
 
     def _record(self, outcome: ExecutionOutcome) -> None:
         self._outcomes[outcome.execution_id] = outcome
+        self._uncollected[outcome.execution_id] = None
         while len(self._outcomes) > _KEEP_OUTCOMES:
-            self._outcomes.popitem(last=False)
+            forgotten, _ = self._outcomes.popitem(last=False)
+            self._uncollected.pop(forgotten, None)
         self._lock.notify_all()
 
     # ---- execution (main thread) ----
@@ -263,15 +284,20 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         worker: Worker = self.server.worker  # type: ignore[attr-defined]
+        told: Optional[str] = None  # an end the last reply carried: received once the peer asks again
         while True:
             try:
                 msg = recv_message(self.request)
             except (ProtocolError, OSError, ValueError):
                 return
+            if told is not None:
+                worker.collected(told)
+            reply = worker.handle(msg)
             try:
-                send_message(self.request, worker.handle(msg))
+                send_message(self.request, reply)
             except OSError:
                 return
+            told = worker.carried_end(msg, reply)
 
 
 class _Server(socketserver.ThreadingTCPServer):

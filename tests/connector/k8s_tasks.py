@@ -11,6 +11,8 @@ main = ActorEnvironment(name="k8s-main", replica_count=1, ttl_seconds=300)
 fanout = ActorEnvironment(name="k8s-map", replica_count=2, ttl_seconds=300)
 faults = ActorEnvironment(name="k8s-faults", replica_count=1, ttl_seconds=300)
 short = ActorEnvironment(name="k8s-ttl", replica_count=1, ttl_seconds=1)
+restart = ActorEnvironment(name="k8s-restart", replica_count=1, ttl_seconds=300)
+restart_map = ActorEnvironment(name="k8s-restart-map", replica_count=2, ttl_seconds=300)
 
 
 def _gate(path: str) -> str:
@@ -52,3 +54,21 @@ def held_fault(gate: str) -> str:
 @short.task
 def quick() -> int:
     return 1
+
+
+@restart.task
+def counted(gate: str, counter: str) -> str:
+    """Appends a line to `counter` per run (a second run would show), then waits for `gate`; returns the pod IP."""
+    with open(counter, "a") as f:
+        f.write("run\n")
+    return _gate(gate)
+
+
+@restart_map.task
+def counted_square(x: int, gate: str, counter: str) -> int:
+    """Appends `x` to `counter` per run; items from 100 up then wait for `gate` (in flight at a connector kill)."""
+    with open(counter, "a") as f:
+        f.write(f"{x}\n")
+    if x >= 100:
+        _gate(gate)
+    return x * x

@@ -2,6 +2,7 @@
 kubeconfig pointing at tests/kube's API server, driven over gRPC as propeller drives it. Replica pods are local
 processes at their own 127.a.b.N, started by the stand-in's kubelet from the pods the connector creates."""
 
+import functools
 import os
 import sys
 
@@ -210,30 +211,158 @@ def test_a_connector_killed_and_restarted_adopts_its_warm_pods(cluster, server, 
     assert cluster.requests[("get", "secrets")] == token_reads + 1  # it read the pool token from the pod's Secret
 
 
-def test_a_replica_busy_when_the_connector_died_is_not_adopted_and_its_execution_not_run_twice(
+def _counted(base: str) -> Attempt:
+    gate, counter = os.path.join(base, "gate"), os.path.join(base, "runs")
+    return Attempt(base, k.counted, literal_map(k.counted, gate=gate, counter=counter))
+
+
+def _uncollected(cluster, pod: dict) -> list:
+    """What the replica pod's worker reports as ended but never collected, asked with its pool token (its Secret)."""
+    import base64
+    import contextlib
+
+    from flytekitplugins_actor.replica.protocol import ReplicaClient
+    from plugin_backend.pod_spec import TOKEN_KEY, WORKER_PORT
+
+    (secret,) = [s for s in cluster.secrets(NAMESPACE) if s["metadata"]["name"] == f"{pod['metadata']['name']}-token"]
+    token = base64.b64decode(secret["data"][TOKEN_KEY]).decode()
+    with contextlib.closing(ReplicaClient(f"{pod['status']['podIP']}:{WORKER_PORT}", token, timeout=5)) as c:
+        return c.request("health")["uncollected"]
+
+
+def _runs(base: str) -> int:
+    with open(os.path.join(base, "runs")) as f:
+        return f.read().count("run")
+
+
+def test_an_execution_running_when_the_connector_died_is_re_attached_and_its_result_collected(
     cluster, server, propeller, base
 ):
-    gate = os.path.join(base, "gate")
-    a = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate))
+    a = _counted(base)
     meta = propeller.create(a)
-    _running_in_replica(gate)
-    (busy,) = _ready_pods(cluster, "k8s-faults")
+    _running_in_replica(os.path.join(base, "gate"))
+    (pod,) = _ready_pods(cluster, "k8s-restart")
+    creates = cluster.requests[("create", "pods")]
+    server.kill()  # SIGKILL mid-execution: the replica pod keeps running it
+    server.start()
+    r = propeller.get(meta)  # the first request after the restart: no CreateTask of this environment came
+    assert r.phase == PHASE.RUNNING and "re-attached" in r.message, r.message + server.log()
+    assert r.log_links[0].uri == f"k8s://{NAMESPACE}/{pod['metadata']['name']}/primary"
+    open(os.path.join(base, "gate"), "w").close()
+    r = propeller.wait(meta, timeout=60)
+    assert r.phase == PHASE.SUCCEEDED, r.message + server.log()
+    assert output_value(a.outputs(), "o0", str) == pod["status"]["podIP"]  # its result, from the pod that ran it
+    assert _runs(base) == 1  # ran exactly once
+    assert propeller.create(a) == meta and propeller.get(meta).phase == PHASE.SUCCEEDED  # a late CreateTask: no rerun
+    assert cluster.requests[("create", "pods")] == creates  # no new pod: the busy one was adopted
+    (still,) = _ready_pods(cluster, "k8s-restart")
+    assert still["metadata"]["name"] == pod["metadata"]["name"]
+    assert _runs(base) == 1
+
+
+def test_an_execution_that_finished_while_the_connector_was_down_is_collected_after_the_restart(
+    cluster, server, propeller, base
+):
+    a = _counted(base)
+    meta = propeller.create(a)
+    _running_in_replica(os.path.join(base, "gate"))
+    (pod,) = _ready_pods(cluster, "k8s-restart")
+    creates = cluster.requests[("create", "pods")]
+    server.kill()
+    open(os.path.join(base, "gate"), "w").close()
+    wait_until(
+        lambda: [i for i in _uncollected(cluster, pod) if i.startswith(f"{a.exec_name}-")],
+        30,
+        "the task finishing with no connector to collect it",
+    )
+    assert os.path.exists(os.path.join(a.dir, "outputs.pb"))
+    server.start()
+    # another execution of the environment comes first: its pool adopts the pod and collects the finished one
+    b = Attempt(base, k.counted, literal_map(k.counted, gate=os.path.join(base, "gate"), counter=base + "-b"))
+    r = propeller.wait(propeller.create(b), timeout=60)
+    assert r.phase == PHASE.SUCCEEDED, r.message + server.log()
+    assert output_value(b.outputs(), "o0", str) == pod["status"]["podIP"]  # the same warm pod served it
+    # the adopting pool collected the end before serving its queue (b's is told, and counts at the pool's next request)
+    assert not [i for i in _uncollected(cluster, pod) if i.startswith(f"{a.exec_name}-")]
+    r = propeller.get(meta)
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    assert output_value(a.outputs(), "o0", str) == pod["status"]["podIP"]
+    assert _runs(base) == 1
+    assert cluster.requests[("create", "pods")] == creates
+
+
+def test_delete_task_after_a_restart_aborts_the_execution_running_on_an_adopted_replica(
+    cluster, server, propeller, base
+):
+    a = _counted(base)
+    meta = propeller.create(a)
+    _running_in_replica(os.path.join(base, "gate"))
+    (pod,) = _ready_pods(cluster, "k8s-restart")
+    creates = cluster.requests[("create", "pods")]
     server.kill()
     server.start()
-    r = propeller.get(meta)  # answered from storage: it was dispatched and left no result
+    propeller.delete(meta)  # the first request after the restart: it must reach the replica running it
+    assert propeller.get(meta).phase == PHASE.ABORTED
+    # the replica interrupted it and serves the next execution at once (the gate of `a` never opens)
+    b_base = os.path.join(base, "b")
+    os.makedirs(b_base)
+    open(os.path.join(b_base, "gate"), "w").close()
+    b = _counted(b_base)
+    r = propeller.wait(propeller.create(b), timeout=30)
+    assert r.phase == PHASE.SUCCEEDED, r.message + server.log()
+    assert output_value(b.outputs(), "o0", str) == pod["status"]["podIP"]
+    assert not os.path.exists(os.path.join(a.dir, "outputs.pb")) and _runs(base) == 1
+    assert cluster.requests[("create", "pods")] == creates
+
+
+def test_an_execution_whose_replica_died_with_the_connector_is_not_run_twice(cluster, server, propeller, base):
+    a = _counted(base)
+    meta = propeller.create(a)
+    _running_in_replica(os.path.join(base, "gate"))
+    (pod,) = _ready_pods(cluster, "k8s-restart")
+    server.kill()
+    cluster.kubelet.oom_kill(pod["metadata"]["name"])  # the replica dies too, before any connector adopts it
+    wait_until(lambda: not _ready_pods(cluster, "k8s-restart"), 30, "the replica pod no longer ready")
+    server.start()
+    r = propeller.get(meta)
     assert r.phase == PHASE.RETRYABLE_FAILED and "not run twice" in r.message, r.message
-    b = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate + "-open"))
-    open(gate + "-open", "w").close()
-    r = propeller.wait(propeller.create(b), timeout=60)
-    assert r.phase == PHASE.SUCCEEDED, r.message
-    assert output_value(b.outputs(), "o0", str) != busy["status"]["podIP"]  # a new pod, not the busy one
+    assert "no replica adopted" in r.message, r.message
+    open(os.path.join(base, "gate"), "w").close()
+    assert _runs(base) == 1 and not os.path.exists(os.path.join(a.dir, "outputs.pb"))
+
+
+def test_a_map_resumed_after_a_restart_collects_its_in_flight_items_from_the_adopted_pods(
+    cluster, server, propeller, base
+):
+    gate, counter = os.path.join(base, "gate"), os.path.join(base, "runs")
+    m = actor_map(functools.partial(k.counted_square, gate=gate, counter=counter))
+    xs = [1, 2, 100, 101]
+    a = Attempt(base, m, literal_map(m, x=xs))
+    meta = propeller.create(a)
+    items = os.path.join(a.dir, "items")
+
+    def ran() -> list:
+        with open(counter) as f:
+            return [int(line) for line in f.read().split()]
+
     wait_until(
-        lambda: busy["metadata"]["name"] not in {p["metadata"]["name"] for p in cluster.pods()},
-        15,
-        "the busy replica's pod deleted",
+        lambda: (
+            all(os.path.exists(os.path.join(items, str(i), "outputs.pb")) for i in range(2))
+            and os.path.exists(counter)
+            and {100, 101} <= set(ran())
+        ),
+        60,
+        "items 0-1 finished and items 2-3 running",
     )
+    creates = cluster.requests[("create", "pods")]
+    server.kill()
+    server.start()
     open(gate, "w").close()
-    assert not os.path.exists(os.path.join(a.dir, "outputs.pb"))  # the first attempt never completed after all
+    r = propeller.wait(meta, task_type="actor_map", timeout=60)
+    assert r.phase == PHASE.SUCCEEDED, r.message + server.log()
+    assert output_value(a.outputs(), "o0", list[int]) == [x * x for x in xs]
+    assert sorted(ran()) == sorted(xs)  # every item ran once: the two in flight were collected, not run again
+    assert cluster.requests[("create", "pods")] == creates
 
 
 def test_the_connector_used_exactly_the_verbs_deploy_grants(cluster):

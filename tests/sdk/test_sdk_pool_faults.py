@@ -500,3 +500,130 @@ def test_stats_count_a_replica_still_being_started_by_its_backend(tmp_path):
     finally:
         backend.gate.set()
         pool.shutdown()
+
+
+# ---- re-attach: a pool adopting replicas that hold an execution of a previous process ----
+
+
+def _orphaned_replica(tmp_path, token):
+    """A replica as a previous connector left it: started for a pool that is gone, driven by its own client."""
+    spec = ReplicaSpec(
+        name=f"prev-{uuid.uuid4().hex[:6]}",
+        token=token,
+        env={"PYTHONPATH": os.pathsep.join(os.path.abspath(p or ".") for p in sys.path)},
+        cwd=os.getcwd(),
+        log_dir=os.path.join(str(tmp_path), "logs"),
+    )
+    replica = LocalProcessBackend().start(spec)
+    assert replica.wait_ready(60) is ReplicaState.READY
+    return replica
+
+
+def _submit_directly(replica, token, spec: ExecutionSpec) -> None:
+    with contextlib.closing(ReplicaClient(replica.address, token, timeout=10)) as c:
+        assert c.request("submit", execution_id=spec.execution_id, args=spec.args, env=spec.env)["ok"]
+
+
+def _health(replica, token) -> dict:
+    with contextlib.closing(ReplicaClient(replica.address, token, timeout=10)) as c:
+        return c.request("health")
+
+
+def test_an_adopted_replica_running_an_execution_is_re_attached_and_its_end_collected(tmp_path):
+    token, runs, release = "prev-token", tmp_path / "runs", tmp_path / "release"
+    replica = _orphaned_replica(tmp_path, token)
+    spec = execution(tmp_path, tasks.count_then_wait, path=str(runs), release=str(release))
+    _submit_directly(replica, token, spec)
+    wait_until(lambda: runs.exists(), 60, "the task running on the orphaned replica")
+    pool = make_pool(tmp_path)
+    try:
+        pool.adopt(token, [replica])
+        e = pool.get(spec.execution_id)
+        assert e is not None and e.reattached and e.dispatched and e.warm
+        assert e.state is ExecutionState.RUNNING and e.replica == replica.name and e.log_uri == replica.log_uri
+        done = []
+        assert pool.submit(spec, on_done=done.append) is e  # idempotent: a re-attached one is never submitted again
+        assert pool.submit(spec, on_done=done.append) is e and not done  # only the first submit's on_done is kept
+        assert pool.stats()["busy"] == 1 and pool.stats()["reattached"] == 1
+        release.write_text("go")
+        assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.error, e.death)
+        wait_until(lambda: done == [e], 10, "the first submit's on_done")  # runs right after the state is set
+        assert runs.read_text().count("run") == 1
+        after = pool.submit(execution(tmp_path, tasks.pid))  # then the slot serves the queue, on the same replica
+        assert after.wait(60) and after.state is ExecutionState.SUCCEEDED and after.replica == replica.name
+        assert after.warm and pool.stats()["cold"] == 0 and pool.stats()["replicas"] == 1
+    finally:
+        pool.shutdown()
+
+
+def test_an_execution_that_ended_while_no_pool_watched_is_collected_by_the_adopting_pool(tmp_path):
+    token, runs = "prev-token", tmp_path / "runs"
+    replica = _orphaned_replica(tmp_path, token)
+    spec = execution(tmp_path, tasks.count_run, path=str(runs))
+    _submit_directly(replica, token, spec)
+    wait_until(lambda: spec.execution_id in _health(replica, token)["uncollected"], 60, "the uncollected end")
+    pool = make_pool(tmp_path)
+    try:
+        pool.adopt(token, [replica])
+        e = pool.get(spec.execution_id)
+        assert e is not None and e.reattached
+        assert e.wait(30) and e.state is ExecutionState.SUCCEEDED, (e.state, e.error)
+        done = []
+        assert pool.submit(spec, on_done=done.append) is e and done == [e]  # ended already: its on_done runs now
+        assert runs.read_text().count("run") == 1
+        after = pool.submit(execution(tmp_path, tasks.pid))  # the slot's next request: its end counts as received
+        assert after.wait(60) and after.replica == replica.name
+        assert spec.execution_id not in _health(replica, token)["uncollected"]  # a later adoption will not see it
+    finally:
+        pool.shutdown()
+
+
+def test_a_failed_execution_ended_while_no_pool_watched_is_collected_with_its_error(tmp_path):
+    token = "prev-token"
+    replica = _orphaned_replica(tmp_path, token)
+    spec = execution(tmp_path, tasks.user_error)
+    _submit_directly(replica, token, spec)
+    wait_until(lambda: spec.execution_id in _health(replica, token)["uncollected"], 60, "the uncollected end")
+    pool = make_pool(tmp_path)
+    try:
+        pool.adopt(token, [replica])
+        e = pool.get(spec.execution_id)
+        assert e.wait(30) and e.state is ExecutionState.FAILED
+        assert e.error is not None and e.error.origin.value == "USER", e.error
+    finally:
+        pool.shutdown()
+
+
+def test_cancel_of_a_re_attached_execution_reaches_its_replica_and_keeps_it(tmp_path):
+    token, started = "prev-token", tmp_path / "started"
+    replica = _orphaned_replica(tmp_path, token)
+    spec = execution(tmp_path, tasks.sleep_long, started=str(started))
+    _submit_directly(replica, token, spec)
+    wait_until(started.exists, 60, "the task running on the orphaned replica")
+    pool = make_pool(tmp_path)
+    try:
+        pool.adopt(token, [replica])
+        e = pool.cancel(spec.execution_id, grace_seconds=30)
+        assert e is not None and e.reattached
+        assert e.wait(30) and e.state is ExecutionState.CANCELLED
+        assert pool.stats()["deaths"] == 0 and replica.state is ReplicaState.READY  # interrupted, not replaced
+    finally:
+        pool.shutdown()
+
+
+def test_a_re_attached_execution_whose_replica_the_platform_took_is_not_dispatched_again(tmp_path):
+    token, runs, release = "prev-token", tmp_path / "runs", tmp_path / "release"
+    replica = _orphaned_replica(tmp_path, token)
+    spec = execution(tmp_path, tasks.count_then_wait, path=str(runs), release=str(release))
+    _submit_directly(replica, token, spec)
+    wait_until(lambda: runs.exists(), 60, "the task running on the orphaned replica")
+    pool = make_pool(tmp_path)
+    try:
+        pool.adopt(token, [replica])
+        e = pool.get(spec.execution_id)
+        replica.abandon("was evicted (node drained)", DeathCause.INFRASTRUCTURE)
+        assert e.wait(30) and e.state is ExecutionState.REPLICA_DIED
+        assert "re-attached after a connector restart" in e.death.reason, e.death
+        assert runs.read_text().count("run") == 1
+    finally:
+        pool.shutdown()

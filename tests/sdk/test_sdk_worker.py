@@ -196,10 +196,26 @@ def test_health_reports_the_replica(worker):
     assert h["protocol"] == 1
     assert h["state"] == "idle"
     assert h["running"] is None
+    assert h["uncollected"] == []
     assert isinstance(h["executions"], int)
     before = h["executions"]
     worker.run(tasks.pid)
     assert worker.request("health")["executions"] == before + 1
+
+
+def test_health_names_ended_executions_until_their_end_is_known_received(worker, tmp_path):
+    """What lets a restarted connector collect an execution that ended while no pool was there to `wait`: an end
+    counts as received once the connection its `wait` or `status` reply went to asks again."""
+    for op in ("wait", "status"):
+        execution_id, args, _ = worker.args(tasks.count_run, path=str(tmp_path / "runs"))
+        worker.request("submit", execution_id=execution_id, args=args)
+        wait_until(lambda: execution_id in worker.request("health")["uncollected"], 60, "the end listed uncollected")
+        assert worker.request("health")["state"] == "idle"
+        # told to a peer that hung up at once (a connector killed with the reply on its way): still uncollected
+        assert raw_request(worker, op=op, execution_id=execution_id, timeout=5)["state"] == "succeeded"
+        assert execution_id in worker.request("health")["uncollected"]
+        assert worker.request(op, execution_id=execution_id, timeout=5)["state"] == "succeeded"
+        assert execution_id not in worker.request("health")["uncollected"]  # this connection asked again
 
 
 # ---- submit / status / wait ----
