@@ -49,6 +49,22 @@ def held_fault(gate: str) -> str:
     return _gate(gate)
 
 
+@faults.task
+def counted(gate: str, exit_code: int = 0) -> str:
+    """Appends `start <pod IP>` to `<gate>.runs`, exits with `exit_code` if not 0 (the task killing its replica),
+    else waits for the gate and appends `done <pod IP>`: the file tells how often it ran, where, and which run
+    completed."""
+    host = os.environ.get("FLYTE_ACTOR_HOST", "")
+    with open(f"{gate}.runs", "a") as f:
+        f.write(f"start {host}\n")
+    if exit_code:
+        os._exit(exit_code)
+    _gate(gate)
+    with open(f"{gate}.runs", "a") as f:
+        f.write(f"done {host}\n")
+    return host
+
+
 @short.task
 def quick() -> int:
     return 1

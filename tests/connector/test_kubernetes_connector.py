@@ -7,7 +7,7 @@ import sys
 
 import k8s_tasks as k
 import pytest
-from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map, output_value, serialize
+from harness import PHASE, Attempt, ConnectorServer, Propeller, literal_map, output_value, serialize
 from waiting import wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -36,6 +36,7 @@ def server(cluster, tmp_path_factory):
         "FLYTE_ACTOR_BACKEND": "kubernetes",
         "KUBECONFIG": cluster.kubeconfig,
         "FLYTE_ACTOR_K8S_NOT_READY_GRACE_S": "2",
+        "FLYTE_ACTOR_SYSTEM_RETRIES": "1",
     }
     s = ConnectorServer(str(tmp_path_factory.mktemp("connector")), env=env).start()
     yield s
@@ -113,45 +114,91 @@ def test_replica_pods_fit_a_namespace_quota(cluster, propeller, base):
     assert pod["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "1000m", "memory": "1024Mi"}
 
 
-def test_an_oom_killed_replica_fails_its_execution_retryably_naming_the_cause(cluster, propeller, base):
+def _runs(gate: str) -> list:
+    """What `k8s_tasks.counted` recorded: (event, pod IP) per line, in order."""
+    try:
+        with open(f"{gate}.runs") as f:
+            return [tuple(line.split(" ", 1)) for line in f.read().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def _starts(gate: str) -> list:
+    return [ip for event, ip in _runs(gate) if event == "start"]
+
+
+def _pod_at(cluster, ip: str) -> dict:
+    (pod,) = [p for p in _pods(cluster, "k8s-faults") if p["status"].get("podIP") == ip]
+    return pod
+
+
+def _counted(propeller, base, exit_code: int = 0):
+    """Creates a `counted` execution and waits until it runs; returns (attempt, meta, gate)."""
     gate = os.path.join(base, "gate")
-    a = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate))
+    a = Attempt(base, k.counted, literal_map(k.counted, gate=gate, exit_code=exit_code))
     meta = propeller.create(a)
-    _running_in_replica(gate)
-    (pod,) = _ready_pods(cluster, "k8s-faults")
-    cluster.kubelet.oom_kill(pod["metadata"]["name"])
+    wait_until(lambda: _starts(gate), 60, "the task running in its replica")
+    return a, meta, gate
+
+
+@pytest.mark.parametrize("fault", ["oom", "exit"])
+def test_a_replica_its_task_killed_fails_its_execution_retryably_without_a_system_retry(
+    cluster, propeller, base, fault
+):
+    a, meta, gate = _counted(propeller, base, exit_code=3 if fault == "exit" else 0)
+    if fault == "oom":
+        cluster.kubelet.oom_kill(_pod_at(cluster, _starts(gate)[0])["metadata"]["name"])
     r = propeller.wait(meta, timeout=30)
-    assert r.phase == PHASE.RETRYABLE_FAILED and "OOMKilled" in r.message and "137" in r.message, r.message
+    assert r.phase == PHASE.RETRYABLE_FAILED, r.message
+    if fault == "oom":
+        assert "OOMKilled" in r.message and "137" in r.message, r.message
+    else:
+        assert "exit code 3" in r.message, r.message
+    assert "system retr" not in r.message and len(_starts(gate)) == 1  # the task's own doing: never run again
 
 
-@pytest.mark.parametrize("fault", ["node-loss", "deleted"])
-def test_a_replica_lost_to_the_infrastructure_ends_or_moves_its_execution_within_60s(cluster, propeller, base, fault):
-    gate = os.path.join(base, "gate")
-    a = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate))
-    meta = propeller.create(a)
-    _running_in_replica(gate)
-    (pod,) = _ready_pods(cluster, "k8s-faults")
-    lost = pod["metadata"]["name"]
+def _take_away(cluster, pod_name: str, fault: str) -> None:
+    """The platform takes a replica pod away: its node is lost, the kubelet evicts it, or someone deletes it."""
     if fault == "node-loss":
-        cluster.kubelet.lose_node(lost)
+        cluster.kubelet.lose_node(pod_name)
+    elif fault == "evicted":
+        cluster.kubelet.evict(pod_name)
     else:
-        cluster.delete_pod(NAMESPACE, lost, grace=30)
+        cluster.delete_pod(NAMESPACE, pod_name, grace=30)
 
-    def ended_or_moved():
-        r = propeller.get(meta)
-        if r.phase in TERMINAL:
-            return r
-        others = [p for p in _ready_pods(cluster, "k8s-faults") if p["metadata"]["name"] != lost]
-        return r if r.phase == PHASE.RUNNING and others else None
 
-    r = wait_until(ended_or_moved, 60, "the execution ended or re-dispatched after the replica was lost")
+@pytest.mark.parametrize("fault", ["node-loss", "evicted", "deleted"])
+def test_a_replica_lost_to_the_infrastructure_has_its_execution_run_again_on_a_new_pod(cluster, propeller, base, fault):
+    a, meta, gate = _counted(propeller, base)
+    (lost_ip,) = _starts(gate)
+    pod = _pod_at(cluster, lost_ip)
+    lost, pid = pod["metadata"]["name"], cluster.kubelet.pid(pod["metadata"]["name"])
+    _take_away(cluster, lost, fault)
+    wait_until(lambda: len(_starts(gate)) == 2, 60, "the execution dispatched again (a system retry)")
+    # only once the old run was seen ended: its process is gone, its pod gone (or reported Failed: evicted)
+    assert not os.path.exists(f"/proc/{pid}"), "dispatched again while the old run's process still existed"
+    old = [p for p in cluster.pods(NAMESPACE) if p["metadata"]["name"] == lost]
+    assert not old or old[0]["status"].get("phase") == "Failed", old
+    r = propeller.get(meta)
+    assert r.phase == PHASE.RUNNING, r.message
     open(gate, "w").close()
-    if r.phase not in TERMINAL:  # re-dispatched to another replica (the pool's system retries): it completes there
-        r = propeller.wait(meta, timeout=60)
-        assert r.phase == PHASE.SUCCEEDED, r.message
-    else:
-        assert r.phase == PHASE.RETRYABLE_FAILED, r.message
-        assert ("not ready" in r.message) if fault == "node-loss" else ("deleted" in r.message), r.message
+    r = propeller.wait(meta, timeout=60)
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    new_ip = output_value(a.outputs(), "o0", str)
+    assert new_ip != lost_ip
+    assert _runs(gate) == [("start", lost_ip), ("start", new_ip), ("done", new_ip)]  # completed once, on the new pod
+
+
+def test_system_retries_are_bounded_then_the_execution_fails_retryably_naming_the_cause(cluster, propeller, base):
+    a, meta, gate = _counted(propeller, base)  # this connector allows one system retry (FLYTE_ACTOR_SYSTEM_RETRIES)
+    cluster.kubelet.evict(_pod_at(cluster, _starts(gate)[0])["metadata"]["name"])
+    wait_until(lambda: len(_starts(gate)) == 2, 60, "the execution dispatched again (the one system retry)")
+    cluster.kubelet.evict(_pod_at(cluster, _starts(gate)[1])["metadata"]["name"])
+    r = propeller.wait(meta, timeout=60)
+    assert r.phase == PHASE.RETRYABLE_FAILED, r.message
+    assert "evicted" in r.message and "infrastructure" in r.message, r.message
+    assert "gave up after 1 system retries of 1" in r.message, r.message
+    assert [event for event, _ in _runs(gate)] == ["start", "start"]
 
 
 def test_an_image_that_cannot_be_pulled_fails_queued_executions_fast(cluster, propeller, base):
