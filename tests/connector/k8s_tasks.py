@@ -44,6 +44,12 @@ def where(x: int) -> str:
     return f"{x}:{os.environ.get('FLYTE_ACTOR_HOST')}"
 
 
+@fanout.task
+def where_gated(x: int, gate: str) -> str:
+    """`where`, once the test opens the gate."""
+    return f"{x}:{_gate(gate)}"
+
+
 @faults.task
 def held_fault(gate: str) -> str:
     return _gate(gate)

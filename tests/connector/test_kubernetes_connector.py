@@ -2,6 +2,7 @@
 kubeconfig pointing at tests/kube's API server, driven over gRPC as propeller drives it. Replica pods are local
 processes at their own 127.a.b.N, started by the stand-in's kubelet from the pods the connector creates."""
 
+import functools
 import os
 import sys
 
@@ -71,6 +72,16 @@ def _with_image(task, image: str):
     template = serialize(task)
     template.container.image = image
     template.custom.fields["spec"].struct_value.fields["container_image"].string_value = image
+    return template
+
+
+def _too_big(task, image: str):
+    """The task's template, from an environment of its own (`image`) whose pods request more CPU than a node has."""
+    from flyteidl.core import tasks_pb2
+
+    template = _with_image(task, image)
+    del template.container.resources.requests[:]
+    template.container.resources.requests.add(name=tasks_pb2.Resources.CPU, value="64")
     return template
 
 
@@ -212,17 +223,45 @@ def test_an_image_that_cannot_be_pulled_fails_queued_executions_fast(cluster, pr
 
 
 def test_an_unschedulable_replica_reports_waiting_for_resources_and_delete_aborts(cluster, propeller, base):
-    template = _with_image(k.add, "ghcr.io/example/huge:1")
-    del template.container.resources.requests[:]
-    from flyteidl.core import tasks_pb2
-
-    template.container.resources.requests.add(name=tasks_pb2.Resources.CPU, value="64")
+    template = _too_big(k.add, "ghcr.io/example/huge:1")
     a = Attempt(base, k.add, literal_map(k.add, a=1, b=1), template=template)
     meta = propeller.create(a)
     r = propeller.wait(meta, phases={PHASE.WAITING_FOR_RESOURCES}, timeout=30)
     assert "Insufficient cpu" in r.message and "Unschedulable" in r.message, r.message
     propeller.delete(meta)
     assert propeller.get(meta).phase == PHASE.ABORTED
+
+
+def test_a_map_whose_replicas_cannot_be_scheduled_waits_for_resources_then_runs(cluster, propeller, base):
+    gate = os.path.join(base, "gate")
+    m = actor_map(functools.partial(k.where_gated, gate=gate))
+    a = Attempt(base, m, literal_map(m, x=[0, 1, 2]), template=_too_big(m, "ghcr.io/example/huge-map:1"))
+    meta = propeller.create(a)
+    r = propeller.wait(meta, task_type="actor_map", phases={PHASE.WAITING_FOR_RESOURCES}, timeout=30)
+    assert "Insufficient cpu" in r.message and "Unschedulable" in r.message, r.message
+    capacity = cluster.kubelet.node.capacity["cpu"]
+    cluster.kubelet.node.capacity["cpu"] = "160"  # a node with room joins (the autoscaler): the pods are scheduled
+    try:
+        r = propeller.wait(meta, task_type="actor_map", phases={PHASE.RUNNING}, timeout=60)
+        assert "0 of 3 items done" in r.message, r.message
+        open(gate, "w").close()
+        r = propeller.wait(meta, task_type="actor_map", timeout=60)
+    finally:
+        cluster.kubelet.node.capacity["cpu"] = capacity
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    assert [int(v.split(":")[0]) for v in output_value(a.outputs(), "o0", list[str])] == [0, 1, 2]
+
+
+def test_delete_aborts_a_map_waiting_for_resources(cluster, propeller, base):
+    m = actor_map(k.where)
+    a = Attempt(base, m, literal_map(m, x=[0, 1]), template=_too_big(m, "ghcr.io/example/huge-map:2"))
+    meta = propeller.create(a)
+    r = propeller.wait(meta, task_type="actor_map", phases={PHASE.WAITING_FOR_RESOURCES}, timeout=30)
+    assert "Insufficient cpu" in r.message, r.message
+    propeller.delete(meta, task_type="actor_map")
+    r = propeller.get(meta, task_type="actor_map")
+    assert r.phase == PHASE.ABORTED, r.message
+    assert not os.path.exists(os.path.join(a.dir, "items", "0", "outputs.pb"))  # no item ran
 
 
 def test_delete_task_aborts_a_running_execution_on_a_pod(cluster, propeller, base):
