@@ -5,6 +5,7 @@ processes at their own 127.a.b.N, started by the stand-in's kubelet from the pod
 import functools
 import os
 import sys
+import time
 
 import k8s_tasks as k
 import pytest
@@ -38,6 +39,7 @@ def server(cluster, tmp_path_factory):
         "KUBECONFIG": cluster.kubeconfig,
         "FLYTE_ACTOR_K8S_NOT_READY_GRACE_S": "2",
         "FLYTE_ACTOR_SYSTEM_RETRIES": "1",
+        "FLYTE_ACTOR_K8S_EXIT_CONFIRM_S": "15",
     }
     s = ConnectorServer(str(tmp_path_factory.mktemp("connector")), env=env).start()
     yield s
@@ -198,6 +200,26 @@ def test_a_replica_lost_to_the_infrastructure_has_its_execution_run_again_on_a_n
     new_ip = output_value(a.outputs(), "o0", str)
     assert new_ip != lost_ip
     assert _runs(gate) == [("start", lost_ip), ("start", new_ip), ("done", new_ip)]  # completed once, on the new pod
+
+
+def test_a_lost_nodes_pod_never_removed_ends_its_execution_retryably_within_60s_and_never_runs_it_twice(
+    cluster, propeller, base
+):
+    grace = cluster.kubelet.node_loss_grace
+    cluster.kubelet.node_loss_grace = 600.0  # the node lifecycle does not remove the pod: nobody sees its end
+    try:
+        a, meta, gate = _counted(propeller, base)
+        lost = _pod_at(cluster, _starts(gate)[0])["metadata"]["name"]
+        taken = time.monotonic()
+        cluster.kubelet.lose_node(lost)
+        r = propeller.wait(meta, timeout=60)
+        assert time.monotonic() - taken < 60
+        assert r.phase == PHASE.RETRYABLE_FAILED, r.message
+        assert "not ready" in r.message and "did not see it end within 15s" in r.message, r.message
+        assert len(_starts(gate)) == 1  # not dispatched again: the frozen run may still be there
+        assert [p for p in cluster.pods(NAMESPACE) if p["metadata"]["name"] == lost]  # deleted gracefully, not forced
+    finally:
+        cluster.kubelet.node_loss_grace = grace  # the node lifecycle removes the pod (and kills its process) now
 
 
 def test_system_retries_are_bounded_then_the_execution_fails_retryably_naming_the_cause(cluster, propeller, base):
