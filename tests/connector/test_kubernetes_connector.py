@@ -77,13 +77,13 @@ def _with_image(task, image: str):
     return template
 
 
-def _too_big(task, image: str):
+def _too_big(task, image: str, cpu: str = "64"):
     """The task's template, from an environment of its own (`image`) whose pods request more CPU than a node has."""
     from flyteidl.core import tasks_pb2
 
     template = _with_image(task, image)
     del template.container.resources.requests[:]
-    template.container.resources.requests.add(name=tasks_pb2.Resources.CPU, value="64")
+    template.container.resources.requests.add(name=tasks_pb2.Resources.CPU, value=cpu)
     return template
 
 
@@ -257,12 +257,13 @@ def test_an_unschedulable_replica_reports_waiting_for_resources_and_delete_abort
 def test_a_map_whose_replicas_cannot_be_scheduled_waits_for_resources_then_runs(cluster, propeller, base):
     gate = os.path.join(base, "gate")
     m = actor_map(functools.partial(k.where_gated, gate=gate))
-    a = Attempt(base, m, literal_map(m, x=[0, 1, 2]), template=_too_big(m, "ghcr.io/example/huge-map:1"))
+    a = Attempt(base, m, literal_map(m, x=[0, 1, 2]), template=_too_big(m, "ghcr.io/example/huge-map:1", cpu="40"))
     meta = propeller.create(a)
     r = propeller.wait(meta, task_type="actor_map", phases={PHASE.WAITING_FOR_RESOURCES}, timeout=30)
     assert "Insufficient cpu" in r.message and "Unschedulable" in r.message, r.message
     capacity = cluster.kubelet.node.capacity["cpu"]
-    cluster.kubelet.node.capacity["cpu"] = "160"  # a node with room joins (the autoscaler): the pods are scheduled
+    # a node with room for these pods joins (the autoscaler), not for the other tests' 64-CPU ones still pending
+    cluster.kubelet.node.capacity["cpu"] = "48"
     try:
         r = propeller.wait(meta, task_type="actor_map", phases={PHASE.RUNNING}, timeout=60)
         assert "0 of 3 items done" in r.message, r.message
