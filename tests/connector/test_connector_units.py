@@ -421,3 +421,17 @@ def test_a_bad_sync_budget_is_refused_naming_the_variable(monkeypatch, raw):
         sync_budget_s()
     monkeypatch.setenv(SYNC_BUDGET_ENV, "2.5")
     assert sync_budget_s() == 2.5
+
+
+def test_the_system_retry_budget_comes_from_the_environment_and_a_malformed_one_is_refused(monkeypatch):
+    from flytekitplugins_actor.pool import SYSTEM_RETRIES
+    from plugin_backend.pools import SYSTEM_RETRIES_ENV, system_retries_from_env
+
+    monkeypatch.delenv(SYSTEM_RETRIES_ENV, raising=False)
+    assert system_retries_from_env() == SYSTEM_RETRIES == 3  # propeller's default
+    monkeypatch.setenv(SYSTEM_RETRIES_ENV, "0")
+    assert system_retries_from_env() == 0
+    for bad in ("-1", "two", "1.5"):
+        monkeypatch.setenv(SYSTEM_RETRIES_ENV, bad)
+        with pytest.raises(ValueError, match=f"FLYTE_ACTOR_SYSTEM_RETRIES='{bad}'"):
+            system_retries_from_env()
