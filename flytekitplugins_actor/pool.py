@@ -10,7 +10,7 @@ Data flow of one execution (cf. CPython's concurrent/futures/process.py):
                                                ▼                                       ▼
           SUCCEEDED | FAILED | CANCELLED  ◄── the replica's answer ◄────────────────────┘
           REPLICA_DIED ◄── the replica died (backend) ─► or QUEUED again when the platform took it
-                           (DeathCause.INFRASTRUCTURE), up to `system_retries` times
+                           (DeathCause.INFRASTRUCTURE) and its backend saw it end, up to `system_retries` times
           on_done callbacks run after the state is set, outside the pool's lock
 
     cancel() ─► QUEUED: CANCELLED at once; RUNNING: the supervisor sends `cancel` and, if the execution has not
@@ -71,9 +71,6 @@ without a request)."""
 WAIT_ROUND_S = 5.0
 """A `wait` asks the replica for at most this long: a vanished peer is noticed within WAIT_ROUND_S + IO_MARGIN_S."""
 IO_MARGIN_S = 5.0
-EXIT_CONFIRM_S = 10.0
-"""After an INFRASTRUCTURE death, how long the pool waits for the backend to see the old replica's process (pod)
-end before it gives up on a system retry (REPLICA_DIED instead): two runs of one execution must never overlap."""
 CONTROL_TIMEOUT_S = 2.0
 """Bound on a keepalive or cancel request (connect and answer)."""
 
@@ -734,14 +731,9 @@ class ReplicaPool:
             death = slot.lost or reported or ReplicaDeath(slot.replica.name, "became unreachable")
         execution = slot.current
         exited = False
-        if (
-            death.cause is DeathCause.INFRASTRUCTURE
-            and execution is not None
-            and not execution.cancel_requested
-            and not execution.reattached  # never dispatched again: nothing to confirm
-        ):
+        if execution is not None and self._may_retry(execution, death):
             # run it again only once nothing of the old run is left: both would write under one output prefix
-            exited = slot.replica.wait_exited(EXIT_CONFIRM_S)
+            exited = slot.replica.wait_exited(self.backend.exit_confirm_s)
         callbacks: _Callbacks = []
         with self._cond:
             if slot in self._slots:
@@ -758,48 +750,54 @@ class ReplicaPool:
         _run_callbacks(callbacks)
         self._start_replicas(to_start)
 
+    def _may_retry(self, execution: Execution, death: ReplicaDeath) -> bool:
+        """Whether the execution may be dispatched again after its replica's death: the platform's fault, not
+        cancelled, within the system-retry budget, in a pool still open (its old run must still be seen ended)."""
+        return (
+            death.cause is DeathCause.INFRASTRUCTURE
+            and not execution.cancel_requested
+            and not execution.reattached  # re-attached after a connector restart: this pool holds no command for it
+            and execution.system_retries < self.system_retries
+            and not self._closed
+        )
+
     def _replica_lost_locked(self, execution: Execution, death: ReplicaDeath, exited: bool) -> _Callbacks:
         """The replica running `execution` is gone: cancelled, dispatched again (the platform's fault, within the
-        budget, and only once the old replica is seen ended: never two runs at once) or REPLICA_DIED naming the
-        replica and the cause."""
+        budget, and only once its backend saw the old replica end: never two runs at once) or REPLICA_DIED naming
+        the replica, the cause and, for the platform's fault, why it was not dispatched again."""
         if execution.cancel_requested:
             return self._complete_locked(execution, ExecutionState.CANCELLED)
-        if death.cause is DeathCause.INFRASTRUCTURE and execution.reattached:
-            death = ReplicaDeath(
-                death.replica,
-                f"{death.reason} (cause: {death.cause.value}; not dispatched again: it was re-attached after a "
-                f"connector restart, and this pool holds no command for it)",
-                death.exit_code,
-                death.cause,
+        if self._may_retry(execution, death) and exited:
+            execution.system_retries += 1
+            logger.warning(
+                "pool %s: %s (%s) while running %s: dispatching it again (system retry %d of %d)",
+                self.name,
+                death,
+                death.cause.value,
+                execution.id,
+                execution.system_retries,
+                self.system_retries,
             )
-        elif death.cause is DeathCause.INFRASTRUCTURE and not exited:
-            death = ReplicaDeath(
-                death.replica,
-                f"{death.reason} (cause: {death.cause.value}; not dispatched again: its backend did not see it end "
-                f"within {EXIT_CONFIRM_S:g}s, so the execution may still be running there)",
-                death.exit_code,
-                death.cause,
+            self._requeue_locked(execution)
+            return []
+        if self._may_retry(execution, death):
+            why = (
+                f"not dispatched again: its backend did not see it end within {self.backend.exit_confirm_s:g}s, "
+                "so the execution may still be running there"
             )
+        elif death.cause is DeathCause.INFRASTRUCTURE and execution.reattached:
+            why = (
+                "not dispatched again: it was re-attached after a connector restart; this pool holds no command for it"
+            )
+        elif death.cause is DeathCause.INFRASTRUCTURE and self._closed:
+            why = "not dispatched again: its pool is shut down"
         elif death.cause is DeathCause.INFRASTRUCTURE:
-            if execution.system_retries < self.system_retries and not self._closed:
-                execution.system_retries += 1
-                logger.warning(
-                    "pool %s: %s (%s) while running %s: dispatching it again (system retry %d of %d)",
-                    self.name,
-                    death,
-                    death.cause.value,
-                    execution.id,
-                    execution.system_retries,
-                    self.system_retries,
-                )
-                self._requeue_locked(execution)
-                return []
+            why = f"gave up after {execution.system_retries} system retries of {self.system_retries}"
+        else:
+            why = None
+        if why is not None:
             death = ReplicaDeath(
-                death.replica,
-                f"{death.reason} (cause: {death.cause.value}; gave up after {execution.system_retries} system "
-                f"retries of {self.system_retries})",
-                death.exit_code,
-                death.cause,
+                death.replica, f"{death.reason} (cause: {death.cause.value}; {why})", death.exit_code, death.cause
             )
         execution.death = death
         return self._complete_locked(execution, ExecutionState.REPLICA_DIED)

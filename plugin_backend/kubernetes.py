@@ -10,7 +10,10 @@ connector restart loses no work), and deletes the ones no pool claims within the
 
 Deaths are classified (`DeathCause`): the container's own end (exit code, signal, OOMKilled) is TASK, or START
 when it never was ready (image pull and config errors too); a pod deleted, evicted or lost with its node is
-INFRASTRUCTURE.
+INFRASTRUCTURE. A dead replica whose end was not seen yet (a pod being deleted, a pod on a lost node) is followed
+until the API server no longer has its pod or reports its containers terminated (`Replica.wait_exited`), for at most
+`exit_confirm_s`: only then may its pool run the execution again. Such a pod is deleted gracefully, never forced, so
+its object goes only once its kubelet (or the node lifecycle, for a node gone for good) confirms the end.
 """
 
 from __future__ import annotations
@@ -50,6 +53,10 @@ START_FAILURES = ("ErrImagePull", "ImagePullBackOff", "InvalidImageName", "Creat
 """Waiting reasons that mean the container will not start without a change to the environment: fail fast."""
 CONFIG_ERROR = "CreateContainerConfigError"
 """Also a start failure, but only once it lasts: the pod's Secret is created right after the pod."""
+EXIT_CONFIRM_ENV = "FLYTE_ACTOR_K8S_EXIT_CONFIRM_S"
+FOLLOW_MARGIN_S = 5.0
+"""A dead replica's pod is followed this much longer than its pool waits for its end (the pool starts waiting a
+moment after the death)."""
 
 
 def _dns_name(v: str) -> str:
@@ -99,6 +106,7 @@ class KubernetesReplica(Replica):
         self._not_ready_since: Optional[float] = None
         self._config_error_since: Optional[float] = None
         self._deleting = False
+        self._follow_until: Optional[float] = None  # dead, its end not seen yet: followed until then
 
     @property
     def log_uri(self) -> str:
@@ -111,8 +119,9 @@ class KubernetesReplica(Replica):
         self._terminate_requested = True
         self._delete(int(grace_seconds))
 
-    def _delete(self, grace: int) -> None:
-        """Asks for the pod's deletion, once: a dead replica's pod must not linger whoever noticed the death."""
+    def _delete(self, grace: Optional[int]) -> None:
+        """Asks for the pod's deletion, once: a dead replica's pod must not linger whoever noticed the death.
+        `grace` None: the pod's own terminationGracePeriodSeconds."""
         with self._cond:
             if self._deleting:
                 return
@@ -123,6 +132,7 @@ class KubernetesReplica(Replica):
     def observe(self, pod: Optional[dict]) -> None:
         """A new state of the pod (None: it is gone)."""
         if self.state is ReplicaState.DEAD:
+            self._observe_after_death(pod)
             return
         if pod is None:
             if self._terminate_requested:
@@ -131,6 +141,11 @@ class KubernetesReplica(Replica):
                 self._die("pod was deleted by someone else", None, DeathCause.INFRASTRUCTURE, exited=True)
             return
         meta, status = pod["metadata"], pod.get("status") or {}
+        if status.get("phase") == "Failed" and status.get("reason") == "Evicted":
+            # read before its containers' end: the kubelet stopped them (node pressure), not the task
+            evicted = f"pod was evicted: {status.get('message', '')}".rstrip(": ")
+            self._die(evicted, None, DeathCause.INFRASTRUCTURE, exited=True)
+            return
         if meta.get("deletionTimestamp"):
             if self._terminate_requested:
                 self._die("was terminated (pod deleted)", None, DeathCause.TASK, delete=False)
@@ -168,8 +183,7 @@ class KubernetesReplica(Replica):
                 return
             self._config_error_since = None
         if status.get("phase") in ("Failed", "Succeeded"):
-            evicted = status.get("reason") == "Evicted"
-            cause = DeathCause.INFRASTRUCTURE if evicted else (DeathCause.TASK if self._was_ready else DeathCause.START)
+            cause = DeathCause.TASK if self._was_ready else DeathCause.START
             self._die(
                 f"pod {status['phase'].lower()}: {status.get('reason', '')} {status.get('message', '')}".rstrip(),
                 None,
@@ -191,8 +205,25 @@ class KubernetesReplica(Replica):
         elif self._was_ready and self._not_ready_since is None:
             self._not_ready_since = time.monotonic()  # the node may be gone: tick() decides after the grace
 
+    def _observe_after_death(self, pod: Optional[dict]) -> None:
+        """A dead replica's pod, followed until its end is seen: the pod object gone (its kubelet confirmed the end,
+        or the node lifecycle force-deleted it with its node), or its containers reported terminated."""
+        if pod is None or _ended(pod, self.spec.primary_container):
+            logger.info(f"replica pod {self.namespace}/{self.pod_name} is seen ended")
+            self._set_exited()
+            self.backend._forget(self)
+
     def tick(self, now: float) -> None:
-        """Deadlines no event will announce: lost readiness (a lost node) and a lasting config error."""
+        """Deadlines no event will announce: lost readiness (a lost node), a lasting config error, and the end of
+        following a dead replica whose end was not seen."""
+        if self.state is ReplicaState.DEAD:
+            if self._follow_until is not None and now > self._follow_until:
+                logger.warning(
+                    f"replica pod {self.namespace}/{self.pod_name}: its end was not seen within "
+                    f"{self.backend.exit_confirm_s:g}s of its death; no longer following it"
+                )
+                self.backend._forget(self)
+            return
         since = self._not_ready_since
         if since is not None and now - since > self.backend.not_ready_grace_s:
             self._die(
@@ -207,14 +238,19 @@ class KubernetesReplica(Replica):
     def _die(
         self, reason: str, exit_code: Optional[int], cause: DeathCause, delete: bool = True, exited: bool = False
     ) -> None:
-        """`exited`: the pod or its container is seen ended (not only being deleted, or on a node gone silent)."""
+        """`exited`: the pod or its container is seen ended (not only being deleted, or on a node gone silent).
+        A pod not seen ended stays followed (see `_observe_after_death`) and is deleted gracefully: forcing it
+        would remove its object while its process may still run, on a node that stopped answering."""
         if self.state is ReplicaState.DEAD:
             return
         logger.info(f"replica pod {self.namespace}/{self.pod_name} {reason} ({cause.value})")
+        if not exited:
+            self._follow_until = time.monotonic() + self.backend.exit_confirm_s + FOLLOW_MARGIN_S
         self._set_dead(reason, exit_code, cause, exited=exited)
-        self.backend._forget(self)
+        if exited:
+            self.backend._forget(self)
         if delete:
-            self._delete(0)
+            self._delete(0 if exited or cause is DeathCause.START else None)
 
 
 class _NamespaceWatch:
@@ -289,6 +325,17 @@ class _NamespaceWatch:
         self.resource_version = version
 
 
+def _ended(pod: dict, primary: str) -> bool:
+    """The pod's end is seen: a terminal phase, or its primary container reported terminated."""
+    status = pod.get("status") or {}
+    if status.get("phase") in ("Succeeded", "Failed"):
+        return True
+    return any(
+        cs["name"] == primary and (cs.get("state") or {}).get("terminated") is not None
+        for cs in status.get("containerStatuses") or []
+    )
+
+
 def _finished(pod: dict) -> bool:
     """Ended or ending: nothing to adopt."""
     return (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed") or bool(
@@ -310,6 +357,10 @@ class KubernetesBackend(ReplicaBackend):
     """A pod may take minutes to be ready: scheduling, node scale-up, pulling a large (GPU) image."""
     death_report_grace_s: float = 60.0
     """A lost node's pod is reported dead only after the kubelet's node-status grace (~40 s) plus not_ready_grace_s."""
+    exit_confirm_s: float = 45.0
+    """A pod deleted by someone else has its terminationGracePeriodSeconds (30 s by default) to stop before its
+    kubelet confirms; a pod on a lost node goes when the node lifecycle force-deletes it. Past this bound the execution
+    ends RETRYABLE_FAILED (still within 60 s of the death) instead of being dispatched again."""
 
     def __init__(
         self,
@@ -320,6 +371,7 @@ class KubernetesBackend(ReplicaBackend):
         not_ready_grace_s: float = 20.0,
         config_error_grace_s: float = 20.0,
         watch_timeout_s: int = 300,
+        exit_confirm_s: Optional[float] = None,
     ):
         if api is None:
             from kubernetes import client, config
@@ -334,6 +386,8 @@ class KubernetesBackend(ReplicaBackend):
         self.log_template = log_template
         if ready_timeout_s is not None:
             self.ready_timeout_s = ready_timeout_s
+        if exit_confirm_s is not None:
+            self.exit_confirm_s = exit_confirm_s
         self.not_ready_grace_s = not_ready_grace_s
         self.config_error_grace_s = config_error_grace_s
         self.watch_timeout_s = watch_timeout_s
@@ -342,7 +396,7 @@ class KubernetesBackend(ReplicaBackend):
         self._replicas: Dict[Tuple[str, str], KubernetesReplica] = {}
         self._watches: Dict[str, _NamespaceWatch] = {}
         self._unclaimed: Dict[str, List[Tuple[dict, float]]] = {}  # pool digest -> [(pod, deadline)]
-        self._deletions: "queue.Queue[Tuple[str, str, int]]" = queue.Queue()
+        self._deletions: "queue.Queue[Tuple[str, str, Optional[int]]]" = queue.Queue()
         self._stop = threading.Event()
         self._supervisor = threading.Thread(target=self._supervise, name="k8s-replica-supervisor", daemon=True)
         self._supervisor.start()
@@ -357,6 +411,7 @@ class KubernetesBackend(ReplicaBackend):
             log_template=os.environ.get("FLYTE_ACTOR_K8S_LOG_TEMPLATE", "k8s://{namespace}/{pod}/{container}"),
             ready_timeout_s=float(os.environ.get(READY_TIMEOUT_ENV, cls.ready_timeout_s)),
             not_ready_grace_s=float(os.environ.get(NOT_READY_GRACE_ENV, "20")),
+            exit_confirm_s=float(os.environ.get(EXIT_CONFIRM_ENV, cls.exit_confirm_s)),
         )
         try:
             backend.take_inventory()
@@ -416,7 +471,7 @@ class KubernetesBackend(ReplicaBackend):
                 del self._replicas[(replica.namespace, replica.pod_name)]
 
     # ---- the supervisor: deletions and deadlines ----
-    def _delete_later(self, replica: KubernetesReplica, grace: int) -> None:
+    def _delete_later(self, replica: KubernetesReplica, grace: Optional[int]) -> None:
         self._deletions.put((replica.namespace, replica.pod_name, grace))
 
     def _supervise(self) -> None:
@@ -433,7 +488,9 @@ class KubernetesBackend(ReplicaBackend):
                 r.tick(now)
             self._expire_unclaimed(now)
 
-    def _delete_pod(self, namespace: str, name: str, grace: int) -> None:
+    def _delete_pod(self, namespace: str, name: str, grace: Optional[int]) -> None:
+        """Deletes a pod: `grace` 0 removes its object at once (for a pod seen ended, or that never ran), None
+        leaves it to the pod's terminationGracePeriodSeconds."""
         try:
             self.api.delete_namespaced_pod(name, namespace, grace_period_seconds=grace, _request_timeout=30)
         except Exception as e:

@@ -78,6 +78,8 @@ class MapRun:
         self._done_q: "queue.SimpleQueue[Optional[Execution]]" = queue.SimpleQueue()
         self._aborted = threading.Event()
         self.finished = threading.Event()
+        self.started = threading.Event()
+        """Set once an item reached a replica: until then the map waits for its pool (GetTask says why)."""
 
     @property
     def n(self) -> int:
@@ -135,9 +137,12 @@ class MapRun:
         command = self.template.command.with_paths(inputs=inputs_path, output_prefix=prefix, item=i)
         spec = ExecutionSpec(item_id, command.to_args(), self.env, inputs_pb=inputs_pb if inline else None)
         try:
-            pool.submit(spec, on_done=self._on_done)
+            pool.submit(spec, before_dispatch=self._on_dispatch, on_done=self._on_done)
         except PoolClosed:  # reaped while idle between two items: the next lookup makes a new pool
-            self._pool_of().submit(spec, on_done=self._on_done)
+            self._pool_of().submit(spec, before_dispatch=self._on_dispatch, on_done=self._on_done)
+
+    def _on_dispatch(self, execution: Execution) -> None:
+        self.started.set()
 
     def _on_done(self, execution: Execution) -> None:
         metrics.observe_done(execution)

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from flytekitplugins_actor.pool import Execution, PoolRegistry, ReplicaPool
+from flytekitplugins_actor.pool import SYSTEM_RETRIES, Execution, PoolRegistry, ReplicaPool
 from flytekitplugins_actor.replica.backend import LocalProcessBackend, ReplicaBackend, ReplicaSpec
 from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend.pod_spec import PodReplicaSpec, replica_pod_spec
@@ -23,6 +23,7 @@ from plugin_backend.template import ActorTemplate
 BACKEND_ENV = "FLYTE_ACTOR_BACKEND"
 REPLICA_TMPDIR_ENV = "FLYTE_ACTOR_REPLICA_TMPDIR"
 STATE_DIR_ENV = "FLYTE_ACTOR_STATE_DIR"
+SYSTEM_RETRIES_ENV = "FLYTE_ACTOR_SYSTEM_RETRIES"
 
 
 @dataclass(frozen=True)
@@ -54,12 +55,24 @@ def backend_from_env() -> ReplicaBackend:
     raise ValueError(f"{BACKEND_ENV}={name!r} is not a replica backend; use 'local' or 'kubernetes'")
 
 
+def system_retries_from_env() -> int:
+    """FLYTE_ACTOR_SYSTEM_RETRIES: how often an execution whose replica the platform took away is dispatched again
+    (propeller's default, 3, when unset); a malformed value is refused at start, naming the variable."""
+    raw = os.environ.get(SYSTEM_RETRIES_ENV, "").strip()
+    if not raw:
+        return SYSTEM_RETRIES
+    if not raw.isdigit():
+        raise ValueError(f"{SYSTEM_RETRIES_ENV}={raw!r}: expected an integer >= 0")
+    return int(raw)
+
+
 class PoolManager(PoolRegistry):
     """Creates pools on first use, finds them by key, and reaps the idle ones."""
 
     def __init__(self, backend: Optional[ReplicaBackend] = None, state_dir: Optional[str] = None):
         super().__init__()
         self.backend = backend or backend_from_env()
+        self.system_retries = system_retries_from_env()
         self.state_dir = (
             state_dir
             or os.environ.get(STATE_DIR_ENV)
@@ -84,6 +97,7 @@ class PoolManager(PoolRegistry):
             template.replica_count,
             template.ttl_seconds,
             name=template.env_name,
+            system_retries=self.system_retries,
         )
         token, replicas = self.backend.live_replicas(key.digest)
         if token is not None and replicas:

@@ -9,6 +9,7 @@ sync path) and releases it once terminal (drops what its pool keeps for it).
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Callable, Optional
 
 from flyteidl.core.execution_pb2 import TaskExecution
@@ -23,6 +24,27 @@ from plugin_backend.status import Status, failure, log_links, waiting_for_resour
 """How long a cancelled execution may take to stop before its replica is replaced."""
 MAP_ABORT_WAIT_S = 10.0
 """How long DeleteTask waits for a map's coordinator to cancel its in-flight items."""
+
+
+def pending(pool: Optional[ReplicaPool], env_name: str) -> Status:
+    """What an execution no replica has taken yet answers (a single execution queued, a map none of whose items
+    reached a replica): WAITING_FOR_RESOURCES with the platform's reason, INITIALIZING while its pool's first
+    replicas start, else QUEUED behind the pool's other work. `pool` None: not created yet (or reaped)."""
+    if pool is None:
+        return Status(TaskExecution.QUEUED, f"queued for actor environment {env_name}")
+    waiting = waiting_for_resources(pool, env_name)
+    if waiting is not None:
+        return waiting
+    stats = pool.stats()
+    if stats["starting"] and not stats["busy"] and not stats["idle"]:
+        return Status(
+            TaskExecution.INITIALIZING, f"starting {stats['starting']} replica(s) of actor environment {env_name}"
+        )
+    return Status(
+        TaskExecution.QUEUED,
+        f"queued for actor environment {env_name}: "
+        f"{stats['queued']} queued, {stats['busy']} of {stats['replicas']} replicas busy",
+    )
 
 
 class Run(abc.ABC):
@@ -66,23 +88,7 @@ class SingleRun(Run):
         links = log_links([(e.replica, e.log_uri)]) if e.replica else []
         state = e.state
         if state is ExecutionState.QUEUED:
-            pool = self._find_pool()
-            if pool is None:
-                return Status(TaskExecution.QUEUED, f"queued for actor environment {self.env_name}")
-            waiting = waiting_for_resources(pool, self.env_name)
-            if waiting is not None:
-                return waiting
-            stats = pool.stats()
-            if stats["starting"] and not stats["busy"] and not stats["idle"]:
-                return Status(
-                    TaskExecution.INITIALIZING,
-                    f"starting {stats['starting']} replica(s) of actor environment {self.env_name}",
-                )
-            return Status(
-                TaskExecution.QUEUED,
-                f"queued for actor environment {self.env_name}: "
-                f"{stats['queued']} queued, {stats['busy']} of {stats['replicas']} replicas busy",
-            )
+            return pending(self._find_pool(), self.env_name)
         if state is ExecutionState.RUNNING:
             how = "re-attached after a connector restart" if e.reattached else ("warm" if e.warm else "cold")
             return Status(TaskExecution.RUNNING, f"running on replica {e.replica} ({how})", links)
@@ -122,10 +128,14 @@ class SingleRun(Run):
 
 
 class MapRunView(Run):
-    """An actor_map run (MapRun coordinates its items); outputs go by reference: propeller reads outputs.pb."""
+    """An actor_map run (MapRun coordinates its items); outputs go by reference: propeller reads outputs.pb. Until
+    an item reaches a replica it answers as a queued single execution does (`pending`): e.g. WAITING_FOR_RESOURCES
+    while its pool's pods cannot be scheduled."""
 
-    def __init__(self, run: MapRun):
+    def __init__(self, run: MapRun, env_name: str, find_pool: Callable[[], Optional[ReplicaPool]]):
         self.run = run
+        self.env_name = env_name
+        self._find_pool = find_pool  # the live pool, never a new one: a getter must not start replicas
 
     @property
     def terminal(self) -> bool:
@@ -138,6 +148,8 @@ class MapRunView(Run):
         phase = run.phase
         if phase is MapPhase.RUNNING:
             done = info["succeeded"] + info["failed"]
+            if not done and not run.started.is_set():
+                return dataclasses.replace(pending(self._find_pool(), self.env_name), custom_info=info)
             return Status(TaskExecution.RUNNING, f"{done} of {run.n} items done", links, custom_info=info)
         if phase is MapPhase.SUCCEEDED:  # no inline outputs: an answer over 4 MiB fails in propeller's client
             return Status(TaskExecution.SUCCEEDED, run.message, links, custom_info=info)

@@ -197,7 +197,7 @@ class ActorService:
                 env,
                 lambda: self.manager.pool_for(entry.key, entry.template),  # the coordinator submits: it may create
             )
-            entry.run = MapRunView(run.start())
+            entry.run = MapRunView(run.start(), entry.template.env_name, lambda: self._find_pool(entry))
             return
         spec = ExecutionSpec(entry.meta.execution_id, entry.template.args, env)
 

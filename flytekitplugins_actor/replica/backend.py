@@ -131,9 +131,8 @@ class Replica(abc.ABC):
         """Records the replica's death (the first one recorded wins) and runs the death callbacks. `exited`: the
         backend saw the replica's process end (a death may be recorded before, e.g. by `abandon`)."""
         with self._cond:
-            if exited and not self._exited:
-                self._exited = True
-                self._cond.notify_all()
+            if exited:
+                self._set_exited_locked()
             if self._death is not None:
                 return
             self._death = ReplicaDeath(self.name, reason, exit_code, cause)
@@ -145,6 +144,21 @@ class Replica(abc.ABC):
                 fn(self._death)
             except Exception:
                 logger.exception("replica %s: a death callback failed", self.name)
+
+    def _set_exited(self) -> None:
+        """Records that the backend saw the replica's process (pod) end, after its death was recorded."""
+        with self._cond:
+            self._set_exited_locked()
+
+    def _set_exited_locked(self) -> None:
+        if not self._exited:
+            self._exited = True
+            self._cond.notify_all()
+
+    @property
+    def exited(self) -> bool:
+        """The backend saw the replica's process (pod) end: nothing of it runs any more."""
+        return self._exited
 
     def abandon(self, reason: str, cause: DeathCause) -> None:
         """Gives the replica up for `reason` (e.g. it never became ready, or the platform took it away): records
@@ -182,6 +196,10 @@ class ReplicaBackend(abc.ABC):
     death_report_grace_s: float = 5.0
     """How long after a replica stopped answering its backend may take to report the death (and its cause), or to
     see its process end: the pool waits that long before it decides on its own."""
+    exit_confirm_s: float = 10.0
+    """After a replica died of the platform (DeathCause.INFRASTRUCTURE), how long its backend may take to see its
+    process end (`Replica.wait_exited`): the pool dispatches the execution again only then, else it ends it
+    REPLICA_DIED, since two runs of one execution must never overlap. A local process is seen ending at once."""
 
     @abc.abstractmethod
     def start(self, spec: ReplicaSpec) -> Replica:

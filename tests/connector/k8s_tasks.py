@@ -46,9 +46,31 @@ def where(x: int) -> str:
     return f"{x}:{os.environ.get('FLYTE_ACTOR_HOST')}"
 
 
+@fanout.task
+def where_gated(x: int, gate: str) -> str:
+    """`where`, once the test opens the gate."""
+    return f"{x}:{_gate(gate)}"
+
+
 @faults.task
 def held_fault(gate: str) -> str:
     return _gate(gate)
+
+
+@faults.task
+def counted(gate: str, exit_code: int = 0) -> str:
+    """Appends `start <pod IP>` to `<gate>.runs`, exits with `exit_code` if not 0 (the task killing its replica),
+    else waits for the gate and appends `done <pod IP>`: the file tells how often it ran, where, and which run
+    completed."""
+    host = os.environ.get("FLYTE_ACTOR_HOST", "")
+    with open(f"{gate}.runs", "a") as f:
+        f.write(f"start {host}\n")
+    if exit_code:
+        os._exit(exit_code)
+    _gate(gate)
+    with open(f"{gate}.runs", "a") as f:
+        f.write(f"done {host}\n")
+    return host
 
 
 @short.task
@@ -57,7 +79,7 @@ def quick() -> int:
 
 
 @restart.task
-def counted(gate: str, counter: str) -> str:
+def counted_run(gate: str, counter: str) -> str:
     """Appends a line to `counter` per run (a second run would show), then waits for `gate`; returns the pod IP."""
     with open(counter, "a") as f:
         f.write("run\n")

@@ -432,3 +432,17 @@ def test_importing_flytekit_does_not_load_the_kubernetes_client():
     code = "import sys, flytekit, plugin_backend; print(sorted(m for m in sys.modules if m.startswith('kubernetes')))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_system_retry_budget_comes_from_the_environment_and_a_malformed_one_is_refused(monkeypatch):
+    from flytekitplugins_actor.pool import SYSTEM_RETRIES
+    from plugin_backend.pools import SYSTEM_RETRIES_ENV, system_retries_from_env
+
+    monkeypatch.delenv(SYSTEM_RETRIES_ENV, raising=False)
+    assert system_retries_from_env() == SYSTEM_RETRIES == 3  # propeller's default
+    monkeypatch.setenv(SYSTEM_RETRIES_ENV, "0")
+    assert system_retries_from_env() == 0
+    for bad in ("-1", "two", "1.5"):
+        monkeypatch.setenv(SYSTEM_RETRIES_ENV, bad)
+        with pytest.raises(ValueError, match=f"FLYTE_ACTOR_SYSTEM_RETRIES='{bad}'"):
+            system_retries_from_env()

@@ -132,13 +132,66 @@ def test_a_lost_node_ends_the_replica_as_infrastructure(cluster, backend):
     assert death is not None and death.cause is DeathCause.INFRASTRUCTURE and "not ready" in death.reason
 
 
+def _frozen(pid: int) -> bool:
+    """The process exists and is stopped (SIGSTOP): a lost node's container, neither running nor ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "T"
+    except OSError:
+        return False
+
+
+def test_a_lost_nodes_replica_is_seen_ended_only_once_the_node_lifecycle_removes_its_pod(cluster, backend):
+    replica = backend.start(_spec())
+    assert replica.wait_ready(30) is ReplicaState.READY
+    pid = cluster.kubelet.pid(replica.pod_name)
+    cluster.kubelet.lose_node(replica.pod_name)
+    assert replica.wait_dead(15).cause is DeathCause.INFRASTRUCTURE
+    # deleted gracefully, never forced: the pod object stays until someone confirms its end, its process frozen
+    wait_until(lambda: _pod(cluster, replica)["metadata"].get("deletionTimestamp"), 15, "the pod marked for deletion")
+    assert not replica.exited and _frozen(pid)
+    assert replica.wait_exited(15), "the end of a pod the node lifecycle removed was not seen"
+    assert not cluster.pods() and not _frozen(pid)
+    wait_until(lambda: not backend._replicas, 15, "the dead replica no longer followed")
+
+
+def test_a_dead_replica_whose_end_is_never_seen_is_followed_only_for_a_bounded_time(cluster):
+    backend = _backend(cluster, exit_confirm_s=0.5)
+    cluster.kubelet.node_loss_grace = 120.0  # the node lifecycle never removes the pod within the test
+    try:
+        replica = backend.start(_spec())
+        assert replica.wait_ready(30) is ReplicaState.READY
+        cluster.kubelet.lose_node(replica.pod_name)
+        assert replica.wait_dead(15).cause is DeathCause.INFRASTRUCTURE
+        assert not replica.wait_exited(0.5)
+        wait_until(lambda: not backend._replicas, 15, "the dead replica no longer followed (no tracker leaks)")
+        assert _pod(cluster, replica)["metadata"].get("deletionTimestamp")  # still there, as on a silent node
+        assert not replica.exited
+    finally:
+        backend.shutdown()
+
+
+def test_an_evicted_replica_is_an_infrastructure_death_seen_ended_at_once(cluster, backend):
+    replica = backend.start(_spec())
+    assert replica.wait_ready(30) is ReplicaState.READY
+    cluster.kubelet.evict(replica.pod_name)
+    death = replica.wait_dead(15)
+    assert death.cause is DeathCause.INFRASTRUCTURE and "evicted" in death.reason and "low on resource" in death.reason
+    assert replica.wait_exited(0)  # its containers were stopped: the kubelet said so with the Failed phase
+    wait_until(lambda: not cluster.pods(), 15, "the evicted pod deleted")
+
+
 @pytest.mark.parametrize("grace", [0, 30])
-def test_a_pod_deleted_by_someone_else_is_an_infrastructure_death(cluster, backend, grace):
+def test_a_pod_deleted_by_someone_else_is_an_infrastructure_death_seen_ended_once_its_pod_is_gone(
+    cluster, backend, grace
+):
     replica = backend.start(_spec())
     assert replica.wait_ready(30) is ReplicaState.READY
     cluster.delete_pod(NAMESPACE, replica.pod_name, grace)
     death = replica.wait_dead(15)
     assert death is not None and death.cause is DeathCause.INFRASTRUCTURE and "someone else" in death.reason
+    assert replica.wait_exited(15)  # the worker stops on SIGTERM, the kubelet confirms, the pod object goes
+    assert not cluster.pods()
 
 
 def test_the_watch_relists_after_410_gone_and_still_sees_deaths(cluster):

@@ -5,10 +5,11 @@ processes at their own 127.a.b.N, started by the stand-in's kubelet from the pod
 import functools
 import os
 import sys
+import time
 
 import k8s_tasks as k
 import pytest
-from harness import PHASE, TERMINAL, Attempt, ConnectorServer, Propeller, literal_map, output_value, serialize
+from harness import PHASE, Attempt, ConnectorServer, Propeller, literal_map, output_value, serialize
 from waiting import wait_until
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -37,6 +38,8 @@ def server(cluster, tmp_path_factory):
         "FLYTE_ACTOR_BACKEND": "kubernetes",
         "KUBECONFIG": cluster.kubeconfig,
         "FLYTE_ACTOR_K8S_NOT_READY_GRACE_S": "2",
+        "FLYTE_ACTOR_SYSTEM_RETRIES": "1",
+        "FLYTE_ACTOR_K8S_EXIT_CONFIRM_S": "15",
     }
     s = ConnectorServer(str(tmp_path_factory.mktemp("connector")), env=env).start()
     yield s
@@ -71,6 +74,16 @@ def _with_image(task, image: str):
     template = serialize(task)
     template.container.image = image
     template.custom.fields["spec"].struct_value.fields["container_image"].string_value = image
+    return template
+
+
+def _too_big(task, image: str, cpu: str = "64"):
+    """The task's template, from an environment of its own (`image`) whose pods request more CPU than a node has."""
+    from flyteidl.core import tasks_pb2
+
+    template = _with_image(task, image)
+    del template.container.resources.requests[:]
+    template.container.resources.requests.add(name=tasks_pb2.Resources.CPU, value=cpu)
     return template
 
 
@@ -114,45 +127,111 @@ def test_replica_pods_fit_a_namespace_quota(cluster, propeller, base):
     assert pod["spec"]["containers"][0]["resources"]["limits"] == {"cpu": "1000m", "memory": "1024Mi"}
 
 
-def test_an_oom_killed_replica_fails_its_execution_retryably_naming_the_cause(cluster, propeller, base):
+def _runs(gate: str) -> list:
+    """What `k8s_tasks.counted` recorded: (event, pod IP) per line, in order."""
+    try:
+        with open(f"{gate}.runs") as f:
+            return [tuple(line.split(" ", 1)) for line in f.read().splitlines()]
+    except FileNotFoundError:
+        return []
+
+
+def _starts(gate: str) -> list:
+    return [ip for event, ip in _runs(gate) if event == "start"]
+
+
+def _pod_at(cluster, ip: str) -> dict:
+    (pod,) = [p for p in _pods(cluster, "k8s-faults") if p["status"].get("podIP") == ip]
+    return pod
+
+
+def _counted(propeller, base, exit_code: int = 0):
+    """Creates a `counted` execution and waits until it runs; returns (attempt, meta, gate)."""
     gate = os.path.join(base, "gate")
-    a = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate))
+    a = Attempt(base, k.counted, literal_map(k.counted, gate=gate, exit_code=exit_code))
     meta = propeller.create(a)
-    _running_in_replica(gate)
-    (pod,) = _ready_pods(cluster, "k8s-faults")
-    cluster.kubelet.oom_kill(pod["metadata"]["name"])
+    wait_until(lambda: _starts(gate), 60, "the task running in its replica")
+    return a, meta, gate
+
+
+@pytest.mark.parametrize("fault", ["oom", "exit"])
+def test_a_replica_its_task_killed_fails_its_execution_retryably_without_a_system_retry(
+    cluster, propeller, base, fault
+):
+    a, meta, gate = _counted(propeller, base, exit_code=3 if fault == "exit" else 0)
+    if fault == "oom":
+        cluster.kubelet.oom_kill(_pod_at(cluster, _starts(gate)[0])["metadata"]["name"])
     r = propeller.wait(meta, timeout=30)
-    assert r.phase == PHASE.RETRYABLE_FAILED and "OOMKilled" in r.message and "137" in r.message, r.message
+    assert r.phase == PHASE.RETRYABLE_FAILED, r.message
+    if fault == "oom":
+        assert "OOMKilled" in r.message and "137" in r.message, r.message
+    else:
+        assert "exit code 3" in r.message, r.message
+    assert "system retr" not in r.message and len(_starts(gate)) == 1  # the task's own doing: never run again
 
 
-@pytest.mark.parametrize("fault", ["node-loss", "deleted"])
-def test_a_replica_lost_to_the_infrastructure_ends_or_moves_its_execution_within_60s(cluster, propeller, base, fault):
-    gate = os.path.join(base, "gate")
-    a = Attempt(base, k.held_fault, literal_map(k.held_fault, gate=gate))
-    meta = propeller.create(a)
-    _running_in_replica(gate)
-    (pod,) = _ready_pods(cluster, "k8s-faults")
-    lost = pod["metadata"]["name"]
+def _take_away(cluster, pod_name: str, fault: str) -> None:
+    """The platform takes a replica pod away: its node is lost, the kubelet evicts it, or someone deletes it."""
     if fault == "node-loss":
-        cluster.kubelet.lose_node(lost)
+        cluster.kubelet.lose_node(pod_name)
+    elif fault == "evicted":
+        cluster.kubelet.evict(pod_name)
     else:
-        cluster.delete_pod(NAMESPACE, lost, grace=30)
+        cluster.delete_pod(NAMESPACE, pod_name, grace=30)
 
-    def ended_or_moved():
-        r = propeller.get(meta)
-        if r.phase in TERMINAL:
-            return r
-        others = [p for p in _ready_pods(cluster, "k8s-faults") if p["metadata"]["name"] != lost]
-        return r if r.phase == PHASE.RUNNING and others else None
 
-    r = wait_until(ended_or_moved, 60, "the execution ended or re-dispatched after the replica was lost")
+@pytest.mark.parametrize("fault", ["node-loss", "evicted", "deleted"])
+def test_a_replica_lost_to_the_infrastructure_has_its_execution_run_again_on_a_new_pod(cluster, propeller, base, fault):
+    a, meta, gate = _counted(propeller, base)
+    (lost_ip,) = _starts(gate)
+    pod = _pod_at(cluster, lost_ip)
+    lost, pid = pod["metadata"]["name"], cluster.kubelet.pid(pod["metadata"]["name"])
+    _take_away(cluster, lost, fault)
+    wait_until(lambda: len(_starts(gate)) == 2, 60, "the execution dispatched again (a system retry)")
+    # only once the old run was seen ended: its process is gone, its pod gone (or reported Failed: evicted)
+    assert not os.path.exists(f"/proc/{pid}"), "dispatched again while the old run's process still existed"
+    old = [p for p in cluster.pods(NAMESPACE) if p["metadata"]["name"] == lost]
+    assert not old or old[0]["status"].get("phase") == "Failed", old
+    r = propeller.get(meta)
+    assert r.phase == PHASE.RUNNING, r.message
     open(gate, "w").close()
-    if r.phase not in TERMINAL:  # re-dispatched to another replica (the pool's system retries): it completes there
+    r = propeller.wait(meta, timeout=60)
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    new_ip = output_value(a.outputs(), "o0", str)
+    assert new_ip != lost_ip
+    assert _runs(gate) == [("start", lost_ip), ("start", new_ip), ("done", new_ip)]  # completed once, on the new pod
+
+
+def test_a_lost_nodes_pod_never_removed_ends_its_execution_retryably_within_60s_and_never_runs_it_twice(
+    cluster, propeller, base
+):
+    grace = cluster.kubelet.node_loss_grace
+    cluster.kubelet.node_loss_grace = 600.0  # the node lifecycle does not remove the pod: nobody sees its end
+    try:
+        a, meta, gate = _counted(propeller, base)
+        lost = _pod_at(cluster, _starts(gate)[0])["metadata"]["name"]
+        taken = time.monotonic()
+        cluster.kubelet.lose_node(lost)
         r = propeller.wait(meta, timeout=60)
-        assert r.phase == PHASE.SUCCEEDED, r.message
-    else:
+        assert time.monotonic() - taken < 60
         assert r.phase == PHASE.RETRYABLE_FAILED, r.message
-        assert ("not ready" in r.message) if fault == "node-loss" else ("deleted" in r.message), r.message
+        assert "not ready" in r.message and "did not see it end within 15s" in r.message, r.message
+        assert len(_starts(gate)) == 1  # not dispatched again: the frozen run may still be there
+        assert [p for p in cluster.pods(NAMESPACE) if p["metadata"]["name"] == lost]  # deleted gracefully, not forced
+    finally:
+        cluster.kubelet.node_loss_grace = grace  # the node lifecycle removes the pod (and kills its process) now
+
+
+def test_system_retries_are_bounded_then_the_execution_fails_retryably_naming_the_cause(cluster, propeller, base):
+    a, meta, gate = _counted(propeller, base)  # this connector allows one system retry (FLYTE_ACTOR_SYSTEM_RETRIES)
+    cluster.kubelet.evict(_pod_at(cluster, _starts(gate)[0])["metadata"]["name"])
+    wait_until(lambda: len(_starts(gate)) == 2, 60, "the execution dispatched again (the one system retry)")
+    cluster.kubelet.evict(_pod_at(cluster, _starts(gate)[1])["metadata"]["name"])
+    r = propeller.wait(meta, timeout=60)
+    assert r.phase == PHASE.RETRYABLE_FAILED, r.message
+    assert "evicted" in r.message and "infrastructure" in r.message, r.message
+    assert "gave up after 1 system retries of 1" in r.message, r.message
+    assert [event for event, _ in _runs(gate)] == ["start", "start"]
 
 
 def test_an_image_that_cannot_be_pulled_fails_queued_executions_fast(cluster, propeller, base):
@@ -166,17 +245,46 @@ def test_an_image_that_cannot_be_pulled_fails_queued_executions_fast(cluster, pr
 
 
 def test_an_unschedulable_replica_reports_waiting_for_resources_and_delete_aborts(cluster, propeller, base):
-    template = _with_image(k.add, "ghcr.io/example/huge:1")
-    del template.container.resources.requests[:]
-    from flyteidl.core import tasks_pb2
-
-    template.container.resources.requests.add(name=tasks_pb2.Resources.CPU, value="64")
+    template = _too_big(k.add, "ghcr.io/example/huge:1")
     a = Attempt(base, k.add, literal_map(k.add, a=1, b=1), template=template)
     meta = propeller.create(a)
     r = propeller.wait(meta, phases={PHASE.WAITING_FOR_RESOURCES}, timeout=30)
     assert "Insufficient cpu" in r.message and "Unschedulable" in r.message, r.message
     propeller.delete(meta)
     assert propeller.get(meta).phase == PHASE.ABORTED
+
+
+def test_a_map_whose_replicas_cannot_be_scheduled_waits_for_resources_then_runs(cluster, propeller, base):
+    gate = os.path.join(base, "gate")
+    m = actor_map(functools.partial(k.where_gated, gate=gate))
+    a = Attempt(base, m, literal_map(m, x=[0, 1, 2]), template=_too_big(m, "ghcr.io/example/huge-map:1", cpu="40"))
+    meta = propeller.create(a)
+    r = propeller.wait(meta, task_type="actor_map", phases={PHASE.WAITING_FOR_RESOURCES}, timeout=30)
+    assert "Insufficient cpu" in r.message and "Unschedulable" in r.message, r.message
+    capacity = cluster.kubelet.node.capacity["cpu"]
+    # a node with room for these pods joins (the autoscaler), not for the other tests' 64-CPU ones still pending
+    cluster.kubelet.node.capacity["cpu"] = "48"
+    try:
+        r = propeller.wait(meta, task_type="actor_map", phases={PHASE.RUNNING}, timeout=60)
+        assert "0 of 3 items done" in r.message, r.message
+        open(gate, "w").close()
+        r = propeller.wait(meta, task_type="actor_map", timeout=60)
+    finally:
+        cluster.kubelet.node.capacity["cpu"] = capacity
+    assert r.phase == PHASE.SUCCEEDED, r.message
+    assert [int(v.split(":")[0]) for v in output_value(a.outputs(), "o0", list[str])] == [0, 1, 2]
+
+
+def test_delete_aborts_a_map_waiting_for_resources(cluster, propeller, base):
+    m = actor_map(k.where)
+    a = Attempt(base, m, literal_map(m, x=[0, 1]), template=_too_big(m, "ghcr.io/example/huge-map:2"))
+    meta = propeller.create(a)
+    r = propeller.wait(meta, task_type="actor_map", phases={PHASE.WAITING_FOR_RESOURCES}, timeout=30)
+    assert "Insufficient cpu" in r.message, r.message
+    propeller.delete(meta, task_type="actor_map")
+    r = propeller.get(meta, task_type="actor_map")
+    assert r.phase == PHASE.ABORTED, r.message
+    assert not os.path.exists(os.path.join(a.dir, "items", "0", "outputs.pb"))  # no item ran
 
 
 def test_delete_task_aborts_a_running_execution_on_a_pod(cluster, propeller, base):
@@ -211,9 +319,9 @@ def test_a_connector_killed_and_restarted_adopts_its_warm_pods(cluster, server, 
     assert cluster.requests[("get", "secrets")] == token_reads + 1  # it read the pool token from the pod's Secret
 
 
-def _counted(base: str) -> Attempt:
+def _counted_run(base: str) -> Attempt:
     gate, counter = os.path.join(base, "gate"), os.path.join(base, "runs")
-    return Attempt(base, k.counted, literal_map(k.counted, gate=gate, counter=counter))
+    return Attempt(base, k.counted_run, literal_map(k.counted_run, gate=gate, counter=counter))
 
 
 def _uncollected(cluster, pod: dict) -> list:
@@ -238,7 +346,7 @@ def _runs(base: str) -> int:
 def test_an_execution_running_when_the_connector_died_is_re_attached_and_its_result_collected(
     cluster, server, propeller, base
 ):
-    a = _counted(base)
+    a = _counted_run(base)
     meta = propeller.create(a)
     _running_in_replica(os.path.join(base, "gate"))
     (pod,) = _ready_pods(cluster, "k8s-restart")
@@ -263,7 +371,7 @@ def test_an_execution_running_when_the_connector_died_is_re_attached_and_its_res
 def test_an_execution_that_finished_while_the_connector_was_down_is_collected_after_the_restart(
     cluster, server, propeller, base
 ):
-    a = _counted(base)
+    a = _counted_run(base)
     meta = propeller.create(a)
     _running_in_replica(os.path.join(base, "gate"))
     (pod,) = _ready_pods(cluster, "k8s-restart")
@@ -278,7 +386,7 @@ def test_an_execution_that_finished_while_the_connector_was_down_is_collected_af
     assert os.path.exists(os.path.join(a.dir, "outputs.pb"))
     server.start()
     # another execution of the environment comes first: its pool adopts the pod and collects the finished one
-    b = Attempt(base, k.counted, literal_map(k.counted, gate=os.path.join(base, "gate"), counter=base + "-b"))
+    b = Attempt(base, k.counted_run, literal_map(k.counted_run, gate=os.path.join(base, "gate"), counter=base + "-b"))
     r = propeller.wait(propeller.create(b), timeout=60)
     assert r.phase == PHASE.SUCCEEDED, r.message + server.log()
     assert output_value(b.outputs(), "o0", str) == pod["status"]["podIP"]  # the same warm pod served it
@@ -294,7 +402,7 @@ def test_an_execution_that_finished_while_the_connector_was_down_is_collected_af
 def test_delete_task_after_a_restart_aborts_the_execution_running_on_an_adopted_replica(
     cluster, server, propeller, base
 ):
-    a = _counted(base)
+    a = _counted_run(base)
     meta = propeller.create(a)
     _running_in_replica(os.path.join(base, "gate"))
     (pod,) = _ready_pods(cluster, "k8s-restart")
@@ -307,7 +415,7 @@ def test_delete_task_after_a_restart_aborts_the_execution_running_on_an_adopted_
     b_base = os.path.join(base, "b")
     os.makedirs(b_base)
     open(os.path.join(b_base, "gate"), "w").close()
-    b = _counted(b_base)
+    b = _counted_run(b_base)
     r = propeller.wait(propeller.create(b), timeout=30)
     assert r.phase == PHASE.SUCCEEDED, r.message + server.log()
     assert output_value(b.outputs(), "o0", str) == pod["status"]["podIP"]
@@ -316,7 +424,7 @@ def test_delete_task_after_a_restart_aborts_the_execution_running_on_an_adopted_
 
 
 def test_an_execution_whose_replica_died_with_the_connector_is_not_run_twice(cluster, server, propeller, base):
-    a = _counted(base)
+    a = _counted_run(base)
     meta = propeller.create(a)
     _running_in_replica(os.path.join(base, "gate"))
     (pod,) = _ready_pods(cluster, "k8s-restart")

@@ -1,6 +1,7 @@
 """The stand-in's node: a scheduler and a kubelet in one thread. Each pod gets its own 127.a.b.N, its primary
 container's command runs as a local process with its env resolved, its readiness probe is run for real, and its
-status is reported as a kubelet reports it. Fault switches: OOM kill, node loss, image pull failure, unschedulable."""
+status is reported as a kubelet reports it. Fault switches: OOM kill, node-pressure eviction, node loss, image pull
+failure, unschedulable."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class _Run:
     next_probe: float = 0.0
     pull_failed_at: Optional[float] = None
     oom: bool = False
+    evicted: Optional[str] = None  # the eviction manager's message, once it evicted the pod
     frozen_at: Optional[float] = None
     term_sent_at: Optional[float] = None
     exit: Optional[dict] = None
@@ -85,9 +87,18 @@ class Kubelet:
         run.oom = True
         self._kill(run, signal.SIGKILL)
 
+    def evict(self, pod_name: str, resource: str = "memory") -> None:
+        """The kubelet's eviction manager under node pressure (a hard threshold: no grace): the containers are
+        killed, then the pod reports phase Failed, reason Evicted, and stays until someone deletes it."""
+        run = self._run_of(pod_name)
+        run.evicted = f"The node was low on resource: {resource}. Threshold quantity: 100Mi, available: 64Mi."
+        self._kill(run, signal.SIGKILL)
+
     def lose_node(self, pod_name: str) -> None:
-        """The pod's node stops answering: its process freezes, the node controller marks the pod not ready and
-        deletes it after `node_loss_grace`; the pod object goes once the node is gone for good."""
+        """The pod's node stops answering: its process freezes and the node controller marks the pod not ready.
+        After `node_loss_grace` the pod is marked for deletion (taint eviction; no kubelet will confirm it), after
+        twice that the node lifecycle force-deletes it with its node, gone for good: its process is killed then, so it
+        never wakes up to write anything."""
         run = self._run_of(pod_name)
         self._kill(run, signal.SIGSTOP)
         run.frozen_at = time.monotonic()
@@ -372,7 +383,11 @@ class Kubelet:
             else:
                 statuses.append(_container_status(c, {"running": {"startedAt": run.started}}, ready=run.ready))
         st["containerStatuses"] = statuses
-        if run.exit is not None:
+        if run.exit is not None and run.evicted is not None:
+            st.update(phase="Failed", reason="Evicted", message=run.evicted)
+            _set_condition(st, "DisruptionTarget", True, "TerminationByKubelet", run.evicted)
+            reason = "PodFailed"
+        elif run.exit is not None:
             st["phase"] = "Succeeded" if run.exit["exitCode"] == 0 else "Failed"
             reason = "PodCompleted"
         else:

@@ -292,7 +292,7 @@ def test_readiness_probe_conditions_and_faults(cluster):
 
 def test_node_loss_freezes_the_process_marks_it_not_ready_then_deletes_the_pod(cluster):
     api = cluster.api()
-    cluster.kubelet.node_loss_grace = 0.5
+    cluster.kubelet.node_loss_grace = 1.0
     api.create_namespaced_pod(NAMESPACE, _pod("p", ["sleep", "30"]))
     _wait(
         lambda: (
@@ -308,4 +308,23 @@ def test_node_loss_freezes_the_process_marks_it_not_ready_then_deletes_the_pod(c
     ready = next(c for c in cluster.pods()[0]["status"]["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False"
     _wait(lambda: cluster.pods() and cluster.pods()[0]["metadata"].get("deletionTimestamp"), what="taint eviction")
+    with open(f"/proc/{pid}/stat") as f:
+        assert f.read().split()[2] == "T"  # no kubelet confirms the deletion: the pod stays, its process frozen
     _wait(lambda: not cluster.pods(), what="the pod gone with its node")
+    assert not os.path.exists(f"/proc/{pid}")  # force-deleted with its node: it never wakes up to write anything
+
+
+def test_an_evicted_pod_is_failed_with_its_containers_stopped_and_stays_until_deleted(cluster):
+    api = cluster.api()
+    api.create_namespaced_pod(NAMESPACE, _pod("e", ["sleep", "30"]))
+    _wait(lambda: cluster.kubelet.pid("e") if cluster.pods()[0]["status"].get("phase") == "Running" else None)
+    pid = cluster.kubelet.pid("e")
+    cluster.kubelet.evict("e")
+    _wait(lambda: cluster.pods()[0]["status"].get("phase") == "Failed", what="the eviction reported")
+    (pod,) = cluster.pods()
+    assert pod["status"]["reason"] == "Evicted" and "low on resource: memory" in pod["status"]["message"]
+    disruption = next(c for c in pod["status"]["conditions"] if c["type"] == "DisruptionTarget")
+    assert (disruption["status"], disruption["reason"]) == ("True", "TerminationByKubelet")
+    assert "terminated" in pod["status"]["containerStatuses"][0]["state"]
+    assert not os.path.exists(f"/proc/{pid}")
+    assert not pod["metadata"].get("deletionTimestamp")  # the object stays until someone deletes it

@@ -371,9 +371,23 @@ def test_the_system_retry_budget_ends_in_replica_died_naming_replica_and_cause(t
         pool.shutdown()
 
 
-def test_a_system_retry_waits_for_the_old_run_to_end_and_nothing_of_it_is_left_under_the_prefix(tmp_path, monkeypatch):
-    monkeypatch.setattr(pool_module, "EXIT_CONFIRM_S", 30.0)
+def test_a_spent_budget_ends_the_execution_without_waiting_for_the_old_run_to_be_seen_ended(tmp_path):
+    pool = make_pool(tmp_path, system_retries=0)
+    pool.backend.exit_confirm_s = 60.0  # no retry can follow: waiting for the end would only delay the answer
+    e, runs, release, first = _running(pool, tmp_path)
+    try:
+        first._set_dead("pod not ready for 60s after it was ready (node lost)", None, DeathCause.INFRASTRUCTURE)
+        assert e.wait(30) and e.state is ExecutionState.REPLICA_DIED, (e.state, e.death)
+        assert "gave up after 0 system retries of 0" in e.death.reason and not first.exited
+    finally:
+        release.write_text("go")
+        first.terminate(0)
+        pool.shutdown()
+
+
+def test_a_system_retry_waits_for_the_old_run_to_end_and_nothing_of_it_is_left_under_the_prefix(tmp_path):
     pool = make_pool(tmp_path, system_retries=1)
+    pool.backend.exit_confirm_s = 30.0
     try:
         e, runs, release, first = _running(pool, tmp_path)
         out = ExecutionCommand.parse(e.spec.args).output_prefix
@@ -390,9 +404,9 @@ def test_a_system_retry_waits_for_the_old_run_to_end_and_nothing_of_it_is_left_u
         pool.shutdown()
 
 
-def test_an_infrastructure_death_whose_replica_is_not_seen_ended_is_not_run_twice(tmp_path, monkeypatch):
-    monkeypatch.setattr(pool_module, "EXIT_CONFIRM_S", 1.0)
+def test_an_infrastructure_death_whose_replica_is_not_seen_ended_is_not_run_twice(tmp_path):
     pool = make_pool(tmp_path, system_retries=3)
+    pool.backend.exit_confirm_s = 1.0
     e, runs, release, first = _running(pool, tmp_path)
     try:
         # e.g. a node gone silent: the platform gave the replica up, but nobody saw its process end
