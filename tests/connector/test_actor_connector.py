@@ -142,9 +142,9 @@ def test_replica_sigkill_is_retryable_and_replaced(propeller, base):
     a = Attempt(base, t.wait_for_file, literal_map(t.wait_for_file, path=gate, counter=counter, label="k"))
     meta = propeller.create(a)
     running = propeller.wait(meta, phases={PHASE.RUNNING})
-    wait_until(lambda: os.path.exists(counter), 30, "the task to start on its replica")
+    started = wait_until(lambda: os.path.exists(counter) and open(counter).read().split(), 30, "the task to start")
     replica_pid = _replica_pid(running)
-    assert open(counter).read().split()[1] == str(replica_pid)
+    assert started[1] == str(replica_pid)
     os.kill(replica_pid, signal.SIGKILL)
     r = propeller.wait(meta)
     assert r.phase == PHASE.RETRYABLE_FAILED

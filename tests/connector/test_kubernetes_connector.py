@@ -338,7 +338,7 @@ def _uncollected(cluster, pod: dict) -> list:
         return c.request("health")["uncollected"]
 
 
-def _runs(base: str) -> int:
+def _run_count(base: str) -> int:
     with open(os.path.join(base, "runs")) as f:
         return f.read().count("run")
 
@@ -360,12 +360,12 @@ def test_an_execution_running_when_the_connector_died_is_re_attached_and_its_res
     r = propeller.wait(meta, timeout=60)
     assert r.phase == PHASE.SUCCEEDED, r.message + server.log()
     assert output_value(a.outputs(), "o0", str) == pod["status"]["podIP"]  # its result, from the pod that ran it
-    assert _runs(base) == 1  # ran exactly once
+    assert _run_count(base) == 1  # ran exactly once
     assert propeller.create(a) == meta and propeller.get(meta).phase == PHASE.SUCCEEDED  # a late CreateTask: no rerun
     assert cluster.requests[("create", "pods")] == creates  # no new pod: the busy one was adopted
     (still,) = _ready_pods(cluster, "k8s-restart")
     assert still["metadata"]["name"] == pod["metadata"]["name"]
-    assert _runs(base) == 1
+    assert _run_count(base) == 1
 
 
 def test_an_execution_that_finished_while_the_connector_was_down_is_collected_after_the_restart(
@@ -395,7 +395,7 @@ def test_an_execution_that_finished_while_the_connector_was_down_is_collected_af
     r = propeller.get(meta)
     assert r.phase == PHASE.SUCCEEDED, r.message
     assert output_value(a.outputs(), "o0", str) == pod["status"]["podIP"]
-    assert _runs(base) == 1
+    assert _run_count(base) == 1
     assert cluster.requests[("create", "pods")] == creates
 
 
@@ -419,7 +419,7 @@ def test_delete_task_after_a_restart_aborts_the_execution_running_on_an_adopted_
     r = propeller.wait(propeller.create(b), timeout=30)
     assert r.phase == PHASE.SUCCEEDED, r.message + server.log()
     assert output_value(b.outputs(), "o0", str) == pod["status"]["podIP"]
-    assert not os.path.exists(os.path.join(a.dir, "outputs.pb")) and _runs(base) == 1
+    assert not os.path.exists(os.path.join(a.dir, "outputs.pb")) and _run_count(base) == 1
     assert cluster.requests[("create", "pods")] == creates
 
 
@@ -436,7 +436,7 @@ def test_an_execution_whose_replica_died_with_the_connector_is_not_run_twice(clu
     assert r.phase == PHASE.RETRYABLE_FAILED and "not run twice" in r.message, r.message
     assert "no replica adopted" in r.message, r.message
     open(os.path.join(base, "gate"), "w").close()
-    assert _runs(base) == 1 and not os.path.exists(os.path.join(a.dir, "outputs.pb"))
+    assert _run_count(base) == 1 and not os.path.exists(os.path.join(a.dir, "outputs.pb"))
 
 
 def test_a_map_resumed_after_a_restart_collects_its_in_flight_items_from_the_adopted_pods(
