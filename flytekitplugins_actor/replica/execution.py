@@ -200,7 +200,7 @@ class ReplicaRuntime:
                 if spec.execution_id in self.cancelled:  # asked for before the task could start
                     raise CancelRequested("cancelled before it started")
                 if fast:
-                    outputs_pb = self._execute_in(exec_dir, cmd, raw, ckpt, prev, spec.return_outputs)
+                    outputs_pb = self._execute_in(spec, exec_dir, cmd, raw, ckpt, prev)
                 else:
                     self._execute_with_flytekit_setup(exec_dir, cmd, raw, ckpt, prev)
             finally:
@@ -243,19 +243,19 @@ class ReplicaRuntime:
 
     def _execute_in(
         self,
+        spec: ExecutionSpec,
         exec_dir: str,
         cmd: ExecutionCommand,
         raw: str,
         ckpt: Optional[str],
         prev: Optional[str],
-        return_outputs: bool = False,
     ) -> Optional[bytes]:
-        """What `_execute_task` does, in a context built on the prepared dir (see replica/sandbox.py). With
-        `return_outputs`, returns outputs.pb instead of writing it under the output prefix (if it is small)."""
+        """What `_execute_task` does, in a context built on the prepared dir (see replica/sandbox.py). With the
+        spec's `return_outputs`, returns outputs.pb instead of writing it under the output prefix (if it is small)."""
         from flytekit.bin.entrypoint import _dispatch_execute
         from flytekit.tools.module_loader import load_object_from_module
 
-        with execution_context(cmd, exec_dir, raw, ckpt, prev) as ctx:
+        with execution_context(cmd, exec_dir, raw, ckpt, prev, spec.env) as ctx:
             try:
                 cwd = os.getcwd()
             except FileNotFoundError:  # an earlier task moved into its own temp dir, which is gone now
@@ -267,7 +267,7 @@ class ReplicaRuntime:
                 self._cwd_on_path = (cwd, len(sys.path))
             resolver = load_object_from_module(cmd.resolver)
             loader_args = list(cmd.resolver_args)
-            ctx.file_access.keep_outputs = return_outputs
+            ctx.file_access.keep_outputs = spec.return_outputs
             _dispatch_execute(ctx, lambda: resolver.load_task(loader_args=loader_args), cmd.inputs, cmd.output_prefix)
             return ctx.file_access.kept_outputs
 

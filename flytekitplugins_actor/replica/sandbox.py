@@ -14,15 +14,18 @@ executions, so it keeps that work off each execution's critical path:
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import copy
 import datetime
 import itertools
 import os
+import pathlib
 import shutil
 import tempfile
 import threading
 import traceback
-from typing import TYPE_CHECKING, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from flytekitplugins_actor.replica.protocol import INLINE_LIMIT_BYTES
 
@@ -223,7 +226,12 @@ def _copy(src: str, dest: str) -> None:
 
 
 class _Config:
-    """What flytekit reads from env and config files per process: read once per replica."""
+    """What flytekit reads from env and config files per process: read once per replica. Also the few objects an
+    execution's context needs that depend only on its task and workflow execution, kept for the next executions of
+    the same ones (a map's items, a local run's calls)."""
+
+    KEEP = 8
+    """Per kind, how many of those objects are kept (the most recently used)."""
 
     def __init__(self) -> None:
         from flytekit.configuration import DataConfig, ImageConfig, StatsConfig
@@ -232,6 +240,32 @@ class _Config:
         self.stats = StatsConfig.auto()
         self.image = ImageConfig.auto()
         self.file_access_class = _fast_file_access_class()
+        self._kept: "collections.OrderedDict[tuple, object]" = collections.OrderedDict()
+
+    def kept(self, key: tuple, make):
+        """The object made by `make()` for `key`, made once while it stays among the KEEP most recent of its kind."""
+        value = self._kept.get(key)
+        if value is None:
+            value = self._kept[key] = make()
+            kind = [k for k in self._kept if k[0] == key[0]]
+            if len(kind) > self.KEEP:
+                del self._kept[kind[0]]
+        else:
+            self._kept.move_to_end(key)
+        return value
+
+    def file_access(self, exec_dir: str, raw: str, metadata: Dict[str, str]):
+        """The execution's file access: a copy of one made for the same raw prefix and execution metadata, pointed at
+        the execution's sandbox (the only thing flytekit's FileAccessProvider derives from the execution dir)."""
+        base = self.kept(
+            ("file_access", raw, tuple(sorted(metadata.items()))),
+            lambda: self.file_access_class(
+                local_sandbox_dir=exec_dir, raw_output_prefix=raw, data_config=self.data, execution_metadata=metadata
+            ),
+        )
+        file_access = copy.copy(base)
+        file_access._local_sandbox_dir = pathlib.Path(exec_dir, SANDBOX)
+        return file_access
 
 
 _CONFIG: Optional[_Config] = None
@@ -246,8 +280,16 @@ def _config() -> _Config:
 
 
 @contextlib.contextmanager
-def execution_context(cmd: "ExecutionCommand", exec_dir: str, raw: str, ckpt: Optional[str], prev: Optional[str]):
-    """The context `pyflyte-execute` builds (flytekit's `setup_execution`), on a prepared dir, from the identity env.
+def execution_context(
+    cmd: "ExecutionCommand",
+    exec_dir: str,
+    raw: str,
+    ckpt: Optional[str],
+    prev: Optional[str],
+    identity: Optional[Dict[str, str]] = None,
+):
+    """The context `pyflyte-execute` builds (flytekit's `setup_execution`), on a prepared dir, from the identity env
+    (`identity`: the execution's own env, already applied to os.environ; os.environ for the names it lacks).
 
     Same identity, parameters, checkpoint, serialization settings and sandbox layout (local_flytekit/, engine_dir);
     what differs is only that nothing here is created, read from config or handed to an event loop per execution.
@@ -267,9 +309,17 @@ def execution_context(cmd: "ExecutionCommand", exec_dir: str, raw: str, ckpt: Op
 
     cfg = _config()
     env = os.environ
+    identity = identity or {}
 
     def one_of(*names: str) -> str:
-        return next((env[n] for n in names if n in env), "")
+        # the execution's identity env first (a plain dict: cheaper than os.environ, and equal to it for these names)
+        for n in names:
+            value = identity.get(n)
+            if value is None:
+                value = env.get(n)
+            if value is not None:
+                return value
+        return ""
 
     exe_project, exe_domain = (
         one_of("FLYTE_INTERNAL_EXECUTION_PROJECT", "_F_PRJ"),
@@ -293,16 +343,19 @@ def execution_context(cmd: "ExecutionCommand", exec_dir: str, raw: str, ckpt: Op
     params = ExecutionParameters(
         execution_id=_identifier.WorkflowExecutionIdentifier(project=exe_project, domain=exe_domain, name=exe_name),
         execution_date=datetime.datetime.now(datetime.timezone.utc),
-        stats=get_stats(
-            cfg=cfg.stats,
-            prefix=f"{tk_project}.{tk_domain}.{tk_name}.user_stats",
-            tags={
-                "exec_project": exe_project,
-                "exec_domain": exe_domain,
-                "exec_workflow": exe_wf,
-                "exec_launchplan": exe_lp,
-                "api_version": api_version,
-            },
+        stats=cfg.kept(
+            ("stats", tk_project, tk_domain, tk_name, exe_project, exe_domain, exe_wf, exe_lp),
+            lambda: get_stats(
+                cfg=cfg.stats,
+                prefix=f"{tk_project}.{tk_domain}.{tk_name}.user_stats",
+                tags={
+                    "exec_project": exe_project,
+                    "exec_domain": exe_domain,
+                    "exec_workflow": exe_wf,
+                    "exec_launchplan": exe_lp,
+                    "api_version": api_version,
+                },
+            ),
         ),
         logging=user_space_logger,
         tmp_dir=os.path.join(exec_dir, WORKSPACE),
@@ -311,11 +364,10 @@ def execution_context(cmd: "ExecutionCommand", exec_dir: str, raw: str, ckpt: Op
         checkpoint=SyncCheckpoint(checkpoint_dest=ckpt, checkpoint_src=prev) if ckpt is not None else None,
         task_id=_identifier.Identifier(_identifier.ResourceType.TASK, tk_project, tk_domain, tk_name, tk_version),
     )
-    file_access = cfg.file_access_class(
-        local_sandbox_dir=exec_dir,
-        raw_output_prefix=raw,
-        data_config=cfg.data,
-        execution_metadata={
+    file_access = cfg.file_access(
+        exec_dir,
+        raw,
+        {
             "flyte-execution-project": exe_project,
             "flyte-execution-domain": exe_domain,
             "flyte-execution-launchplan": exe_lp,

@@ -53,6 +53,16 @@ def read_env(name: str) -> str:
 
 
 @basic.task
+def sandbox_dirs() -> typing.Tuple[str, str]:
+    """The execution's temp dir and its file access's sandbox dir."""
+    import tempfile
+
+    from flytekit.core.context_manager import FlyteContextManager
+
+    return tempfile.gettempdir(), str(FlyteContextManager.current_context().file_access.local_sandbox_dir)
+
+
+@basic.task
 def echo_twice(text: str) -> str:
     return text + text
 

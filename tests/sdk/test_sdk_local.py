@@ -144,6 +144,13 @@ def test_files_and_dataclasses_travel_between_driver_and_replica(tmp_path):
     assert m and int(m.group(1)) != os.getpid(), text
 
 
+def test_each_execution_s_file_access_sandbox_is_inside_its_own_temp_dir():
+    (first_tmp, first_sandbox), (second_tmp, second_sandbox) = t.sandbox_dirs(), t.sandbox_dirs()
+    assert first_sandbox == os.path.join(first_tmp, "local_flytekit")
+    assert second_sandbox == os.path.join(second_tmp, "local_flytekit")
+    assert first_tmp != second_tmp  # each execution its own, whatever the replica keeps between them
+
+
 @pytest.mark.parametrize("size", [10, INLINE_LIMIT_BYTES + 10], ids=["inline", "through-files"])
 def test_small_and_big_values_travel_between_driver_and_replica(size, monkeypatch):
     sent = []
