@@ -543,12 +543,18 @@ def _health(replica, token) -> dict:
         return c.request("health")
 
 
-def test_an_adopted_replica_running_an_execution_is_re_attached_and_its_end_collected(tmp_path):
-    token, runs, release = "prev-token", tmp_path / "runs", tmp_path / "release"
+def _running_on_an_orphan(tmp_path, token="prev-token"):
+    """A replica a previous process left, running `count_then_wait`: (replica, token, spec, runs file, release)."""
+    runs, release = tmp_path / "runs", tmp_path / "release"
     replica = _orphaned_replica(tmp_path, token)
     spec = execution(tmp_path, tasks.count_then_wait, path=str(runs), release=str(release))
     _submit_directly(replica, token, spec)
     wait_until(lambda: runs.exists(), 60, "the task running on the orphaned replica")
+    return replica, token, spec, runs, release
+
+
+def test_an_adopted_replica_running_an_execution_is_re_attached_and_its_end_collected(tmp_path):
+    replica, token, spec, runs, release = _running_on_an_orphan(tmp_path)
     pool = make_pool(tmp_path)
     try:
         pool.adopt(token, [replica])
@@ -626,11 +632,7 @@ def test_cancel_of_a_re_attached_execution_reaches_its_replica_and_keeps_it(tmp_
 
 
 def test_a_re_attached_execution_whose_replica_the_platform_took_is_not_dispatched_again(tmp_path):
-    token, runs, release = "prev-token", tmp_path / "runs", tmp_path / "release"
-    replica = _orphaned_replica(tmp_path, token)
-    spec = execution(tmp_path, tasks.count_then_wait, path=str(runs), release=str(release))
-    _submit_directly(replica, token, spec)
-    wait_until(lambda: runs.exists(), 60, "the task running on the orphaned replica")
+    replica, token, spec, runs, release = _running_on_an_orphan(tmp_path)
     pool = make_pool(tmp_path)
     try:
         pool.adopt(token, [replica])
