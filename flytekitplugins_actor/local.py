@@ -267,10 +267,14 @@ def _run_in(
     inputs_path = os.path.join(workdir, "inputs.pb")
     output_prefix = os.path.join(workdir, "outputs")
     inputs_pb = inputs.to_flyte_idl().SerializeToString()
+
+    def write_inputs(data: bytes) -> None:
+        with open(inputs_path, "wb") as f:
+            f.write(data)
+
     inline = len(inputs_pb) <= INLINE_LIMIT_BYTES  # small inputs go with the request, big ones through a file
     if not inline:
-        with open(inputs_path, "wb") as f:
-            f.write(inputs_pb)
+        write_inputs(inputs_pb)
     resolver, loader_args = _loader(task, workdir)
     args = ExecutionCommand.build(
         inputs=inputs_path,
@@ -284,7 +288,9 @@ def _run_in(
     if root:  # the pool's PYTHONPATH has the first task's root; another task of the environment may need its own
         env[SYS_PATH_ENV] = root
     # the driver is the only reader of this execution's outputs: small ones come back in the reply
-    spec = ExecutionSpec(execution_id, args, env, inputs_pb=inputs_pb if inline else None, return_outputs=True)
+    spec = ExecutionSpec(
+        execution_id, args, env, inputs_pb=inputs_pb if inline else None, return_outputs=True, inputs_file=write_inputs
+    )
     execution = pools.submit_to(task.task_config, spec, want_exception=True)
     if queued is not None:
         queued()

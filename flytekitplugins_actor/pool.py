@@ -51,12 +51,14 @@ from flytekitplugins_actor.replica.backend import (
 from flytekitplugins_actor.replica.error import ExecutionError
 from flytekitplugins_actor.replica.execution import ExecutionSpec
 from flytekitplugins_actor.replica.protocol import (
+    INLINE_PROTOCOL,
     TOKEN_ENV,
     AuthenticationError,
     ProtocolError,
     ReplicaActivity,
     ReplicaClient,
     ReplicaExecutionState,
+    ReplyLost,
     RequestRefused,
     decode_bytes,
 )
@@ -68,11 +70,19 @@ SYSTEM_RETRIES = 3
 KEEPALIVE_S = 10.0
 """An idle replica hears from its pool at least this often (a replica exits after FLYTE_ACTOR_ORPHAN_TIMEOUT_S
 without a request)."""
+SUBMIT_EXIT_GRACE_S = 1.0
+"""A submit whose reply was lost goes to another replica only if its own is seen ended within this (a replica that
+died idle); else it may have been accepted and is never sent elsewhere."""
+FIRST_WAIT_ROUND_S = 0.5
+"""The `wait` sent along with the submit asks this long: a cancel that arrives meanwhile waits for it to return."""
 WAIT_ROUND_S = 5.0
 """A `wait` asks the replica for at most this long: a vanished peer is noticed within WAIT_ROUND_S + IO_MARGIN_S."""
 IO_MARGIN_S = 5.0
 CONTROL_TIMEOUT_S = 2.0
 """Bound on a keepalive or cancel request (connect and answer)."""
+ADOPT_TIMEOUT_S = 10.0
+"""Bound on the `health` that decides a replica's adoption: a replica whose task holds the GIL in a long C call
+answers late, and one not adopted is stopped (with the execution it may be running)."""
 
 
 class ExecutionState(enum.Enum):
@@ -121,6 +131,8 @@ class Execution:
     """The replica it runs on has accepted it (a cancel is then the replica's to deliver)."""
     system_retries: int = 0
     """How often it was dispatched again because the platform took its replica away."""
+    retried_after: Optional[ReplicaDeath] = None
+    """The death that made its last system retry (it is QUEUED again after having run)."""
     reattached: bool = False
     """A previous process (connector) dispatched it; this pool adopted its replica and collects it. It has no
     command, so it is never dispatched again (a lost replica ends it REPLICA_DIED)."""
@@ -181,6 +193,7 @@ class _Slot:
         self.current: Optional[Execution] = None
         self.accepted = 0  # executions the replica accepted: the next one is warm when > 0
         self.lost: Optional[ReplicaDeath] = None  # why the pool gave the replica up, if it did
+        self.protocol = 1  # the replica's protocol version, asked once it is connected
 
     @property
     def busy(self) -> bool:
@@ -303,8 +316,8 @@ class ReplicaPool:
         if replica.state is not ReplicaState.READY:
             return _Adoptee(replica) if replica.state is ReplicaState.STARTING else None
         try:
-            with contextlib.closing(ReplicaClient(replica.address, token, timeout=CONTROL_TIMEOUT_S)) as client:
-                reply = client.request("health", io_timeout=CONTROL_TIMEOUT_S)
+            with contextlib.closing(ReplicaClient(replica.address, token, timeout=ADOPT_TIMEOUT_S)) as client:
+                reply = client.request("health", io_timeout=ADOPT_TIMEOUT_S)
             activity = ReplicaActivity(reply.get("state"))
         except (ProtocolError, OSError, ValueError) as e:
             logger.warning("pool %s: replica %s cannot be adopted: %s", self.name, replica.name, e)
@@ -369,7 +382,7 @@ class ReplicaPool:
             if execution.state is ExecutionState.QUEUED:
                 self._queue.remove(execution)
                 callbacks = self._complete_locked(execution, ExecutionState.CANCELLED)
-            else:  # not yet dispatched: the slot thread sees the flag before or right after its submit
+            else:  # not dispatched yet: the slot thread sees the flag before its submit, or after its short first round
                 execution.cancel_requested, execution._cancel_grace_s = True, grace_seconds
                 if execution.dispatched:
                     slot = next((s for s in self._slots if s.current is execution), None)
@@ -540,6 +553,13 @@ class ReplicaPool:
             if replica.state is not ReplicaState.READY:
                 return
             slot.client = ReplicaClient(replica.address, self.token)
+            try:  # what the replica understands (an image may carry an older version of this package)
+                slot.protocol = int(slot.client.request("health", io_timeout=CONTROL_TIMEOUT_S).get("protocol", 1))
+            except AuthenticationError as e:  # a misconfiguration: the execution it would take fails, saying so
+                execution = self._next_for(slot)
+                if execution is not None:
+                    self._unauthenticated(slot, execution, e)
+                return
             with self._cond:
                 self._failed_starts = 0
                 held = slot.current  # re-attached at adoption: collected first (a cancel() delivers its own cancel)
@@ -598,15 +618,34 @@ class ReplicaPool:
             if execution.cancel_requested:  # cancelled while the hook ran
                 self._finish(slot, execution, ExecutionState.CANCELLED)
                 return True
-        # submit and the first `wait` round go out together (one round trip); the submit's own reply says
-        # whether the replica accepted it, so a connection lost after that is an accepted execution's loss
+        inline = spec.inputs_pb is not None and slot.protocol >= INLINE_PROTOCOL
+        if spec.inputs_pb is not None and not inline:
+            try:  # a replica too old to read inputs_pb reads the file the command names
+                spec.write_inputs()
+            except Exception as e:
+                error = ExecutionError.system(
+                    "DispatchFailed", f"could not write the inputs of {spec.execution_id}: {e}"
+                )
+                self._finish(slot, execution, ExecutionState.FAILED, error=error)
+                return True
+        # submit and a short first `wait` round go out together (one round trip); the submit's own reply says
+        # whether the replica accepted it
         try:
             submitted, first_round = client.pipeline(
-                [("submit", spec.to_wire()), ("wait", self._wait_fields(execution))],
-                io_timeout=WAIT_ROUND_S + IO_MARGIN_S,  # never unbounded: a peer may vanish mid-request
+                [("submit", spec.to_wire(inline)), ("wait", self._wait_fields(execution, FIRST_WAIT_ROUND_S))],
+                io_timeout=FIRST_WAIT_ROUND_S + IO_MARGIN_S,  # never unbounded: a peer may vanish mid-request
             )
             if isinstance(submitted, Exception):
                 raise submitted
+        except ReplyLost as e:
+            if replica.wait_exited(SUBMIT_EXIT_GRACE_S):  # its process is gone (it died idle): nothing of it runs
+                self._requeue(slot, execution, f"replica {replica.name} ended before answering its submit ({e})")
+                return False
+            # sent, never answered, by a replica that may still run: it may have accepted it, so it is never sent
+            # elsewhere from here (its fate is decided as for a replica that stopped answering a `wait`)
+            with self._cond:
+                execution.dispatched = True
+            return self._await(slot, execution, e)
         except AuthenticationError as e:
             self._unauthenticated(slot, execution, e)
             return False
@@ -619,7 +658,7 @@ class ReplicaPool:
                 return True
             self._requeue(slot, execution, f"replica {replica.name} refused it ({e.code.value})")
             return False
-        except ProtocolError as e:  # never accepted: back to the head of the queue for another replica
+        except ProtocolError as e:  # not sent, so never accepted: back to the head of the queue for another replica
             self._requeue(slot, execution, f"submit to replica {replica.name} failed: {e}")
             return False
         with self._cond:
@@ -632,8 +671,8 @@ class ReplicaPool:
         return self._await(slot, execution, first_round)
 
     @staticmethod
-    def _wait_fields(execution: Execution) -> dict:
-        return {"execution_id": execution.id, "timeout": WAIT_ROUND_S, "include_exception": execution.want_exception}
+    def _wait_fields(execution: Execution, timeout: float = WAIT_ROUND_S) -> dict:
+        return {"execution_id": execution.id, "timeout": timeout, "include_exception": execution.want_exception}
 
     def _await(self, slot: _Slot, execution: Execution, reply: Union[dict, Exception, None] = None) -> bool:
         """Waits for the execution's end in bounded rounds, so a vanished peer is noticed within one round.
@@ -769,6 +808,7 @@ class ReplicaPool:
             return self._complete_locked(execution, ExecutionState.CANCELLED)
         if self._may_retry(execution, death) and exited:
             execution.system_retries += 1
+            execution.retried_after = death
             logger.warning(
                 "pool %s: %s (%s) while running %s: dispatching it again (system retry %d of %d)",
                 self.name,

@@ -12,6 +12,7 @@ result and are run again: a map item may run twice across a restart (there is no
 from __future__ import annotations
 
 import collections
+import functools
 import queue
 import threading
 from typing import Callable, Dict, List, Optional, Union
@@ -135,11 +136,19 @@ class MapRun:
             store.write_bytes(inputs_path, inputs_pb)
         item_id = self._item_id(i)
         command = self.template.command.with_paths(inputs=inputs_path, output_prefix=prefix, item=i)
-        spec = ExecutionSpec(item_id, command.to_args(), self.env, inputs_pb=inputs_pb if inline else None)
+        spec = ExecutionSpec(
+            item_id,
+            command.to_args(),
+            self.env,
+            inputs_pb=inputs_pb if inline else None,
+            inputs_file=functools.partial(store.write_bytes, inputs_path),  # for a replica too old to take them inline
+        )
         try:
-            pool.submit(spec, before_dispatch=self._on_dispatch, on_done=self._on_done)
+            execution = pool.submit(spec, before_dispatch=self._on_dispatch, on_done=self._on_done)
         except PoolClosed:  # reaped while idle between two items: the next lookup makes a new pool
-            self._pool_of().submit(spec, before_dispatch=self._on_dispatch, on_done=self._on_done)
+            execution = self._pool_of().submit(spec, before_dispatch=self._on_dispatch, on_done=self._on_done)
+        if execution.dispatched or execution.state.terminal:  # re-attached after a restart: it reached a replica
+            self.started.set()
 
     def _on_dispatch(self, execution: Execution) -> None:
         self.started.set()

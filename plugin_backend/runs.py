@@ -87,6 +87,13 @@ class SingleRun(Run):
         e = self.execution
         links = log_links([(e.replica, e.log_uri)]) if e.replica else []
         state = e.state
+        if state is ExecutionState.QUEUED and e.system_retries:  # it ran: its phase does not go back to QUEUED
+            return Status(
+                TaskExecution.RUNNING,
+                f"dispatching again after its replica was lost to the platform ({e.system_retries} system "
+                f"retr{'y' if e.system_retries == 1 else 'ies'} so far): {e.retried_after}",
+                links,
+            )
         if state is ExecutionState.QUEUED:
             return pending(self._find_pool(), self.env_name)
         if state is ExecutionState.RUNNING:

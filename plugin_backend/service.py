@@ -537,6 +537,8 @@ def service() -> ActorService:
         if _SERVICE is None:
             _SERVICE = ActorService()
             # the connector's first request: what is loaded now (flytekit, grpc, this package) lives as long as the
-            # process, so the collector need not walk it on every later collection
+            # process, so the collector need not walk it on every later collection (garbage is collected first:
+            # frozen objects are never collected)
+            gc.collect()
             gc.freeze()
         return _SERVICE

@@ -68,6 +68,9 @@ class ExecutionSpec:
     env: Dict[str, str] = field(default_factory=dict)
     inputs_pb: Optional[bytes] = None
     return_outputs: bool = False
+    inputs_file: Optional[Callable[[bytes], None]] = field(default=None, repr=False, compare=False)
+    """Writes `inputs_pb` where the command's `--inputs` points: the pool calls it for a replica too old to read them
+    from the request (protocol version 1)."""
 
     def parsed(self) -> ExecutionCommand:
         cached = self.__dict__.get("_parsed")
@@ -75,10 +78,20 @@ class ExecutionSpec:
             cached = self.__dict__["_parsed"] = ExecutionCommand.parse(self.args)
         return cached
 
-    def to_wire(self) -> Dict[str, Any]:
-        """The `submit` request's fields."""
+    def write_inputs(self) -> None:
+        """Writes the inline inputs as the file the command reads (for a replica that cannot take them inline)."""
+        if self.inputs_pb is None:
+            return
+        if self.inputs_file is None:
+            raise RuntimeError(
+                "the replica is too old to read inputs from the request, and no inputs file can be written"
+            )
+        self.inputs_file(self.inputs_pb)
+
+    def to_wire(self, inline: bool = True) -> Dict[str, Any]:
+        """The `submit` request's fields (without `inputs_pb` unless `inline`)."""
         wire: Dict[str, Any] = {"execution_id": self.execution_id, "args": self.args, "env": self.env}
-        if self.inputs_pb is not None:
+        if self.inputs_pb is not None and inline:
             wire["inputs_pb"] = encode_bytes(self.inputs_pb)
         if self.return_outputs:
             wire["return_outputs"] = True

@@ -15,7 +15,10 @@ import struct
 import threading
 from typing import Any, Dict, List, Optional, Tuple, Union
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: `inputs_pb`, `return_outputs`/`outputs_pb` and `uncollected` (a version-1 replica ignores them)."""
+INLINE_PROTOCOL = 2
+"""The first version whose replicas read `inputs_pb`: older ones get the inputs as a file."""
 TOKEN_ENV = "FLYTE_ACTOR_TOKEN"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 _HEADER = struct.Struct("!I")
@@ -79,6 +82,10 @@ class RefusalCode(enum.Enum):
     def transient(self) -> bool:
         """The same request may succeed on another (or a later) replica."""
         return self in (RefusalCode.BUSY, RefusalCode.STOPPING)
+
+
+class ReplyLost(ProtocolError):
+    """The request was sent but its reply never came (connection lost, timeout): it may have taken effect."""
 
 
 class RequestRefused(ProtocolError):
@@ -166,6 +173,8 @@ class ReplicaClient:
         self._sock = socket.create_connection((host, int(port)), timeout=timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock.settimeout(None)
+        self.broken: Optional[str] = None
+        """Why the connection was given up (an exchange failed half-way), or None: a broken client sends nothing."""
 
     def request(self, op: str, io_timeout: Optional[float] = None, **fields: Any) -> Dict[str, Any]:
         """Sends one request and returns the reply; raises ProtocolError if the replica went away.
@@ -181,28 +190,45 @@ class ReplicaClient:
     ) -> List[Union[Dict[str, Any], Exception]]:
         """Sends several requests at once and reads their replies in order: one round trip instead of one each
         (the replica serves a connection's requests in order). Each reply, or the error that stands in for it (a
-        refusal, or the connection lost before that reply came), is returned in its request's place, so the caller
-        knows which requests were answered. Raises ProtocolError only if nothing could be sent."""
+        refusal, or `ReplyLost`: the request went out and its reply never came), is returned in its request's
+        place, so the caller knows which requests may have taken effect. Raises ProtocolError when nothing was
+        sent (none took effect). A connection that failed mid-exchange is closed for good (`broken`): a late reply
+        must never be read as the answer to a later request."""
         with self._lock:
+            if self.broken is not None:
+                raise ProtocolError(f"connection to replica at {self.address} is broken ({self.broken})")
+            sent = 0
             try:
                 self._sock.settimeout(io_timeout)
                 for op, fields in requests:
                     send_message(self._sock, {"op": op, "token": self._token, **fields})
+                    sent += 1
             except (OSError, ValueError) as e:
-                if isinstance(e, ProtocolError):
-                    raise
-                raise ProtocolError(f"{requests[0][0]} to replica at {self.address} failed: {e}") from e
+                self._break(e)
+                if not sent:
+                    raise ProtocolError(f"{requests[0][0]} to replica at {self.address} failed: {e}") from e
             replies: List[Union[Dict[str, Any], Exception]] = []
-            lost: Optional[ProtocolError] = None
-            for op, _ in requests:
-                if lost is None:
+            lost: Optional[ReplyLost] = None
+            for i, (op, _) in enumerate(requests):
+                if lost is None and i < sent:
                     try:
                         replies.append(self._checked(op, recv_message(self._sock)))
                         continue
                     except (OSError, ValueError) as e:
-                        lost = ProtocolError(f"{op} to replica at {self.address} failed: {e}")
-                replies.append(lost)  # the connection is gone: no later reply comes either
+                        self._break(e)
+                        lost = ReplyLost(f"{op} to replica at {self.address} failed: {e}")
+                if i >= sent:  # never sent: it cannot have taken effect
+                    replies.append(ProtocolError(f"{op} to replica at {self.address} was not sent ({self.broken})"))
+                else:
+                    replies.append(lost or ReplyLost(f"{op} to replica at {self.address}: {self.broken}"))
             return replies
+
+    def _break(self, cause: BaseException) -> None:
+        self.broken = f"{type(cause).__name__}: {cause}"
+        try:
+            self._sock.close()
+        except OSError:
+            pass
 
     def _checked(self, op: str, reply: Dict[str, Any]) -> Union[Dict[str, Any], Exception]:
         """The reply, or the error a refusal stands for (AuthenticationError for a bad token)."""

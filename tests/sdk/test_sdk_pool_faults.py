@@ -643,3 +643,38 @@ def test_a_re_attached_execution_whose_replica_the_platform_took_is_not_dispatch
         assert runs.read_text().count("run") == 1
     finally:
         pool.shutdown()
+
+
+def _inline_execution(tmp, x: int) -> ExecutionSpec:
+    """`echo`-like execution whose inputs travel inline: its inputs file is written only if the pool must."""
+    spec = execution(tmp, tasks.repeat, text="x", times=1)
+    inputs_path = ExecutionCommand.parse(spec.args).inputs
+    os.unlink(inputs_path)
+    lm = TypeEngine.dict_to_literal_map(
+        FlyteContextManager.current_context(), {"text": "ab", "times": x}, tasks.repeat.python_interface.inputs
+    )
+
+    def write(data: bytes) -> None:
+        with open(inputs_path, "wb") as f:
+            f.write(data)
+
+    spec.inputs_pb, spec.inputs_file = lm.to_flyte_idl().SerializeToString(), write
+    return spec
+
+
+@pytest.mark.parametrize("protocol", [1, 2])
+def test_inline_inputs_reach_a_replica_of_either_protocol_version(tmp_path, protocol):
+    """A replica image with an older version of this package (protocol 1) ignores inputs_pb and reads the file its
+    command names: the pool writes that file for it, and only for it."""
+    v1 = os.path.join(os.path.dirname(os.path.abspath(__file__)), "protocol_v1_replica")
+    env = {"PYTHONPATH": os.pathsep.join([v1, *sys.path]), "FLYTE_ACTOR_TEST_PROTOCOL_V1": "1"} if protocol == 1 else {}
+    pool = make_pool(tmp_path, env=env)
+    try:
+        spec = _inline_execution(tmp_path, 3)
+        e = pool.submit(spec)
+        assert e.wait(60) and e.state is ExecutionState.SUCCEEDED, (e.state, e.error)
+        assert os.path.exists(ExecutionCommand.parse(spec.args).inputs) == (protocol == 1)
+        (slot,) = pool._slots
+        assert slot.protocol == protocol
+    finally:
+        pool.shutdown()

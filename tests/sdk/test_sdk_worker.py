@@ -23,10 +23,12 @@ from flytekitplugins_actor.replica.error import CANCELLED
 from flytekitplugins_actor.replica.execution import ExecutionSpec
 from flytekitplugins_actor.replica.protocol import (
     INLINE_LIMIT_BYTES,
+    PROTOCOL_VERSION,
     AuthenticationError,
     ProtocolError,
     RefusalCode,
     ReplicaClient,
+    ReplyLost,
     RequestRefused,
     decode_bytes,
     recv_message,
@@ -146,7 +148,7 @@ def test_bad_token_is_refused(worker):
         send_message(s, {"op": "status", "token": worker.token[:-1] + "x", "execution_id": "e"})
         assert recv_message(s)["code"] == "UNAUTHENTICATED"
     # and it kept serving the right token
-    assert worker.request("health")["protocol"] == 1
+    assert worker.request("health")["protocol"] == PROTOCOL_VERSION == 2
 
 
 def test_worker_refuses_to_start_without_a_token(tmp_path):
@@ -193,7 +195,7 @@ def test_health_reports_the_replica(worker):
     assert h["ok"] is True
     assert h["replica"] == worker.replica.spec.name
     assert h["pid"] == worker.replica.pid
-    assert h["protocol"] == 1
+    assert h["protocol"] == PROTOCOL_VERSION
     assert h["state"] == "idle"
     assert h["running"] is None
     assert h["uncollected"] == []
@@ -302,7 +304,11 @@ def test_a_connection_lost_between_replies_is_reported_for_each_unanswered_reque
             client.close()
             peer_thread.join(10)
     assert first == {"ok": True, "state": "accepted"}
-    assert isinstance(second, ProtocolError) and "wait" in str(second)
+    assert isinstance(second, ReplyLost) and "wait" in str(second)  # sent, so it may have taken effect
+    # a connection that failed half-way is given up: a late reply can never answer a later request
+    assert client.broken
+    with pytest.raises(ProtocolError, match="broken"):
+        client.request("health")
 
 
 def test_inline_inputs_are_read_instead_of_the_inputs_file_and_outputs_come_back_in_the_reply(worker, tmp_path):
