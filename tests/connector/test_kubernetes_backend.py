@@ -245,7 +245,7 @@ def test_a_restarted_connector_adopts_live_replicas_with_their_token(cluster, ba
 
 def test_pods_no_pool_claims_are_deleted_after_their_orphan_timeout(cluster, backend):
     spec = _spec()
-    spec.env[ORPHAN_TIMEOUT_ENV] = "1"
+    spec.env[ORPHAN_TIMEOUT_ENV] = "4"  # counts from the replica's start: the inventory must come before it expires
     replica = backend.start(spec)
     assert replica.wait_ready(30) is ReplicaState.READY
     backend.shutdown()
