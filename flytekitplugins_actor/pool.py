@@ -359,6 +359,11 @@ class ReplicaPool:
         with self._cond:
             return self._executions.get(execution_id)
 
+    def executions(self, matching: Callable[[str], bool]) -> List[Execution]:
+        """The executions the pool knows whose id `matching` accepts, ended ones included (e.g. a map's items)."""
+        with self._cond:
+            return [e for execution_id, e in self._executions.items() if matching(execution_id)]
+
     def forget(self, execution_id: str) -> None:
         """Drops the pool's record of an execution: now if it has ended, else as soon as it ends."""
         with self._cond:

@@ -55,6 +55,17 @@ def plan_of(inputs: Union[LiteralMap, literals_pb2.LiteralMap, None], spec: MapS
         raise InvalidActorRequest(str(e)) from None
 
 
+def item_id(map_execution_id: str, i: int) -> str:
+    """Item i's execution id in the pool."""
+    return f"{map_execution_id}.{i}"
+
+
+def item_of(map_execution_id: str, execution_id: str) -> Optional[int]:
+    """The item index an execution id names within the map, or None if it is not one of the map's items."""
+    prefix, _, index = execution_id.rpartition(".")
+    return int(index) if prefix == map_execution_id and index.isdigit() else None
+
+
 class MapRun:
     """One map execution's progress; `phase` is a MapPhase, set last when the map ends."""
 
@@ -219,11 +230,10 @@ class MapRun:
 
     def _item_id(self, i: int) -> str:
         """Item i's execution id in the pool."""
-        return f"{self.execution_id}.{i}"
+        return item_id(self.execution_id, i)
 
-    def _index(self, item_id: str) -> Optional[int]:
-        prefix, _, index = item_id.rpartition(".")
-        return int(index) if prefix == self.execution_id and index.isdigit() else None
+    def _index(self, execution_id: str) -> Optional[int]:
+        return item_of(self.execution_id, execution_id)
 
     def _cancel_inflight(self) -> None:
         """Cancels every item still in flight (the pool escalates past the grace on its own) and forgets them."""

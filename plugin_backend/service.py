@@ -21,6 +21,7 @@ from flytekit.loggers import logger
 from flytekit.models.literals import LiteralMap
 from flytekit.models.task import TaskExecutionMetadata, TaskTemplate
 
+from flytekitplugins_actor.constants import CANCEL_GRACE_S
 from flytekitplugins_actor.map_model import MapPlan
 from flytekitplugins_actor.pool import Execution, ExecutionState, ReplicaPool
 from flytekitplugins_actor.replica.error import read_error_document
@@ -28,7 +29,7 @@ from flytekitplugins_actor.replica.execution import ExecutionSpec
 from plugin_backend import metrics, store
 from plugin_backend.errors import InvalidActorRequest
 from plugin_backend.identity import identity_of
-from plugin_backend.map_run import MapRun, plan_of
+from plugin_backend.map_run import MapRun, item_of, plan_of
 from plugin_backend.meta import MAX_META_BYTES, ActorResourceMeta
 from plugin_backend.pools import PoolKey, PoolManager
 from plugin_backend.runs import MapRunView, Run, SingleRun, StoredRun
@@ -455,6 +456,19 @@ class ActorService:
             return None
         return self._reattach(meta, request)
 
+    def _abort_reattached_items(self, meta: ActorResourceMeta, record: store.ExecutionRecord) -> None:
+        """For a DeleteTask of a map this process does not know: cancels the items that replicas adopted from a
+        previous connector still run (creating the map's pool adopts them). Never queues anything."""
+        request = record.read_request()
+        if request is None or request.get("execution_id") != meta.execution_id:
+            return
+        template, key = self._pool_key_of(request)
+        pool = self.manager.pool_for(key, template)
+        for execution in pool.executions(lambda execution_id: item_of(meta.execution_id, execution_id) is not None):
+            logger.info("DeleteTask: aborting map item %s, re-attached after a connector restart", execution.id)
+            pool.cancel(execution.id, grace_seconds=CANCEL_GRACE_S)
+            pool.forget(execution.id)
+
     # ---- delete ----
     def delete(self, meta: ActorResourceMeta) -> None:
         """Aborts a running execution or drops a queued one. Repeated or late deletes succeed quietly."""
@@ -464,7 +478,9 @@ class ActorService:
             self._wait_ready(entry)
         if entry is None or entry.final is None:
             self._mark_aborted(meta, record)
-        if entry is None:  # a restart: an adopted replica may still run it
+        if entry is None and meta.kind == ACTOR_MAP_TASK_TYPE:  # a restart: adopted replicas may still run items
+            self._abort_reattached_items(meta, record)
+        elif entry is None:  # a restart: an adopted replica may still run it
             entry = self._reattach_to_abort(meta, record)
         if entry is None or entry.run is None:
             return

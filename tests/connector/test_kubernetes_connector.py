@@ -326,6 +326,11 @@ def _counted_run(base: str) -> Attempt:
 
 def _uncollected(cluster, pod: dict) -> list:
     """What the replica pod's worker reports as ended but never collected, asked with its pool token (its Secret)."""
+    return _health(cluster, pod)["uncollected"]
+
+
+def _health(cluster, pod: dict) -> dict:
+    """The replica pod's `health`, asked with its pool token (its Secret)."""
     import base64
     import contextlib
 
@@ -335,7 +340,7 @@ def _uncollected(cluster, pod: dict) -> list:
     (secret,) = [s for s in cluster.secrets(NAMESPACE) if s["metadata"]["name"] == f"{pod['metadata']['name']}-token"]
     token = base64.b64decode(secret["data"][TOKEN_KEY]).decode()
     with contextlib.closing(ReplicaClient(f"{pod['status']['podIP']}:{WORKER_PORT}", token, timeout=5)) as c:
-        return c.request("health")["uncollected"]
+        return c.request("health")
 
 
 def _run_count(base: str) -> int:
@@ -471,6 +476,29 @@ def test_a_map_resumed_after_a_restart_collects_its_in_flight_items_from_the_ado
     assert output_value(a.outputs(), "o0", list[int]) == [x * x for x in xs]
     assert sorted(ran()) == sorted(xs)  # every item ran once: the two in flight were collected, not run again
     assert cluster.requests[("create", "pods")] == creates
+
+
+def test_delete_task_of_a_map_after_a_restart_cancels_its_items_on_the_adopted_pods(cluster, server, propeller, base):
+    gate, counter = os.path.join(base, "gate"), os.path.join(base, "runs")
+    m = actor_map(functools.partial(k.counted_square, gate=gate, counter=counter))
+    a = Attempt(base, m, literal_map(m, x=[100, 101]))
+    meta = propeller.create(a)
+    wait_until(
+        lambda: os.path.exists(counter) and sorted(open(counter).read().split()) == ["100", "101"],
+        60,
+        "both items running, one per pod",
+    )
+    pods = _ready_pods(cluster, "k8s-restart-map")
+    assert len(pods) == 2 and all(_health(cluster, p)["state"] == "busy" for p in pods)
+    server.kill()
+    server.start()
+    propeller.delete(meta, task_type="actor_map")  # the first request after the restart
+    wait_until(lambda: all(_health(cluster, p)["state"] == "idle" for p in pods), 60, "both items cancelled")
+    open(gate, "w").close()  # too late for them: they ended cancelled, and wrote nothing
+    items = os.path.join(a.dir, "items")
+    assert not any(os.path.exists(os.path.join(items, str(i), "outputs.pb")) for i in range(2))
+    assert propeller.get(meta, task_type="actor_map").phase == PHASE.ABORTED
+    assert sorted(open(counter).read().split()) == ["100", "101"]  # each ran once, and nothing ran them again
 
 
 def test_the_connector_used_exactly_the_verbs_deploy_grants(cluster):
