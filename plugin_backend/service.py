@@ -357,8 +357,8 @@ class ActorService:
         stored = self._stored_result(record, meta)
         if stored is not None:
             return stored
-        request = record.read_request()
-        if request is None or request.get("execution_id") != meta.execution_id:
+        request = record.request_of(meta.execution_id)
+        if request is None:
             return Status(
                 TaskExecution.RETRYABLE_FAILED,
                 f"no record of execution {meta.execution_id} under {meta.output_prefix}; "
@@ -444,30 +444,24 @@ class ActorService:
         )
         return entry
 
-    def _reattach_to_abort(self, meta: ActorResourceMeta, record: store.ExecutionRecord) -> Optional[_Entry]:
-        """For a DeleteTask of an execution this process does not know: the entry of a dispatched execution with no
-        result that an adopted replica still holds (so the abort reaches it), else None. Never queues anything."""
-        if meta.kind == ACTOR_MAP_TASK_TYPE or record.marker(store.STARTED) is None:
+    def _abort_after_restart(self, meta: ActorResourceMeta, record: store.ExecutionRecord) -> Optional[_Entry]:
+        """For a DeleteTask of an execution this process does not know, what replicas adopted from a previous
+        connector still run of it: a map's items are cancelled here (None); a dispatched single execution with no
+        result that an adopted replica holds is returned, for the abort to reach it. Never queues anything."""
+        request = record.request_of(meta.execution_id)
+        if request is None:
             return None
-        request = record.read_request()
-        if request is None or request.get("execution_id") != meta.execution_id:
+        if meta.kind == ACTOR_MAP_TASK_TYPE:  # creating the map's pool adopts its replicas, re-attaching its items
+            template, key = self._pool_key_of(request)
+            pool = self.manager.pool_for(key, template)
+            for execution in pool.executions(lambda execution_id: item_of(meta.execution_id, execution_id) is not None):
+                logger.info("DeleteTask: aborting map item %s, re-attached after a connector restart", execution.id)
+                pool.cancel(execution.id, grace_seconds=CANCEL_GRACE_S)
+                pool.forget(execution.id)
             return None
-        if record.has_outputs() or record.has_error():
+        if record.marker(store.STARTED) is None or record.has_outputs() or record.has_error():
             return None
         return self._reattach(meta, request)
-
-    def _abort_reattached_items(self, meta: ActorResourceMeta, record: store.ExecutionRecord) -> None:
-        """For a DeleteTask of a map this process does not know: cancels the items that replicas adopted from a
-        previous connector still run (creating the map's pool adopts them). Never queues anything."""
-        request = record.read_request()
-        if request is None or request.get("execution_id") != meta.execution_id:
-            return
-        template, key = self._pool_key_of(request)
-        pool = self.manager.pool_for(key, template)
-        for execution in pool.executions(lambda execution_id: item_of(meta.execution_id, execution_id) is not None):
-            logger.info("DeleteTask: aborting map item %s, re-attached after a connector restart", execution.id)
-            pool.cancel(execution.id, grace_seconds=CANCEL_GRACE_S)
-            pool.forget(execution.id)
 
     # ---- delete ----
     def delete(self, meta: ActorResourceMeta) -> None:
@@ -478,10 +472,8 @@ class ActorService:
             self._wait_ready(entry)
         if entry is None or entry.final is None:
             self._mark_aborted(meta, record)
-        if entry is None and meta.kind == ACTOR_MAP_TASK_TYPE:  # a restart: adopted replicas may still run items
-            self._abort_reattached_items(meta, record)
-        elif entry is None:  # a restart: an adopted replica may still run it
-            entry = self._reattach_to_abort(meta, record)
+        if entry is None:  # a restart: adopted replicas may still run it (or a map's items)
+            entry = self._abort_after_restart(meta, record)
         if entry is None or entry.run is None:
             return
         was_terminal = entry.run.terminal
@@ -504,8 +496,7 @@ class ActorService:
         """Records the abort for a restarted connector, only under a prefix holding this execution's request and
         no result: DeleteTask never creates directories or writes where its request points at random."""
         try:
-            request = record.read_request()
-            if request is None or request.get("execution_id") != meta.execution_id:
+            if record.request_of(meta.execution_id) is None:
                 return
             if not record.has_outputs() and not record.has_error():
                 record.mark(store.ABORTED, str(time.time()), make_dirs=False)

@@ -124,6 +124,12 @@ class ExecutionRecord:
         except ValueError:
             return None
 
+    def request_of(self, execution_id: str) -> Optional[Dict[str, Any]]:
+        """The request record if it is this execution's, else None: a prefix holding another execution's record (or
+        none) is never read, written or acted on for this one."""
+        request = self.read_request()
+        return request if request is not None and request.get("execution_id") == execution_id else None
+
     # ---- markers ----
     def mark(self, marker: str, detail: str = "", make_dirs: bool = True) -> None:
         write_bytes(self.path(marker), detail.encode(), make_dirs=make_dirs)

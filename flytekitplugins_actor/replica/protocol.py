@@ -198,6 +198,7 @@ class ReplicaClient:
             if self.broken is not None:
                 raise ProtocolError(f"connection to replica at {self.address} is broken ({self.broken})")
             sent = 0
+            lost: Optional[BaseException] = None  # why no further reply can be read
             try:
                 self._sock.settimeout(io_timeout)
                 for op, fields in requests:
@@ -207,20 +208,20 @@ class ReplicaClient:
                 self._break(e)
                 if not sent:
                     raise ProtocolError(f"{requests[0][0]} to replica at {self.address} failed: {e}") from e
+                lost = e
             replies: List[Union[Dict[str, Any], Exception]] = []
-            lost: Optional[ReplyLost] = None
             for i, (op, _) in enumerate(requests):
-                if lost is None and i < sent:
+                if i >= sent:  # never sent: it cannot have taken effect
+                    replies.append(ProtocolError(f"{op} to replica at {self.address} was not sent ({self.broken})"))
+                    continue
+                if lost is None:
                     try:
                         replies.append(self._checked(op, recv_message(self._sock)))
                         continue
                     except (OSError, ValueError) as e:
                         self._break(e)
-                        lost = ReplyLost(f"{op} to replica at {self.address} failed: {e}")
-                if i >= sent:  # never sent: it cannot have taken effect
-                    replies.append(ProtocolError(f"{op} to replica at {self.address} was not sent ({self.broken})"))
-                else:
-                    replies.append(lost or ReplyLost(f"{op} to replica at {self.address}: {self.broken}"))
+                        lost = e
+                replies.append(ReplyLost(f"{op} to replica at {self.address} failed: {lost}"))
             return replies
 
     def _break(self, cause: BaseException) -> None:
