@@ -15,7 +15,9 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
+from flytekitplugins_actor.replica import engine_files
 from flytekitplugins_actor.replica.command import ExecutionCommand
+from flytekitplugins_actor.replica.engine_files import EngineFiles
 from flytekitplugins_actor.replica.error import CANCELLED, ExecutionError, read_engine_dir_error, write_error_document
 from flytekitplugins_actor.replica.protocol import (
     INLINE_LIMIT_BYTES,
@@ -25,8 +27,9 @@ from flytekitplugins_actor.replica.protocol import (
     encode_bytes,
 )
 from flytekitplugins_actor.replica.sandbox import (
+    ENGINE_DIR,
+    SANDBOX,
     ExecutionDirs,
-    engine_dir_error_file,
     execution_context,
     fast_path_applies,
     run_coroutines_inline,
@@ -195,16 +198,22 @@ class ReplicaRuntime:
         outcome: Optional[ExecutionOutcome] = None
         outputs_pb: Optional[bytes] = None
         fast = fast_path_applies()
+        files = EngineFiles(os.path.join(exec_dir, ENGINE_DIR)) if fast else None
         if not self.executions:  # the first execution of this process: it is a replica
             use_frugal_serialization()
             run_coroutines_inline()
+            engine_files.keep_engine_files_in_memory()
         try:
             os.environ.update(spec.env)
             for path in spec.env.get(SYS_PATH_ENV, "").split(os.pathsep):  # a local driver's module roots
                 if path and path not in sys.path:
                     sys.path.append(path)
             tempfile.tempdir = exec_dir
-            if spec.inputs_pb is not None:  # the inputs came with the request: the execution reads them from here
+            if spec.inputs_pb is not None and files is not None:  # they came with the request: read from memory
+                inline = os.path.join(exec_dir, SANDBOX, "inputs.inline.pb")  # a name only: never written
+                files = EngineFiles(files.engine_dir, inline, spec.inputs_pb)
+                cmd = cmd.with_paths(inputs=files.inputs_path)
+            elif spec.inputs_pb is not None:  # flytekit's own set-up reads them from a file
                 cmd = cmd.with_paths(inputs=stage_inputs(exec_dir, spec.inputs_pb))
             self._activate_distribution(cmd)
             raw, ckpt, prev = normalize_inputs(cmd.raw_output_data_prefix, cmd.checkpoint_path, cmd.prev_checkpoint)
@@ -212,8 +221,8 @@ class ReplicaRuntime:
                 self.cancel_armed = True  # then checked: a cancel before this line is in self.cancelled
                 if spec.execution_id in self.cancelled:  # asked for before the task could start
                     raise CancelRequested("cancelled before it started")
-                if fast:
-                    outputs_pb = self._execute_in(spec, exec_dir, cmd, raw, ckpt, prev)
+                if files is not None:
+                    outputs_pb = self._execute_in(spec, exec_dir, files, cmd, raw, ckpt, prev)
                 else:
                     self._execute_with_flytekit_setup(exec_dir, cmd, raw, ckpt, prev)
             finally:
@@ -243,7 +252,7 @@ class ReplicaRuntime:
             self.executions += 1
         if outcome is None:
             try:  # pyflyte-execute wrote error.pb into its engine dir before uploading it: no storage round trip
-                error = _engine_dir_error(exec_dir, fast)
+                error = _engine_dir_error(exec_dir, files)
             except Exception as e:  # storage trouble must not take the replica down
                 error = ExecutionError.system("SYSTEM", f"could not read the execution's error.pb: {e!r}")
             state = ReplicaExecutionState.FAILED if error else ReplicaExecutionState.SUCCEEDED
@@ -258,13 +267,15 @@ class ReplicaRuntime:
         self,
         spec: ExecutionSpec,
         exec_dir: str,
+        files: EngineFiles,
         cmd: ExecutionCommand,
         raw: str,
         ckpt: Optional[str],
         prev: Optional[str],
     ) -> Optional[bytes]:
-        """What `_execute_task` does, in a context built on the prepared dir (see replica/sandbox.py). With the
-        spec's `return_outputs`, returns outputs.pb instead of writing it under the output prefix (if it is small)."""
+        """What `_execute_task` does, in a context built on the prepared dir (see replica/sandbox.py), its protobuf
+        files in memory (replica/engine_files.py). With the spec's `return_outputs`, returns outputs.pb instead of
+        writing it under the output prefix (if it is small)."""
         from flytekit.bin.entrypoint import _dispatch_execute
         from flytekit.tools.module_loader import load_object_from_module
 
@@ -281,7 +292,10 @@ class ReplicaRuntime:
             resolver = load_object_from_module(cmd.resolver)
             loader_args = list(cmd.resolver_args)
             ctx.file_access.keep_outputs = spec.return_outputs
-            _dispatch_execute(ctx, lambda: resolver.load_task(loader_args=loader_args), cmd.inputs, cmd.output_prefix)
+            with engine_files.in_memory(files):
+                _dispatch_execute(
+                    ctx, lambda: resolver.load_task(loader_args=loader_args), cmd.inputs, cmd.output_prefix
+                )
             return ctx.file_access.kept_outputs
 
     def _execute_with_flytekit_setup(
@@ -320,15 +334,12 @@ class ReplicaRuntime:
         return ExecutionOutcome(spec.execution_id, ReplicaExecutionState.FAILED, error=error, exception=exc)
 
 
-def _engine_dir_error(exec_dir: str, fast: bool) -> Optional[ExecutionError]:
-    """The error document an execution wrote into its local engine dir, if any."""
-    if not fast:  # flytekit's own setup made its flyte* sandbox inside the execution's dir
+def _engine_dir_error(exec_dir: str, files: Optional[EngineFiles]) -> Optional[ExecutionError]:
+    """The error document an execution wrote into its engine dir, if any."""
+    if files is None:  # flytekit's own setup made its flyte* sandbox inside the execution's dir
         return read_engine_dir_error(exec_dir)
-    path = engine_dir_error_file(exec_dir)
-    if path is None:
-        return None
-    with open(path, "rb") as f:
-        return ExecutionError.from_error_document(f.read())
+    data = files.error_document()
+    return None if data is None else ExecutionError.from_error_document(data)
 
 
 RUNTIME = ReplicaRuntime()

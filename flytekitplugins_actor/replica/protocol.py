@@ -132,9 +132,14 @@ def decode_bytes(field: Any) -> Optional[bytes]:
         raise ProtocolError(f"not base64: {e}") from None
 
 
-def send_message(sock: socket.socket, message: Dict[str, Any]) -> None:
+def encode_message(message: Dict[str, Any]) -> bytes:
+    """One message as it goes on the wire: its length, then its JSON."""
     data = json.dumps(message, separators=(",", ":")).encode()
-    sock.sendall(_HEADER.pack(len(data)) + data)
+    return _HEADER.pack(len(data)) + data
+
+
+def send_message(sock: socket.socket, message: Dict[str, Any]) -> None:
+    sock.sendall(encode_message(message))
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -197,12 +202,16 @@ class ReplicaClient:
         with self._lock:
             if self.broken is not None:
                 raise ProtocolError(f"connection to replica at {self.address} is broken ({self.broken})")
-            sent = 0
+            sent = 0  # requests wholly handed to the socket: only those can have taken effect
             lost: Optional[BaseException] = None  # why no further reply can be read
             try:
+                frames = [encode_message({"op": op, "token": self._token, **fields}) for op, fields in requests]
                 self._sock.settimeout(io_timeout)
-                for op, fields in requests:
-                    send_message(self._sock, {"op": op, "token": self._token, **fields})
+                data, done, end = memoryview(b"".join(frames)), 0, 0
+                for frame in frames:  # one write for all (they arrive together); counted per request
+                    end += len(frame)
+                    while done < end:
+                        done += self._sock.send(data[done:])
                     sent += 1
             except (OSError, ValueError) as e:
                 self._break(e)

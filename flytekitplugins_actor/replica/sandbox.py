@@ -27,7 +27,7 @@ import threading
 import traceback
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-from flytekitplugins_actor.replica.protocol import INLINE_LIMIT_BYTES
+from flytekitplugins_actor.replica import engine_files
 
 if TYPE_CHECKING:
     from flytekitplugins_actor.replica.command import ExecutionCommand  # noqa: F401
@@ -155,6 +155,9 @@ def _fast_file_access_class():
         """flytekit's file access, with local-to-local copies done in place instead of through its event loop."""
 
         def get_data(self, remote_path: str, local_path: str, is_multipart: bool = False, **kwargs):
+            files = engine_files.current()
+            if files is not None and not kwargs and files.alias(str(remote_path), str(local_path)):
+                return  # inputs that came with the request: read from memory
             src = _local_path(remote_path)
             if src is None or kwargs or not os.path.exists(src):  # remote, or flytekit's own error for a missing one
                 return super().get_data(remote_path, local_path, is_multipart=is_multipart, **kwargs)
@@ -166,8 +169,21 @@ def _fast_file_access_class():
         kept_outputs: Optional[bytes] = None
 
         def put_data(self, local_path, remote_path: str, is_multipart: bool = False, **kwargs):
-            if self.keep_outputs and is_multipart and not kwargs and self._keep_outputs_of(str(local_path)):
-                return remote_path
+            files = engine_files.current()
+            if files is not None and is_multipart and not kwargs and files.is_engine_dir(local_path):
+                if os.listdir(files.engine_dir):  # the task wrote into the engine dir itself: upload it all, as files
+                    files.materialize()
+                elif self.keep_outputs and files.small_outputs() is not None:
+                    self.kept_outputs = files.small_outputs()
+                    return remote_path
+                elif _local_path(remote_path) is not None:
+                    dest = _local_path(remote_path)
+                    os.makedirs(dest, exist_ok=True)
+                    for name, data in files.written.items():
+                        _write_new(os.path.join(dest, name), data)
+                    return remote_path
+                else:  # remote storage: flytekit's own upload, from real files
+                    files.materialize()
             dest = _local_path(remote_path)
             if dest is None or kwargs:
                 return super().put_data(local_path, remote_path, is_multipart=is_multipart, **kwargs)
@@ -182,22 +198,6 @@ def _fast_file_access_class():
                 _copy(src, dest)
             return remote_path
 
-        def _keep_outputs_of(self, engine_dir: str) -> bool:
-            """Keeps the engine dir's outputs.pb in memory when it is all the execution wrote and is small; True if
-            so (then nothing needs writing under the prefix)."""
-            from flytekit.core.constants import OUTPUT_FILE_NAME
-
-            try:
-                names = os.listdir(engine_dir)
-            except OSError:
-                return False
-            path = os.path.join(engine_dir, OUTPUT_FILE_NAME)
-            if names != [OUTPUT_FILE_NAME] or os.path.getsize(path) > INLINE_LIMIT_BYTES:
-                return False  # error.pb, futures.pb, decks, or big outputs: storage, as usual
-            with open(path, "rb") as f:
-                self.kept_outputs = f.read()
-            return True
-
     return LocalFastFileAccess
 
 
@@ -207,6 +207,17 @@ def _local_path(path: str) -> Optional[str]:
     if path.startswith("file://"):
         return path[len("file://") :]
     return None if "://" in path else path
+
+
+def _write_new(path: str, data: bytes) -> None:
+    """Writes a new file at `path`, replacing (never writing into) one already there: it may be another file's link."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    except FileExistsError:  # e.g. a retry into the same output prefix
+        os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
 
 
 def _copy(src: str, dest: str) -> None:
@@ -422,19 +433,6 @@ def fast_path_applies() -> bool:
     from flytekit.core.constants import RUNTIME_PACKAGES_ENV_NAME
 
     return not os.environ.get(RUNTIME_PACKAGES_ENV_NAME)
-
-
-def engine_dir_error_file(exec_dir: str) -> Optional[str]:
-    """The error document an execution wrote into its engine dir, if any."""
-    d = os.path.join(exec_dir, ENGINE_DIR)
-    try:
-        names = os.listdir(d)
-    except FileNotFoundError:
-        return None
-    for name in names:
-        if name.startswith("error") and name.endswith(".pb"):
-            return os.path.join(d, name)
-    return None
 
 
 # ---------------------------------------------------------------- serialization

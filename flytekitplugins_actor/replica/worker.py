@@ -17,13 +17,14 @@ import json
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import socketserver
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from flytekit.loggers import logger
 
@@ -43,8 +44,8 @@ from flytekitplugins_actor.replica.protocol import (
     RefusalCode,
     ReplicaActivity,
     ReplicaExecutionState,
+    encode_message,
     recv_message,
-    send_message,
     token_matches,
 )
 
@@ -60,8 +61,44 @@ calls exit(1), which would turn a cancel into a failure."""
 ORPHAN_TIMEOUT_ENV = "FLYTE_ACTOR_ORPHAN_TIMEOUT_S"
 """Seconds without an authenticated request after which the replica exits on its own (unset: never). Its pool
 pings idle replicas every 10 s and waits in bounded rounds, so only a replica whose pool is gone hits it."""
+SENT_ALONG_TIMEOUT_S = 5.0
+"""How long the rest of a request that has started to arrive right after a submit may take."""
 STOP_GRACE_S = 5.0
 """How long a replica that stops on its own gives its execution to end before it exits regardless."""
+
+
+class Delivery:
+    """One connection's reply on its way: a `wait`'s reply is sent by the executing thread the moment the execution
+    ends (as far as the socket takes it without blocking), and its connection thread sends the rest, if any. One
+    thread wake-up less between an execution's end and its reply."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.held: Optional[ExecutionSpec] = None
+        """An execution this connection submitted, not started yet: it starts once the `wait` sent with it is
+        registered (`Worker.release`), so the connection thread does its part before the execution runs, not during
+        it (the two threads share one interpreter)."""
+        self.reply: Optional[Dict[str, Any]] = None
+        self._frame = b""
+        self._sent = 0
+
+    def send_now(self, reply: Dict[str, Any]) -> None:
+        """From the executing thread, while the connection thread waits for this reply: never blocks."""
+        self.reply, self._frame = reply, encode_message(reply)
+        try:
+            self._sent = self.sock.send(self._frame, socket.MSG_DONTWAIT)
+        except OSError:  # full, or the peer is gone: the connection thread sends it (and sees the error)
+            self._sent = 0
+
+    def finish(self, reply: Dict[str, Any]) -> Dict[str, Any]:
+        """From the connection thread: sends what is left of the reply (all of it if none was sent yet)."""
+        if self.reply is None:
+            self.sock.sendall(encode_message(reply))
+            return reply
+        sent, frame, self.reply = self.reply, self._frame[self._sent :], None
+        if frame:
+            self.sock.sendall(frame)
+        return sent
 
 
 log = logger.getChild("replica")
@@ -92,6 +129,9 @@ class Worker:
         self._running: Optional[str] = None
         self._accepted: Dict[str, ExecutionSpec] = {}
         self._outcomes: "collections.OrderedDict[str, ExecutionOutcome]" = collections.OrderedDict()
+        self._waiting: Dict[str, List[Tuple[Delivery, bool]]] = {}
+        """Connections blocked in `wait` for an execution, and whether each asked for the exception: the executing
+        thread sends them the reply as the execution ends."""
         self._uncollected: "collections.OrderedDict[str, None]" = collections.OrderedDict()
         """Ended executions whose end no peer is known to have received (e.g. one that finished while its connector
         was restarting): `health` names them, so a pool that adopts this replica collects them. A `wait` or `status`
@@ -101,7 +141,7 @@ class Worker:
         self.last_request = time.monotonic()  # of an authenticated request: the orphan timeout counts from it
 
     # ---- control plane (server threads) ----
-    def handle(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+    def handle(self, msg: Dict[str, Any], delivery: Optional[Delivery] = None) -> Dict[str, Any]:
         if not token_matches(self.token, msg.get("token")):
             return Refusal(RefusalCode.UNAUTHENTICATED, "bad or missing pool token").to_wire()
         self.last_request = time.monotonic()
@@ -112,11 +152,33 @@ class Worker:
                 RefusalCode.INVALID_ARGUMENT, f"unknown op {op!r}; expected submit, status, wait, cancel or health"
             ).to_wire()
         try:
+            if op in ("submit", "wait") and delivery is not None:
+                return {"ok": True, **handler(msg, delivery)}
             return {"ok": True, **handler(msg)}
         except Refusal as e:
             return e.to_wire()
         except (KeyError, TypeError, ValueError) as e:
             return Refusal(RefusalCode.INVALID_ARGUMENT, f"{op}: {e}").to_wire()
+        finally:
+            if op != "submit" and delivery is not None:
+                self.release(delivery)
+
+    def release(self, delivery: Delivery) -> None:
+        """Starts the execution a connection holds (see `Delivery.held`), if any."""
+        spec, delivery.held = delivery.held, None
+        if spec is not None:
+            self._queue.put(spec)
+
+    @staticmethod
+    def waits_for_held(msg: Optional[Dict[str, Any]], delivery: Delivery) -> bool:
+        """Whether a request read right after a submit is the `wait` for the execution that submit holds."""
+        held = delivery.held
+        return (
+            held is not None
+            and msg is not None
+            and msg.get("op") == "wait"
+            and str(msg.get("execution_id")) == held.execution_id
+        )
 
     @staticmethod
     def carried_end(msg: Dict[str, Any], reply: Dict[str, Any]) -> Optional[str]:
@@ -167,7 +229,7 @@ class Worker:
                 "code_version": RUNTIME.code_version,
             }
 
-    def op_submit(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+    def op_submit(self, msg: Dict[str, Any], delivery: Optional[Delivery] = None) -> Dict[str, Any]:
         spec = ExecutionSpec.from_wire(msg)
         spec.parsed()  # refuse a malformed command now, not on the main thread
         with self._lock:
@@ -183,25 +245,45 @@ class Worker:
                     "it runs one execution at a time",
                 )
             self._accepted[spec.execution_id] = spec
-        self._queue.put(spec)
+        if delivery is not None:
+            delivery.held = spec  # its connection thread releases it (see Delivery.held)
+        else:
+            self._queue.put(spec)
         return {"execution_id": spec.execution_id, "state": ReplicaExecutionState.ACCEPTED.value}
 
     def op_status(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         with self._lock:
             return self._state_of(str(msg["execution_id"]), bool(msg.get("include_exception")))
 
-    def op_wait(self, msg: Dict[str, Any]) -> Dict[str, Any]:
+    def op_wait(self, msg: Dict[str, Any], delivery: Optional[Delivery] = None) -> Dict[str, Any]:
         execution_id = str(msg["execution_id"])
         timeout = msg.get("timeout")
-        with self._lock:
-            self._lock.wait_for(
-                lambda: (
-                    execution_id in self._outcomes
-                    or self._state_of(execution_id)["state"] == ReplicaExecutionState.UNKNOWN.value
-                ),
-                timeout,
+        include_exception = bool(msg.get("include_exception"))
+
+        def ended() -> bool:
+            return (
+                execution_id in self._outcomes
+                or self._state_of(execution_id)["state"] == ReplicaExecutionState.UNKNOWN.value
             )
-            return self._state_of(execution_id, bool(msg.get("include_exception")))
+
+        with self._lock:
+            if delivery is None or ended():
+                self._lock.wait_for(ended, timeout)
+                return self._state_of(execution_id, include_exception)
+            waiter = (delivery, include_exception)
+            self._waiting.setdefault(execution_id, []).append(waiter)
+        self.release(delivery)  # the execution this connection submitted starts now (not under the lock, which the
+        with self._lock:  # executing thread takes as it starts)
+            try:
+                self._lock.wait_for(ended, timeout)
+            finally:
+                waiting = self._waiting[execution_id]
+                waiting.remove(waiter)
+                if not waiting:
+                    del self._waiting[execution_id]
+            if delivery.reply is not None:  # the executing thread sent it (or its start)
+                return {k: v for k, v in delivery.reply.items() if k != "ok"}
+            return self._state_of(execution_id, include_exception)
 
     def op_cancel(self, msg: Dict[str, Any]) -> Dict[str, Any]:
         execution_id = str(msg["execution_id"])
@@ -219,6 +301,8 @@ class Worker:
         while len(self._outcomes) > _KEEP_OUTCOMES:
             forgotten, _ = self._outcomes.popitem(last=False)
             self._uncollected.pop(forgotten, None)
+        for delivery, include_exception in self._waiting.get(outcome.execution_id, ()):
+            delivery.send_now({"ok": True, **self._state_of(outcome.execution_id, include_exception)})
         self._lock.notify_all()
 
     # ---- execution (main thread) ----
@@ -252,7 +336,7 @@ class Worker:
             with self._lock:
                 self._running = None
                 RUNTIME.cancelled.discard(spec.execution_id)
-                self._record(outcome)
+                self._record(outcome)  # replies to its waiting peers
             if cleanup is not None:
                 cleanups.append(cleanup)
                 if len(cleanups) > MAX_PENDING_CLEANUPS:  # never idle: pay one cleanup per execution, no bursts
@@ -283,20 +367,35 @@ class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         worker: Worker = self.server.worker  # type: ignore[attr-defined]
+        delivery = Delivery(self.request)
         told: Optional[str] = None  # an end the last reply carried: received once the peer asks again
-        while True:
-            try:
-                msg = recv_message(self.request)
-            except (ProtocolError, OSError, ValueError):
-                return
-            if told is not None:
-                worker.collected(told)
-            reply = worker.handle(msg)
-            try:
-                send_message(self.request, reply)
-            except OSError:
-                return
-            told = worker.carried_end(msg, reply)
+        pending: Optional[Dict[str, Any]] = None  # a request read early: the one sent together with a submit
+        try:
+            while True:
+                msg, pending = pending if pending is not None else recv_message(self.request), None
+                if told is not None:
+                    worker.collected(told)
+                reply = delivery.finish(worker.handle(msg, delivery))
+                told = worker.carried_end(msg, reply)
+                if delivery.held is not None:  # a submit: read its `wait` now if it came with it
+                    pending = _sent_along(self.request)
+                    if not worker.waits_for_held(pending, delivery):
+                        worker.release(delivery)
+        except (ProtocolError, OSError, ValueError):
+            return
+        finally:
+            worker.release(delivery)
+
+
+def _sent_along(sock: socket.socket) -> Optional[Dict[str, Any]]:
+    """The next request if it is already arriving (a client sends a submit and its first wait together), else None."""
+    if not select.select([sock], [], [], 0)[0]:
+        return None
+    sock.settimeout(SENT_ALONG_TIMEOUT_S)  # it is arriving: a peer that stalls mid-message loses its connection
+    try:
+        return recv_message(sock)
+    finally:
+        sock.settimeout(None)
 
 
 class _Server(socketserver.ThreadingTCPServer):

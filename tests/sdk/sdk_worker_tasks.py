@@ -190,3 +190,28 @@ def hold_in_tidy(marker: str, release: str) -> int:
 def repeat(text: str, times: int) -> str:
     """Outputs `text` `times` times: small or big outputs on demand."""
     return text * times
+
+
+class PayloadError(ValueError):
+    """An exception carrying a big payload behind a short message."""
+
+    def __str__(self) -> str:
+        return f"failed with a payload of {len(self.args[0])} bytes"
+
+
+@env.task
+def fail_with(size: int) -> int:
+    """Fails with an exception whose pickle is `size` bytes and more: a reply bigger than a socket buffer."""
+    if size:
+        raise PayloadError(os.urandom(size))
+    return size
+
+
+@env.task
+def write_engine_file(filename: str) -> int:
+    """Writes a file of its own into flytekit's engine dir, which pyflyte-execute uploads with the outputs."""
+    from flytekit.core.context_manager import FlyteContextManager
+
+    with open(os.path.join(FlyteContextManager.current_context().execution_state.engine_dir, filename), "w") as f:
+        f.write("mine")
+    return 1

@@ -488,6 +488,40 @@ def test_exception_object_is_sent_back_on_request(worker):
     assert "exception" not in worker.request("status", execution_id=execution_id)
 
 
+def test_a_reply_bigger_than_the_socket_buffer_arrives_whole_after_a_pipelined_submit(worker):
+    import base64
+
+    import cloudpickle
+
+    # the executing thread sends a waiting peer its reply without blocking; what the socket does not take at once,
+    # the connection thread sends: the client must read one intact reply either way
+    size = 8 * 1024 * 1024
+    execution_id, args, _ = worker.args(tasks.fail_with, size=size)
+    submitted, waited = worker.client.pipeline(
+        [
+            ("submit", {"execution_id": execution_id, "args": args}),
+            ("wait", {"execution_id": execution_id, "timeout": 60, "include_exception": True}),
+        ]
+    )
+    assert submitted["state"] == "accepted" and waited["state"] == "failed", waited
+    assert f"failed with a payload of {size} bytes" in waited["error"]["message"]
+    exc = cloudpickle.loads(base64.b64decode(waited["exception"]))
+    assert type(exc).__name__ == "PayloadError" and len(exc.args[0]) == size
+    assert worker.request("health")["state"] == "idle"  # the connection is in step
+
+
+def test_a_file_the_task_writes_into_its_engine_dir_is_uploaded_with_its_outputs(worker):
+    # the replica keeps the entrypoint's own protobuf files in memory; anything else in the engine dir still goes
+    # to the output prefix, as pyflyte-execute uploads the whole dir
+    execution_id, args, out = worker.args(tasks.write_engine_file, filename="extra.txt")
+    worker.request("submit", execution_id=execution_id, args=args)
+    reply = worker.request("wait", execution_id=execution_id, timeout=60)
+    assert reply["state"] == "succeeded", reply
+    assert output(out) == 1
+    with open(os.path.join(out, "extra.txt")) as f:
+        assert f.read() == "mine"
+
+
 # ---- per-execution identity and cleanup ----
 def test_identity_env_is_set_during_the_execution_and_restored_after(worker):
     reply, out = worker.run(tasks.identity, env={"FLYTE_INTERNAL_EXECUTION_ID": "exec-a"})
