@@ -291,7 +291,8 @@ def _run_in(
     spec = ExecutionSpec(
         execution_id, args, env, inputs_pb=inputs_pb if inline else None, return_outputs=True, inputs_file=write_inputs
     )
-    execution = pools.submit_to(task.task_config, spec, want_exception=True)
+    # a single call runs on an idle replica from this thread; a map's items keep their FIFO order in the queue
+    execution = pools.submit_to(task.task_config, spec, want_exception=True, run_here=queued is None)
     if queued is not None:
         queued()
     execution.wait()

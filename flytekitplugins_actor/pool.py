@@ -194,6 +194,10 @@ class _Slot:
         self.accepted = 0  # executions the replica accepted: the next one is warm when > 0
         self.lost: Optional[ReplicaDeath] = None  # why the pool gave the replica up, if it did
         self.protocol = 1  # the replica's protocol version, asked once it is connected
+        self.serving = False  # its thread takes executions from the queue (the replica is connected and asked)
+        self.lent = False
+        """A caller runs an execution on this replica itself (`submit(..., run_here=True)`): the slot thread leaves
+        the replica alone until the caller gives it back."""
 
     @property
     def busy(self) -> bool:
@@ -243,12 +247,17 @@ class ReplicaPool:
         want_exception: bool = False,
         before_dispatch: Optional[Callable[[Execution], None]] = None,
         on_done: Optional[Callable[[Execution], None]] = None,
+        run_here: bool = False,
     ) -> Execution:
         """Queues an execution and returns at once. Idempotent per execution id: a repeat returns the same one.
 
         `before_dispatch(execution)` runs on the slot thread just before the replica gets the execution;
         `on_done(execution)` runs once it is terminal, outside the pool's lock (a failure is logged). The first
-        submit of an execution the pool re-attached (`adopt`) gets it, never a second run, and its `on_done`."""
+        submit of an execution the pool re-attached (`adopt`) gets it, never a second run, and its `on_done`.
+
+        With `run_here`, a caller that would wait for the execution anyway runs it on an idle replica itself when
+        nothing is queued (two thread hand-offs less), and returns once it has ended; otherwise it is queued."""
+        slot: Optional[_Slot] = None
         with self._cond:
             if self._closed:
                 raise PoolClosed(f"pool {self.name} ({self.key}) is shut down")
@@ -260,14 +269,48 @@ class ReplicaPool:
                 if on_done is not None:
                     execution._callbacks.append(on_done)
                 self._executions[spec.execution_id] = execution
-                self._queue.append(execution)
-                to_start = self._reserve_locked()
-                self._cond.notify_all()
+                slot = self._idle_slot_locked() if run_here and not self._queue else None
+                if slot is not None:
+                    slot.lent = True
+                    self._take_locked(slot, execution)
+                else:
+                    self._queue.append(execution)
+                    to_start = self._reserve_locked()
+                    self._cond.notify_all()
         if existing is not None:
             _run_callbacks(callbacks)
             return existing
+        if slot is not None:
+            self._run_lent(slot, execution)
+            return execution
         self._start_replicas(to_start)
         return execution
+
+    def _idle_slot_locked(self) -> Optional[_Slot]:
+        for slot in self._slots:
+            if slot.serving and not slot.busy and not slot.lent and not self._gone(slot):
+                return slot
+        return None
+
+    def _run_lent(self, slot: _Slot, execution: Execution) -> None:
+        """Runs an execution on a lent slot's replica on this thread, then gives the slot back to its thread. A
+        replica this thread could not use to the end (it failed, or the caller was interrupted mid-exchange, e.g.
+        Ctrl-C) is given up: its slot thread replaces it and decides the execution's fate, as for its own."""
+        usable = False
+        try:
+            usable = self._run(slot, execution)
+        except (ProtocolError, OSError) as e:
+            logger.warning("pool %s: replica %s is unusable: %s", self.name, slot.replica.name, e)
+        except Exception:
+            logger.exception("pool %s: running %s on replica %s failed", self.name, execution.id, slot.replica.name)
+        finally:
+            with self._cond:
+                slot.lent = False
+                if not usable and not self._gone(slot):
+                    slot.lost = ReplicaDeath(slot.replica.name, f"its exchange about {execution.id} did not complete")
+                    if slot.client is not None:
+                        slot.client.abort()  # a reply may be left unread: the connection is never used again
+                self._cond.notify_all()
 
     def adopt(self, token: str, replicas: List[Replica]) -> None:
         """Serves with replicas a previous process started for this pool (same key), and with their token: a
@@ -570,6 +613,8 @@ class ReplicaPool:
                 held = slot.current  # re-attached at adoption: collected first (a cancel() delivers its own cancel)
             if held is not None and not self._await(slot, held):
                 return
+            with self._cond:
+                slot.serving = True
             while True:
                 execution = self._next_for(slot)
                 if execution is None or not self._run(slot, execution):
@@ -586,18 +631,23 @@ class ReplicaPool:
             self._on_slot_gone(slot)
 
     def _next_for(self, slot: _Slot) -> Optional[Execution]:
-        with self._cond:
-            self._cond.wait_for(lambda: self._queue or self._closed or self._gone(slot))
+        with self._cond:  # a lent slot is its caller's until given back (then gone, if the caller gave it up)
+            self._cond.wait_for(lambda: not slot.lent and (self._queue or self._closed or self._gone(slot)))
             if self._gone(slot) or (self._closed and not self._queue):
                 return None
             execution = self._queue.popleft()
-            execution._transition(ExecutionState.RUNNING)
-            execution.started_at = time.monotonic()
-            execution.replica = slot.replica.name
-            execution.log_uri = slot.replica.log_uri
-            execution.warm = slot.accepted > 0
-            slot.current = execution
+            self._take_locked(slot, execution)
         return execution
+
+    @staticmethod
+    def _take_locked(slot: _Slot, execution: Execution) -> None:
+        """The execution is RUNNING on the slot's replica from now (its submit follows)."""
+        execution._transition(ExecutionState.RUNNING)
+        execution.started_at = time.monotonic()
+        execution.replica = slot.replica.name
+        execution.log_uri = slot.replica.log_uri
+        execution.warm = slot.accepted > 0
+        slot.current = execution
 
     @staticmethod
     def _gone(slot: _Slot) -> bool:

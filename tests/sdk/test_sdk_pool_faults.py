@@ -678,3 +678,50 @@ def test_inline_inputs_reach_a_replica_of_either_protocol_version(tmp_path, prot
         assert slot.protocol == protocol
     finally:
         pool.shutdown()
+
+
+# ---- a caller that runs its execution itself (run_here: a local run's single call) ----
+def test_run_here_runs_on_the_calling_thread_when_a_replica_is_idle_and_queues_otherwise(pool, tmp_path):
+    warm = pool.submit(execution(tmp_path, tasks.pid))  # starts the replica: it is idle once this has ended
+    assert warm.wait(60) and warm.state is ExecutionState.SUCCEEDED
+    dispatched_on = []
+    here = pool.submit(
+        execution(tmp_path, tasks.pid),
+        run_here=True,
+        before_dispatch=lambda e: dispatched_on.append(threading.current_thread()),
+    )
+    assert here.state is ExecutionState.SUCCEEDED  # ended by the time submit returned
+    assert dispatched_on == [threading.current_thread()] and here.replica == warm.replica
+    # the replica is busy: run_here queues, and the slot thread runs it once the replica is free
+    release, started = tmp_path / "release", tmp_path / "started"
+    busy = pool.submit(execution(tmp_path, tasks.wait_for_file, path=str(release), started=str(started)))
+    wait_until(started.exists, 60, "the long execution to start")
+    dispatched_on.clear()
+    queued = pool.submit(
+        execution(tmp_path, tasks.pid),
+        run_here=True,
+        before_dispatch=lambda e: dispatched_on.append(threading.current_thread()),
+    )
+    assert queued.state is ExecutionState.QUEUED
+    release.touch()
+    assert busy.wait(60) and queued.wait(60) and queued.state is ExecutionState.SUCCEEDED
+    assert dispatched_on and dispatched_on[0] is not threading.current_thread()
+    assert pool.stats()["deaths"] == 0
+
+
+def test_a_caller_interrupted_while_running_its_execution_gives_the_replica_up_and_the_pool_goes_on(pool, tmp_path):
+    warm = pool.submit(execution(tmp_path, tasks.pid))
+    assert warm.wait(60) and warm.state is ExecutionState.SUCCEEDED
+
+    def interrupt(_execution):  # as Ctrl-C would, in the middle of the caller's exchange with the replica
+        raise KeyboardInterrupt
+
+    spec = execution(tmp_path, tasks.pid)
+    with pytest.raises(KeyboardInterrupt):
+        pool.submit(spec, run_here=True, before_dispatch=interrupt)
+    interrupted = pool.get(spec.execution_id)
+    # the slot thread takes over: the execution ends (never left RUNNING), the replica is replaced
+    assert interrupted.wait(60) and interrupted.state is ExecutionState.REPLICA_DIED
+    assert "did not complete" in str(interrupted.death)
+    after = pool.submit(execution(tmp_path, tasks.pid), run_here=True)
+    assert after.wait(60) and after.state is ExecutionState.SUCCEEDED and after.replica != warm.replica
