@@ -145,6 +145,8 @@ def _sigterm_exit(signum, frame):
 def _empty(path: str) -> bool:
     """Removes what an execution left in its workdir, keeping the dirs; False if that failed."""
     try:
+        if not os.listdir(path):  # the usual case: inputs and outputs travelled in the messages
+            return True
         for root, dirs, files in os.walk(path):
             for f in files:
                 os.unlink(os.path.join(root, f))
@@ -297,7 +299,7 @@ def _run_in(
         queued()
     execution.wait()
     pools.forget(task.task_config, execution.id)
-    if execution.replica:  # the task's output reaches the terminal before its result reaches the caller
+    if execution.replica and execution.printed is not False:  # the task's output reaches the terminal first
         pools.output.drain(execution.replica)
     if execution.state is ExecutionState.SUCCEEDED:
         from flyteidl.core import literals_pb2

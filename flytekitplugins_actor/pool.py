@@ -123,6 +123,8 @@ class Execution:
     exception_payload: Optional[str] = None
     outputs: Optional[bytes] = None
     """outputs.pb as the replica returned it, when the execution asked for its outputs back (`return_outputs`)."""
+    printed: Optional[bool] = None
+    """Whether the task wrote to its replica's output while it ran (None: the replica cannot tell, e.g. a pod)."""
     queued_at: float = field(default_factory=time.monotonic)
     started_at: Optional[float] = None
     want_exception: bool = False
@@ -775,8 +777,15 @@ class ReplicaPool:
                 error = ExecutionError.system("ProtocolError", f"replica {replica.name}: {e}")
                 self._finish(slot, execution, ExecutionState.FAILED, error=error)
                 return False
+            printed = reply.get("printed")
             self._finish(
-                slot, execution, _ENDED[state], error=error, exception_payload=reply.get("exception"), outputs=outputs
+                slot,
+                execution,
+                _ENDED[state],
+                error=error,
+                exception_payload=reply.get("exception"),
+                outputs=outputs,
+                printed=printed if isinstance(printed, bool) else None,
             )
             return True
 
@@ -800,9 +809,11 @@ class ReplicaPool:
         error: Optional[ExecutionError] = None,
         exception_payload: Optional[str] = None,
         outputs: Optional[bytes] = None,
+        printed: Optional[bool] = None,
     ) -> None:
         with self._cond:
             execution.error, execution.exception_payload, execution.outputs = error, exception_payload, outputs
+            execution.printed = printed
             slot.current = None
             callbacks = self._complete_locked(execution, state)
         _run_callbacks(callbacks)

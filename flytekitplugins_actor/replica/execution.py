@@ -133,6 +133,9 @@ class ExecutionOutcome:
     duration_s: float = 0.0
     exception: Optional[BaseException] = None
     outputs_pb: Optional[bytes] = None
+    printed: Optional[bool] = None
+    """Whether the task wrote to the replica's output (None: the replica cannot tell): a local driver shows a task's
+    output before its result, and need not look when there is none."""
 
     def to_wire(self) -> Dict[str, Any]:
         wire = {
@@ -143,6 +146,8 @@ class ExecutionOutcome:
         }
         if self.outputs_pb is not None:
             wire["outputs_pb"] = encode_bytes(self.outputs_pb)
+        if self.printed is not None:
+            wire["printed"] = self.printed
         return wire
 
 

@@ -21,6 +21,7 @@ import select
 import signal
 import socket
 import socketserver
+import stat
 import sys
 import threading
 import time
@@ -331,7 +332,10 @@ class Worker:
                     continue  # cancelled while queued
                 self._running = spec.execution_id
             log.info("execution %s started", spec.execution_id)
+            output_before = _output_size()
             outcome, cleanup = RUNTIME.run_deferred(spec)  # it arms the cancel around the task's own code only
+            if output_before is not None:
+                outcome.printed = _output_size() != output_before
             log.info("execution %s %s in %.4fs", spec.execution_id, outcome.state.value, outcome.duration_s)
             with self._lock:
                 self._running = None
@@ -343,6 +347,18 @@ class Worker:
                     cleanups.pop(0)()
             if self.stopping:
                 return
+
+
+def _output_size() -> Optional[int]:
+    """The size of the one file the replica's stdout and stderr go to (a local replica's log), or None when they go
+    elsewhere (a pod's pipes): then nobody can tell from here whether a task printed."""
+    try:
+        out, err = os.fstat(1), os.fstat(2)
+    except OSError:
+        return None
+    if not stat.S_ISREG(out.st_mode) or (out.st_dev, out.st_ino) != (err.st_dev, err.st_ino):
+        return None
+    return out.st_size
 
 
 def _run_all(cleanups: List[Callable[[], None]]) -> None:

@@ -30,5 +30,6 @@ def block(marker: str) -> int:
 
 if __name__ == "__main__":
     print(leave_files(n=1000), flush=True)
+    print("driver: the result is back", file=sys.stderr, flush=True)
     if sys.argv[1] == "block":
         block(marker=sys.argv[2])

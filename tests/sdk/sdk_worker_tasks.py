@@ -215,3 +215,11 @@ def write_engine_file(filename: str) -> int:
     with open(os.path.join(FlyteContextManager.current_context().execution_state.engine_dir, filename), "w") as f:
         f.write("mine")
     return 1
+
+
+@env.task
+def say(text: str) -> int:
+    """Prints `text`, if any: the replica's reply says whether the task wrote to its output."""
+    if text:
+        print(text)
+    return len(text)

@@ -419,6 +419,8 @@ def test_task_output_is_streamed_to_the_driver_terminal_prefixed_with_the_replic
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert re.search(r"^sdk-cleanup-\d+ \| hello from the task, pid \d+$", p.stderr, re.M), p.stderr[-3000:]
+    # before the result: the driver shows what the task printed as the call returns, not at its next poll
+    assert p.stderr.index("hello from the task") < p.stderr.index("driver: the result is back"), p.stderr[-3000:]
     assert "[actor-replica" not in p.stderr  # the worker's bookkeeping stays in the log file
     assert "hello from the task" not in p.stdout  # stdout stays the program's own
 

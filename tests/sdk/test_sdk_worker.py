@@ -522,6 +522,16 @@ def test_a_file_the_task_writes_into_its_engine_dir_is_uploaded_with_its_outputs
         assert f.read() == "mine"
 
 
+@pytest.mark.parametrize("text, printed", [("", False), ("a line from the task", True)])
+def test_the_reply_says_whether_the_task_wrote_to_the_replica_output(worker, text, printed):
+    # a local replica's stdout and stderr go to one log file: the driver reads it before returning a result only
+    # when the task wrote something
+    execution_id, args, _ = worker.args(tasks.say, text=text)
+    worker.request("submit", execution_id=execution_id, args=args)
+    reply = worker.request("wait", execution_id=execution_id, timeout=60)
+    assert reply["state"] == "succeeded" and reply["printed"] is printed, reply
+
+
 # ---- per-execution identity and cleanup ----
 def test_identity_env_is_set_during_the_execution_and_restored_after(worker):
     reply, out = worker.run(tasks.identity, env={"FLYTE_INTERNAL_EXECUTION_ID": "exec-a"})
