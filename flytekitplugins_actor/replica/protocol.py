@@ -157,10 +157,68 @@ def recv_message(sock: socket.socket) -> Dict[str, Any]:
     (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
     if size > MAX_MESSAGE_BYTES:
         raise ProtocolError(f"message of {size} bytes exceeds the {MAX_MESSAGE_BYTES} byte limit")
-    message = json.loads(_recv_exact(sock, size))
+    return _parsed(_recv_exact(sock, size))
+
+
+def _parsed(data: bytes) -> Dict[str, Any]:
+    message = json.loads(data)
     if not isinstance(message, dict):
         raise ProtocolError("a message must be a JSON object")
     return message
+
+
+class MessageReader:
+    """Reads one connection's messages through a buffer: one `recv` usually brings a whole message, or the several a
+    peer sent together (a pipeline), instead of one `recv` for the length and one for the body of each."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buf = bytearray()
+
+    def read(self) -> Dict[str, Any]:
+        """The next message, waiting for it (under the socket's timeout)."""
+        size = self._size()
+        while size is None or len(self._buf) < _HEADER.size + size:
+            missing = _HEADER.size if size is None else _HEADER.size + size - len(self._buf)
+            chunk = self.sock.recv(max(self.CHUNK, min(missing, 1 << 20)))
+            if not chunk:
+                raise ProtocolError("connection closed by peer")
+            self._buf += chunk
+            size = self._size()
+        data = bytes(self._buf[_HEADER.size : _HEADER.size + size])
+        del self._buf[: _HEADER.size + size]
+        return _parsed(data)
+
+    def arrived(self, timeout: float) -> Optional[Dict[str, Any]]:
+        """The next message if it has (started to) come in already, else None at once. A message that has started
+        to arrive is read to its end, waiting up to `timeout` for the rest."""
+        if not self._buf:
+            try:
+                chunk = self.sock.recv(self.CHUNK, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return None
+            if not chunk:
+                raise ProtocolError("connection closed by peer")
+            self._buf += chunk
+        size = self._size()
+        if size is not None and len(self._buf) >= _HEADER.size + size:
+            return self.read()
+        previous = self.sock.gettimeout()
+        self.sock.settimeout(timeout)
+        try:
+            return self.read()
+        finally:
+            self.sock.settimeout(previous)
+
+    def _size(self) -> Optional[int]:
+        if len(self._buf) < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack_from(self._buf)
+        if size > MAX_MESSAGE_BYTES:
+            raise ProtocolError(f"message of {size} bytes exceeds the {MAX_MESSAGE_BYTES} byte limit")
+        return size
 
 
 def token_matches(expected: str, given: Optional[str]) -> bool:
@@ -178,6 +236,7 @@ class ReplicaClient:
         self._sock = socket.create_connection((host, int(port)), timeout=timeout)
         self._sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock.settimeout(None)
+        self._reader = MessageReader(self._sock)
         self.broken: Optional[str] = None
         """Why the connection was given up (an exchange failed half-way), or None: a broken client sends nothing."""
 
@@ -225,7 +284,7 @@ class ReplicaClient:
                     continue
                 if lost is None:
                     try:
-                        replies.append(self._checked(op, recv_message(self._sock)))
+                        replies.append(self._checked(op, self._reader.read()))
                         continue
                     except (OSError, ValueError) as e:
                         self._break(e)

@@ -92,15 +92,9 @@ class ExecutionDirs:
         if path is None:
             self.prepare()
             return
-        if keep and _empty_keeping_skeleton(path):
-            fresh = os.path.join(self.root, f"ready-{next(self._names)}")
-            try:
-                os.rename(path, fresh)
-            except OSError:
-                shutil.rmtree(path, ignore_errors=True)
-                return
+        if keep and _empty_keeping_skeleton(path):  # its name is new (given when it was retired): no rename needed
             with self._lock:
-                self._ready.append(fresh)
+                self._ready.append(path)
         else:
             shutil.rmtree(path, ignore_errors=True)
 

@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import queue
-import select
 import signal
 import socket
 import socketserver
@@ -40,13 +39,13 @@ from flytekitplugins_actor.replica.execution import (
 from flytekitplugins_actor.replica.protocol import (
     PROTOCOL_VERSION,
     TOKEN_ENV,
+    MessageReader,
     ProtocolError,
     Refusal,
     RefusalCode,
     ReplicaActivity,
     ReplicaExecutionState,
     encode_message,
-    recv_message,
     token_matches,
 )
 
@@ -80,6 +79,9 @@ class Delivery:
         registered (`Worker.release`), so the connection thread does its part before the execution runs, not during
         it (the two threads share one interpreter)."""
         self.reply: Optional[Dict[str, Any]] = None
+        self.ended = threading.Event()
+        """Set by the executing thread when the execution this connection waits for ends: the connection thread
+        waits on it, not on the worker's lock, which the executing thread takes as it starts."""
         self._frame = b""
         self._sent = 0
 
@@ -273,15 +275,17 @@ class Worker:
                 return self._state_of(execution_id, include_exception)
             waiter = (delivery, include_exception)
             self._waiting.setdefault(execution_id, []).append(waiter)
-        self.release(delivery)  # the execution this connection submitted starts now (not under the lock, which the
-        with self._lock:  # executing thread takes as it starts)
-            try:
-                self._lock.wait_for(ended, timeout)
-            finally:
+            delivery.ended.clear()
+        try:
+            self.release(delivery)  # the execution this connection submitted starts now
+            delivery.ended.wait(timeout)
+        finally:
+            with self._lock:
                 waiting = self._waiting[execution_id]
                 waiting.remove(waiter)
                 if not waiting:
                     del self._waiting[execution_id]
+        with self._lock:
             if delivery.reply is not None:  # the executing thread sent it (or its start)
                 return {k: v for k, v in delivery.reply.items() if k != "ok"}
             return self._state_of(execution_id, include_exception)
@@ -304,6 +308,7 @@ class Worker:
             self._uncollected.pop(forgotten, None)
         for delivery, include_exception in self._waiting.get(outcome.execution_id, ()):
             delivery.send_now({"ok": True, **self._state_of(outcome.execution_id, include_exception)})
+            delivery.ended.set()
         self._lock.notify_all()
 
     # ---- execution (main thread) ----
@@ -384,34 +389,24 @@ class _Handler(socketserver.BaseRequestHandler):
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         worker: Worker = self.server.worker  # type: ignore[attr-defined]
         delivery = Delivery(self.request)
+        reader = MessageReader(self.request)
         told: Optional[str] = None  # an end the last reply carried: received once the peer asks again
         pending: Optional[Dict[str, Any]] = None  # a request read early: the one sent together with a submit
         try:
             while True:
-                msg, pending = pending if pending is not None else recv_message(self.request), None
+                msg, pending = pending if pending is not None else reader.read(), None
                 if told is not None:
                     worker.collected(told)
                 reply = delivery.finish(worker.handle(msg, delivery))
                 told = worker.carried_end(msg, reply)
                 if delivery.held is not None:  # a submit: read its `wait` now if it came with it
-                    pending = _sent_along(self.request)
+                    pending = reader.arrived(SENT_ALONG_TIMEOUT_S)
                     if not worker.waits_for_held(pending, delivery):
                         worker.release(delivery)
         except (ProtocolError, OSError, ValueError):
             return
         finally:
             worker.release(delivery)
-
-
-def _sent_along(sock: socket.socket) -> Optional[Dict[str, Any]]:
-    """The next request if it is already arriving (a client sends a submit and its first wait together), else None."""
-    if not select.select([sock], [], [], 0)[0]:
-        return None
-    sock.settimeout(SENT_ALONG_TIMEOUT_S)  # it is arriving: a peer that stalls mid-message loses its connection
-    try:
-        return recv_message(sock)
-    finally:
-        sock.settimeout(None)
 
 
 class _Server(socketserver.ThreadingTCPServer):
