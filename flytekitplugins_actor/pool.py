@@ -312,7 +312,8 @@ class ReplicaPool:
                     slot.lost = ReplicaDeath(slot.replica.name, f"its exchange about {execution.id} did not complete")
                     if slot.client is not None:
                         slot.client.abort()  # a reply may be left unread: the connection is never used again
-                self._cond.notify_all()
+                if self._queue or self._closed or self._gone(slot):  # else its thread has nothing to wake for
+                    self._cond.notify_all()
 
     def adopt(self, token: str, replicas: List[Replica]) -> None:
         """Serves with replicas a previous process started for this pool (same key), and with their token: a
@@ -516,9 +517,8 @@ class ReplicaPool:
             self.idle_since = time.monotonic()
         if execution._forget_when_done and self._executions.get(execution.id) is execution:
             del self._executions[execution.id]
-        execution._done.set()
+        execution._done.set()  # no notify: slot threads wait for work, and an end gives them none
         callbacks, execution._callbacks = execution._callbacks, []
-        self._cond.notify_all()
         return [(fn, execution) for fn in callbacks]
 
     def _requeue_locked(self, execution: Execution) -> None:

@@ -7,6 +7,7 @@ pods): inputs.pb -> task -> outputs.pb or error.pb under the output prefix, exac
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import sys
 import tempfile
@@ -186,11 +187,12 @@ class ReplicaRuntime:
             )
 
     def run_deferred(self, spec: ExecutionSpec) -> Tuple[ExecutionOutcome, Callable[[], None]]:
-        """Runs one execution; returns its outcome and the tidying to do once the outcome is reported.
+        """Runs one execution; returns its outcome and `retire`, to call once the outcome is reported and before
+        anything else runs here.
 
-        The execution gets a prepared private dir (its temp dir and flytekit's sandbox); the moment it ends, the
-        dir is moved away (so nothing of it is visible to the next execution, however soon that starts) and the
-        returned callable recycles it off the hot path. Never raises for anything the task does; only a
+        The execution gets a prepared private dir (its temp dir and flytekit's sandbox); `retire` moves it away
+        (one rename: nothing of it is visible to the next execution, however soon that starts), and the replica
+        recycles it off the hot path (`dirs.tidy_one`). Never raises for anything the task does; only a
         CancelRequested (the replica's cancel, armed only around the task's own execution) means cancelled."""
         from flytekit.bin.entrypoint import normalize_inputs
 
@@ -264,9 +266,8 @@ class ReplicaRuntime:
             outcome = ExecutionOutcome(spec.execution_id, state, error=error)
             outcome.exception = self.last_exception if error else None
             outcome.outputs_pb = None if error else outputs_pb
-        self.dirs.retire(exec_dir)
         outcome.duration_s = time.perf_counter() - started
-        return outcome, self.dirs.tidy_one
+        return outcome, functools.partial(self.dirs.retire, exec_dir)
 
     def _execute_in(
         self,

@@ -338,7 +338,7 @@ class Worker:
                 self._running = spec.execution_id
             log.info("execution %s started", spec.execution_id)
             output_before = _output_size()
-            outcome, cleanup = RUNTIME.run_deferred(spec)  # it arms the cancel around the task's own code only
+            outcome, retire = RUNTIME.run_deferred(spec)  # it arms the cancel around the task's own code only
             if output_before is not None:
                 outcome.printed = _output_size() != output_before
             log.info("execution %s %s in %.4fs", spec.execution_id, outcome.state.value, outcome.duration_s)
@@ -346,10 +346,10 @@ class Worker:
                 self._running = None
                 RUNTIME.cancelled.discard(spec.execution_id)
                 self._record(outcome)  # replies to its waiting peers
-            if cleanup is not None:
-                cleanups.append(cleanup)
-                if len(cleanups) > MAX_PENDING_CLEANUPS:  # never idle: pay one cleanup per execution, no bursts
-                    cleanups.pop(0)()
+            retire()  # its dir is moved away now, after the reply and before anything else runs here
+            cleanups.append(RUNTIME.dirs.tidy_one)
+            if len(cleanups) > MAX_PENDING_CLEANUPS:  # never idle: pay one cleanup per execution, no bursts
+                cleanups.pop(0)()
             if self.stopping:
                 return
 

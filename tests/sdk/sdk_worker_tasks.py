@@ -148,8 +148,9 @@ def count_then_wait(path: str, release: str) -> int:
 
 @env.task
 def hold_in_cleanup(marker: str, release: str) -> str:
-    """Succeeds at once, but makes the replica's clean-up after it (retiring its dir) wait for the file `release`,
-    having created `marker`: a window in which a late cancel lands. Returns its execution dir."""
+    """Succeeds at once, but makes the replica's clean-up after it (retiring its dir, once its outcome is recorded)
+    wait for the file `release`, having created `marker`: a window in which a late cancel lands. Returns its
+    execution dir."""
     from flytekitplugins_actor.replica.execution import RUNTIME
 
     original = RUNTIME.dirs.retire

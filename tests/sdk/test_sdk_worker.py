@@ -405,8 +405,8 @@ def test_a_cancel_landing_in_the_clean_up_after_the_task_is_ignored(worker, tmp_
     release.touch()
     reply = worker.request("wait", execution_id=execution_id, timeout=30)
     assert reply["state"] == "succeeded", reply  # never CANCELLED for a task whose outputs are written
-    exec_dir = output(out)
-    assert not os.path.exists(exec_dir), f"execution dir {exec_dir} leaked"
+    exec_dir = output(out)  # moved away right after the reply, before anything else runs on the replica
+    wait_until(lambda: not os.path.exists(exec_dir), 10, f"execution dir {exec_dir} to be moved away")
     reply, out = worker.run(tasks.env_var, var="FLYTE_ACTOR_LATE_CANCEL")
     assert reply["state"] == "succeeded" and output(out) == "<unset>"  # the identity env was restored
 
