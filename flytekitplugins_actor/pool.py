@@ -196,7 +196,7 @@ class _Slot:
         self.accepted = 0  # executions the replica accepted: the next one is warm when > 0
         self.lost: Optional[ReplicaDeath] = None  # why the pool gave the replica up, if it did
         self.protocol = 1  # the replica's protocol version, asked once it is connected
-        self.serving = False  # its thread takes executions from the queue (the replica is connected and asked)
+        self.parked = False  # its thread waits for work (in `_next_for`): only then may a caller borrow its replica
         self.lent = False
         """A caller runs an execution on this replica itself (`submit(..., run_here=True)`): the slot thread leaves
         the replica alone until the caller gives it back."""
@@ -258,62 +258,71 @@ class ReplicaPool:
         submit of an execution the pool re-attached (`adopt`) gets it, never a second run, and its `on_done`.
 
         With `run_here`, a caller that would wait for the execution anyway runs it on an idle replica itself when
-        nothing is queued (two thread hand-offs less), and returns once it has ended; otherwise it is queued."""
+        nothing is queued (two thread hand-offs less), and returns once it has been dispatched and collected (or
+        handed back to the queue); otherwise it is queued."""
         slot: Optional[_Slot] = None
-        with self._cond:
-            if self._closed:
-                raise PoolClosed(f"pool {self.name} ({self.key}) is shut down")
-            existing = self._executions.get(spec.execution_id)
-            if existing is not None:
-                callbacks = self._claim_locked(existing, on_done)
-            else:
-                execution = Execution(spec=spec, want_exception=want_exception, before_dispatch=before_dispatch)
-                if on_done is not None:
-                    execution._callbacks.append(on_done)
-                self._executions[spec.execution_id] = execution
-                slot = self._idle_slot_locked() if run_here and not self._queue else None
-                if slot is not None:
-                    slot.lent = True
-                    self._take_locked(slot, execution)
+        usable = False
+        try:
+            with self._cond:
+                if self._closed:
+                    raise PoolClosed(f"pool {self.name} ({self.key}) is shut down")
+                existing = self._executions.get(spec.execution_id)
+                if existing is not None:
+                    callbacks = self._claim_locked(existing, on_done)
                 else:
-                    self._queue.append(execution)
-                    to_start = self._reserve_locked()
-                    self._cond.notify_all()
-        if existing is not None:
-            _run_callbacks(callbacks)
-            return existing
-        if slot is not None:
-            self._run_lent(slot, execution)
+                    execution = Execution(spec=spec, want_exception=want_exception, before_dispatch=before_dispatch)
+                    if on_done is not None:
+                        execution._callbacks.append(on_done)
+                    self._executions[spec.execution_id] = execution
+                    slot = self._lend_locked(execution) if run_here and not self._queue else None
+                    if slot is None:
+                        self._queue.append(execution)
+                        to_start = self._reserve_locked()
+                        self._cond.notify_all()
+            if existing is not None:
+                _run_callbacks(callbacks)
+                return existing
+            if slot is None:
+                self._start_replicas(to_start)
+                return execution
+            usable = self._run_lent(slot, execution)
             return execution
-        self._start_replicas(to_start)
-        return execution
+        finally:
+            if slot is not None:
+                self._give_back(slot, execution, usable)
 
-    def _idle_slot_locked(self) -> Optional[_Slot]:
+    def _lend_locked(self, execution: Execution) -> Optional[_Slot]:
+        """A slot whose thread waits for work, lent to the caller with the execution RUNNING on it; None if none."""
         for slot in self._slots:
-            if slot.serving and not slot.busy and not slot.lent and not self._gone(slot):
+            if slot.parked and not slot.busy and not slot.lent and not self._gone(slot):
+                slot.lent = True
+                self._take_locked(slot, execution)
                 return slot
         return None
 
-    def _run_lent(self, slot: _Slot, execution: Execution) -> None:
-        """Runs an execution on a lent slot's replica on this thread, then gives the slot back to its thread. A
-        replica this thread could not use to the end (it failed, or the caller was interrupted mid-exchange, e.g.
-        Ctrl-C) is given up: its slot thread replaces it and decides the execution's fate, as for its own."""
-        usable = False
+    def _run_lent(self, slot: _Slot, execution: Execution) -> bool:
+        """Runs an execution on a lent slot's replica on this thread; False if the replica cannot serve on."""
         try:
-            usable = self._run(slot, execution)
+            return self._run(slot, execution)
         except (ProtocolError, OSError) as e:
             logger.warning("pool %s: replica %s is unusable: %s", self.name, slot.replica.name, e)
         except Exception:
             logger.exception("pool %s: running %s on replica %s failed", self.name, execution.id, slot.replica.name)
-        finally:
-            with self._cond:
-                slot.lent = False
-                if not usable and not self._gone(slot):
-                    slot.lost = ReplicaDeath(slot.replica.name, f"its exchange about {execution.id} did not complete")
-                    if slot.client is not None:
-                        slot.client.abort()  # a reply may be left unread: the connection is never used again
-                if self._queue or self._closed or self._gone(slot):  # else its thread has nothing to wake for
-                    self._cond.notify_all()
+        return False
+
+    def _give_back(self, slot: _Slot, execution: Execution, usable: bool) -> None:
+        """Gives a lent slot back to its thread. A replica the caller could not use to the end (it failed, or the
+        caller was interrupted mid-exchange, e.g. Ctrl-C) is given up: its slot thread replaces it and decides the
+        execution's fate, as for its own. The steps that matter take no lock (a second Ctrl-C may interrupt the
+        wait for one): the connection is closed first, so nothing can read a late reply on it."""
+        if not usable and slot.client is not None:
+            slot.client.abort()
+        slot.lent = False
+        with self._cond:
+            if not usable and not self._gone(slot):
+                slot.lost = ReplicaDeath(slot.replica.name, f"its exchange about {execution.id} did not complete")
+            if self._queue or self._closed or self._gone(slot):  # else its thread has nothing to wake for
+                self._cond.notify_all()
 
     def adopt(self, token: str, replicas: List[Replica]) -> None:
         """Serves with replicas a previous process started for this pool (same key), and with their token: a
@@ -615,8 +624,6 @@ class ReplicaPool:
                 held = slot.current  # re-attached at adoption: collected first (a cancel() delivers its own cancel)
             if held is not None and not self._await(slot, held):
                 return
-            with self._cond:
-                slot.serving = True
             while True:
                 execution = self._next_for(slot)
                 if execution is None or not self._run(slot, execution):
@@ -634,7 +641,11 @@ class ReplicaPool:
 
     def _next_for(self, slot: _Slot) -> Optional[Execution]:
         with self._cond:  # a lent slot is its caller's until given back (then gone, if the caller gave it up)
-            self._cond.wait_for(lambda: not slot.lent and (self._queue or self._closed or self._gone(slot)))
+            slot.parked = True
+            try:
+                self._cond.wait_for(lambda: not slot.lent and (self._queue or self._closed or self._gone(slot)))
+            finally:
+                slot.parked = False
             if self._gone(slot) or (self._closed and not self._queue):
                 return None
             execution = self._queue.popleft()

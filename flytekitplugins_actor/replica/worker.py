@@ -387,6 +387,7 @@ def _pickle_exception(exc: BaseException) -> Optional[str]:
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.request.setblocking(True)  # whatever default timeout task code set: MSG_DONTWAIT sends must not wait
         worker: Worker = self.server.worker  # type: ignore[attr-defined]
         delivery = Delivery(self.request)
         reader = MessageReader(self.request)
