@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import queue
+import select
 import signal
 import socket
 import socketserver
@@ -61,6 +62,11 @@ calls exit(1), which would turn a cancel into a failure."""
 ORPHAN_TIMEOUT_ENV = "FLYTE_ACTOR_ORPHAN_TIMEOUT_S"
 """Seconds without an authenticated request after which the replica exits on its own (unset: never). Its pool
 pings idle replicas every 10 s and waits in bounded rounds, so only a replica whose pool is gone hits it."""
+_CLOSED = "__closed__"
+"""What the executing thread gives a parked connection back with when reading from it failed (never a request)."""
+PARK_POLL_S = 0.05
+"""How often a parked connection's thread looks whether a `wait` registered for it is due (an execution that
+outlasts its first wait round)."""
 SENT_ALONG_TIMEOUT_S = 5.0
 """How long the rest of a request that has started to arrive right after a submit may take."""
 STOP_GRACE_S = 5.0
@@ -74,6 +80,20 @@ class Delivery:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.reader = MessageReader(sock)
+        self.told: Optional[str] = None
+        """An end the last reply carried: received once the peer asks again (`Worker.collected`)."""
+        self.direct = False
+        """The last reply was the executing thread's: the connection then waits for its next request on the
+        executing thread (`Worker.park`), which runs a submit read there without a hand-off."""
+        self.turn = threading.Event()
+        """Set when the executing thread gives a parked connection back to its thread."""
+        self.handed: Optional[Dict[str, Any]] = None
+        """The request the executing thread read and gives back with the connection, if any."""
+        self.registered_for: Optional[str] = None
+        """The execution whose `wait` (in `handed`) the executing thread registered for this connection."""
+        self.deadline = 0.0
+        """When that `wait`'s timeout runs out (monotonic): the connection's thread answers it then, if need be."""
         self.held: Optional[ExecutionSpec] = None
         """An execution this connection submitted, not started yet: it starts once the `wait` sent with it is
         registered (`Worker.release`), so the connection thread does its part before the execution runs, not during
@@ -94,7 +114,8 @@ class Delivery:
             self._sent = 0
 
     def finish(self, reply: Dict[str, Any]) -> Dict[str, Any]:
-        """From the connection thread: sends what is left of the reply (all of it if none was sent yet)."""
+        """Sends what is left of the reply (all of it if none was sent yet), from the thread that has the connection."""
+        self.direct = self.reply is not None
         if self.reply is None:
             self.sock.sendall(encode_message(reply))
             return reply
@@ -129,6 +150,11 @@ class Worker:
         self.name = name
         self._lock = threading.Condition()
         self._queue: "queue.Queue[Optional[ExecutionSpec]]" = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()  # wakes the executing thread's wait: something was queued or parked
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._parked: Optional[Delivery] = None
+        """The connection the executing thread waits on for its next request (at most one: the last to dispatch)."""
         self._running: Optional[str] = None
         self._accepted: Dict[str, ExecutionSpec] = {}
         self._outcomes: "collections.OrderedDict[str, ExecutionOutcome]" = collections.OrderedDict()
@@ -170,7 +196,49 @@ class Worker:
         """Starts the execution a connection holds (see `Delivery.held`), if any."""
         spec, delivery.held = delivery.held, None
         if spec is not None:
-            self._queue.put(spec)
+            self._start(spec)
+
+    def _start(self, spec: ExecutionSpec) -> None:
+        self._queue.put(spec)
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:  # the pipe is full of wake-ups already
+            pass
+
+    def park(self, delivery: Delivery) -> bool:
+        """From a connection thread whose last reply the executing thread sent: hands the connection to the executing
+        thread, which waits for its next request itself, and blocks until it is given back (`Delivery.handed`).
+        False, at once, if the executing thread has a parked connection already or the replica is stopping."""
+        with self._lock:
+            if self._parked is not None or self.stopping:
+                return False
+            self._parked = delivery
+            delivery.turn.clear()
+        self._wake()
+        while not delivery.turn.wait(PARK_POLL_S):
+            with self._lock:  # an execution outlasting its wait's timeout: its thread answers the wait (`running`)
+                if (
+                    self._parked is delivery
+                    and delivery.registered_for is not None
+                    and time.monotonic() >= delivery.deadline - PARK_POLL_S
+                ):
+                    self._parked = None
+                    return True  # with the `wait` in `handed`
+        return True
+
+    def _give_back(self, delivery: Delivery, handed: Optional[Dict[str, Any]]) -> None:
+        """Gives a parked connection back to its thread, with a request read here (or a `wait` registered here)
+        for it to serve; it then reads the connection itself until the executing thread answers it again."""
+        with self._lock:
+            if self._parked is delivery:
+                self._parked = None
+            if handed is not None or delivery.registered_for is None:
+                delivery.handed = handed
+            delivery.direct = False
+        delivery.turn.set()
 
     @staticmethod
     def waits_for_held(msg: Optional[Dict[str, Any]], delivery: Delivery) -> bool:
@@ -251,7 +319,7 @@ class Worker:
         if delivery is not None:
             delivery.held = spec  # its connection thread releases it (see Delivery.held)
         else:
-            self._queue.put(spec)
+            self._start(spec)
         return {"execution_id": spec.execution_id, "state": ReplicaExecutionState.ACCEPTED.value}
 
     def op_status(self, msg: Dict[str, Any]) -> Dict[str, Any]:
@@ -270,12 +338,15 @@ class Worker:
             )
 
         with self._lock:
-            if delivery is None or ended():
+            waiter = (delivery, include_exception)
+            if delivery is not None and delivery.registered_for == execution_id:
+                delivery.registered_for = None  # the executing thread registered it as it took the submit
+            elif delivery is None or ended():
                 self._lock.wait_for(ended, timeout)
                 return self._state_of(execution_id, include_exception)
-            waiter = (delivery, include_exception)
-            self._waiting.setdefault(execution_id, []).append(waiter)
-            delivery.ended.clear()
+            else:
+                self._waiting.setdefault(execution_id, []).append(waiter)
+                delivery.ended.clear()
         try:
             self.release(delivery)  # the execution this connection submitted starts now
             delivery.ended.wait(timeout)
@@ -319,17 +390,106 @@ class Worker:
         finally:
             _run_all(cleanups)
 
+    def _next(self, cleanups: List[Callable[[], None]]) -> Optional[ExecutionSpec]:
+        """The next execution to run: one a connection thread queued, or a submit read here from the parked
+        connection (no hand-off between threads). None when the replica is stopping."""
+        while True:
+            self._answered_parked()  # e.g. an execution cancelled before it started
+            try:
+                spec = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            else:  # a parked connection goes back to its thread: it must be served while this one runs
+                if self._parked is not None:
+                    self._give_back(self._parked, None)
+                return spec
+            parked = self._parked
+            waits_on = [self._wake_r] if parked is None else [self._wake_r, parked.sock]
+            # with a timeout: the kernel may deliver SIGTERM to another thread, which does not end this wait, and
+            # Python runs signal handlers only on the main thread
+            ready = select.select(waits_on, [], [], IDLE_CLEANUP_S if cleanups else 0.5)[0]
+            if not ready:  # idle: clean up now, off any execution's critical path; the parked connection goes back
+                if self._parked is not None and (cleanups or self.stopping):  # to its thread, which serves it meanwhile
+                    self._give_back(self._parked, None)
+                _run_all(cleanups)
+                if self.stopping:
+                    return None
+                continue
+            if self._wake_r in ready:
+                _drain(self._wake_r)
+            if parked is not None and parked.sock in ready and self._parked is parked:
+                spec = self._take_parked(parked)
+                if spec is not None:
+                    return spec
+
+    def _take_parked(self, delivery: Delivery) -> Optional[ExecutionSpec]:
+        """Reads the parked connection's next request. A `health` is answered here. A submit is answered here and
+        returned to run at once; the `wait` sent with it is registered, and the connection stays parked while the
+        execution runs (its thread takes it back if the wait's timeout comes first: `park`). Anything else goes
+        back to the connection's thread, unanswered, for it to serve."""
+        try:
+            msg = delivery.reader.arrived(SENT_ALONG_TIMEOUT_S)
+            if msg is None:  # nothing after all
+                return None
+            if delivery.told is not None:
+                self.collected(delivery.told)
+                delivery.told = None
+            if msg.get("op") == "health":
+                delivery.finish(self.handle(msg, delivery))
+                return None
+            if msg.get("op") != "submit":
+                self._give_back(delivery, msg)
+                return None
+            reply = self.handle(msg, delivery)
+            spec, pending = delivery.held, None
+            if spec is not None:
+                pending = delivery.reader.arrived(SENT_ALONG_TIMEOUT_S)
+                timeout = pending.get("timeout") if pending is not None else None
+                if (
+                    self.waits_for_held(pending, delivery)
+                    and token_matches(self.token, pending.get("token"))
+                    and isinstance(timeout, (int, float))
+                ):
+                    with self._lock:
+                        waiter = (delivery, bool(pending.get("include_exception")))
+                        self._waiting.setdefault(spec.execution_id, []).append(waiter)
+                        delivery.ended.clear()
+                        delivery.registered_for = spec.execution_id
+                        delivery.handed, delivery.deadline = pending, time.monotonic() + timeout
+                    pending = None
+            delivery.finish(reply)  # on the wire before the task starts
+        except (ProtocolError, OSError, ValueError) as e:  # the connection failed: its thread ends it
+            self.release(delivery)  # an accepted execution runs, as when its connection thread sees the failure
+            self._give_back(delivery, {"op": _CLOSED, "error": str(e)})
+            return None
+        delivery.held = None
+        if delivery.registered_for is None:  # no wait registered here: its thread serves what follows
+            self._give_back(delivery, pending)
+        return spec
+
+    def _answered_parked(self) -> None:
+        """Completes, on the executing thread, a `wait` it registered for the parked connection once the execution
+        ended: the reply went out in `_record`; what is left of it is sent here and the connection stays parked."""
+        with self._lock:
+            delivery = self._parked
+            execution_id = None if delivery is None else delivery.registered_for
+            if execution_id is None or execution_id not in self._outcomes:
+                return
+            msg, delivery.handed, delivery.registered_for = delivery.handed, None, None
+            waiting = self._waiting.get(execution_id, [])
+            for waiter in [w for w in waiting if w[0] is delivery]:
+                waiting.remove(waiter)
+            if not waiting:
+                self._waiting.pop(execution_id, None)
+            reply = delivery.reply or {"ok": True, **self._state_of(execution_id, bool(msg.get("include_exception")))}
+        try:
+            delivery.told = self.carried_end(msg, delivery.finish(reply))
+        except OSError as e:
+            self._give_back(delivery, {"op": _CLOSED, "error": str(e)})
+
     def _serve(self, cleanups: List[Callable[[], None]]) -> None:
         while True:
-            try:
-                # Not a bare get(): the kernel may deliver SIGTERM to another thread, which does not wake the
-                # main thread's lock wait, and Python runs signal handlers only on the main thread.
-                spec = self._queue.get(timeout=IDLE_CLEANUP_S if cleanups else 0.5)
-            except queue.Empty:
-                _run_all(cleanups)  # idle: clean up now, off any execution's critical path
-                if self.stopping:
-                    return
-                continue
+            spec = self._next(cleanups)
             if spec is None:
                 return
             with self._lock:
@@ -346,6 +506,7 @@ class Worker:
                 self._running = None
                 RUNTIME.cancelled.discard(spec.execution_id)
                 self._record(outcome)  # replies to its waiting peers
+            self._answered_parked()
             retire()  # its dir is moved away now, after the reply and before anything else runs here
             cleanups.append(RUNTIME.dirs.tidy_one)
             if len(cleanups) > MAX_PENDING_CLEANUPS:  # never idle: pay one cleanup per execution, no bursts
@@ -364,6 +525,14 @@ def _output_size() -> Optional[int]:
     if not stat.S_ISREG(out.st_mode) or (out.st_dev, out.st_ino) != (err.st_dev, err.st_ino):
         return None
     return out.st_size
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
 
 
 def _run_all(cleanups: List[Callable[[], None]]) -> None:
@@ -390,18 +559,21 @@ class _Handler(socketserver.BaseRequestHandler):
         self.request.setblocking(True)  # whatever default timeout task code set: MSG_DONTWAIT sends must not wait
         worker: Worker = self.server.worker  # type: ignore[attr-defined]
         delivery = Delivery(self.request)
-        reader = MessageReader(self.request)
-        told: Optional[str] = None  # an end the last reply carried: received once the peer asks again
         pending: Optional[Dict[str, Any]] = None  # a request read early: the one sent together with a submit
         try:
             while True:
-                msg, pending = pending if pending is not None else reader.read(), None
-                if told is not None:
-                    worker.collected(told)
+                if pending is None and delivery.direct and worker.park(delivery):
+                    pending, delivery.handed = delivery.handed, None  # given back, with what was read there
+                    if pending is not None and pending.get("op") == _CLOSED:
+                        return
+                msg, pending = pending if pending is not None else delivery.reader.read(), None
+                if delivery.told is not None:
+                    worker.collected(delivery.told)
+                    delivery.told = None
                 reply = delivery.finish(worker.handle(msg, delivery))
-                told = worker.carried_end(msg, reply)
+                delivery.told = worker.carried_end(msg, reply)
                 if delivery.held is not None:  # a submit: read its `wait` now if it came with it
-                    pending = reader.arrived(SENT_ALONG_TIMEOUT_S)
+                    pending = delivery.reader.arrived(SENT_ALONG_TIMEOUT_S)
                     if not worker.waits_for_held(pending, delivery):
                         worker.release(delivery)
         except (ProtocolError, OSError, ValueError):

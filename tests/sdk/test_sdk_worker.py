@@ -532,6 +532,57 @@ def test_the_reply_says_whether_the_task_wrote_to_the_replica_output(worker, tex
     assert reply["state"] == "succeeded" and reply["printed"] is printed, reply
 
 
+def _pipelined(client, worker, task, timeout=60, **inputs):
+    execution_id, args, out = worker.args(task, **inputs)
+    submitted, waited = client.pipeline(
+        [
+            ("submit", {"execution_id": execution_id, "args": args}),
+            ("wait", {"execution_id": execution_id, "timeout": timeout}),
+        ],
+        io_timeout=timeout + 5,
+    )
+    assert submitted["state"] == "accepted", submitted
+    return execution_id, waited, out
+
+
+def test_a_wait_on_a_connection_the_executing_thread_holds_is_answered_when_its_round_ends(worker, tmp_path):
+    # after an execution answered by the executing thread, the connection waits for its next request there; an
+    # execution read there that outlasts its first wait round still gets its `running` answer in time
+    client = ReplicaClient(worker.replica.address, worker.token)
+    try:
+        assert _pipelined(client, worker, tasks.pid)[1]["state"] == "succeeded"
+        release, started = tmp_path / "release", tmp_path / "started"
+        execution_id, waited, out = _pipelined(
+            client, worker, tasks.wait_for_file, timeout=0.3, path=str(release), started=str(started)
+        )
+        assert waited["state"] == "running", waited  # its round ended first (the client allowed it 5.3 s)
+        release.touch()
+        reply = client.request("wait", execution_id=execution_id, timeout=60)
+        assert reply["state"] == "succeeded" and output(out) == "released"
+        assert _pipelined(client, worker, tasks.pid)[1]["state"] == "succeeded"  # and the connection is in step
+    finally:
+        client.close()
+
+
+def test_a_connection_held_by_the_executing_thread_is_served_while_another_connection_s_execution_runs(
+    worker, tmp_path
+):
+    first, second = (ReplicaClient(worker.replica.address, worker.token) for _ in range(2))
+    try:
+        assert _pipelined(first, worker, tasks.pid)[1]["state"] == "succeeded"  # `first` now waits on that thread
+        release, started = tmp_path / "release", tmp_path / "started"
+        execution_id, args, out = worker.args(tasks.wait_for_file, path=str(release), started=str(started))
+        second.request("submit", execution_id=execution_id, args=args)
+        wait_until(started.exists, 30, "the other connection's execution to start")
+        assert first.request("health", io_timeout=5)["state"] == "busy"  # answered while that execution runs
+        release.touch()
+        assert second.request("wait", execution_id=execution_id, timeout=60)["state"] == "succeeded"
+        assert _pipelined(first, worker, tasks.pid)[1]["state"] == "succeeded"
+    finally:
+        first.close()
+        second.close()
+
+
 # ---- per-execution identity and cleanup ----
 def test_identity_env_is_set_during_the_execution_and_restored_after(worker):
     reply, out = worker.run(tasks.identity, env={"FLYTE_INTERNAL_EXECUTION_ID": "exec-a"})
