@@ -459,6 +459,10 @@ class Worker:
                     pending = None
             delivery.finish(reply)  # on the wire before the task starts
         except (ProtocolError, OSError, ValueError) as e:  # the connection failed: its thread ends it
+            with self._lock:
+                if delivery.registered_for is not None:
+                    self._unregister_locked(delivery, delivery.registered_for)
+                    delivery.registered_for = None
             self.release(delivery)  # an accepted execution runs, as when its connection thread sees the failure
             self._give_back(delivery, {"op": _CLOSED, "error": str(e)})
             return None
@@ -466,6 +470,13 @@ class Worker:
         if delivery.registered_for is None:  # no wait registered here: its thread serves what follows
             self._give_back(delivery, pending)
         return spec
+
+    def _unregister_locked(self, delivery: Delivery, execution_id: str) -> None:
+        waiting = self._waiting.get(execution_id, [])
+        for waiter in [w for w in waiting if w[0] is delivery]:
+            waiting.remove(waiter)
+        if not waiting:
+            self._waiting.pop(execution_id, None)
 
     def _answered_parked(self) -> None:
         """Completes, on the executing thread, a `wait` it registered for the parked connection once the execution
@@ -476,11 +487,7 @@ class Worker:
             if execution_id is None or execution_id not in self._outcomes:
                 return
             msg, delivery.handed, delivery.registered_for = delivery.handed, None, None
-            waiting = self._waiting.get(execution_id, [])
-            for waiter in [w for w in waiting if w[0] is delivery]:
-                waiting.remove(waiter)
-            if not waiting:
-                self._waiting.pop(execution_id, None)
+            self._unregister_locked(delivery, execution_id)
             reply = delivery.reply or {"ok": True, **self._state_of(execution_id, bool(msg.get("include_exception")))}
         try:
             delivery.told = self.carried_end(msg, delivery.finish(reply))
