@@ -324,6 +324,18 @@ def _counted_run(base: str) -> Attempt:
     return Attempt(base, k.counted_run, literal_map(k.counted_run, gate=gate, counter=counter))
 
 
+def _killed_mid_execution(cluster, server, propeller, base: str):
+    """Creates a `counted_run`, waits until its replica pod runs it, then SIGKILLs the connector (the pod keeps
+    running it): (attempt, resource meta, the pod, how many pods were created until then)."""
+    a = _counted_run(base)
+    meta = propeller.create(a)
+    _running_in_replica(os.path.join(base, "gate"))
+    (pod,) = _ready_pods(cluster, "k8s-restart")
+    creates = cluster.requests[("create", "pods")]
+    server.kill()
+    return a, meta, pod, creates
+
+
 def _uncollected(cluster, pod: dict) -> list:
     """What the replica pod's worker reports as ended but never collected, asked with its pool token (its Secret)."""
     return _health(cluster, pod)["uncollected"]
@@ -351,12 +363,7 @@ def _run_count(base: str) -> int:
 def test_an_execution_running_when_the_connector_died_is_re_attached_and_its_result_collected(
     cluster, server, propeller, base
 ):
-    a = _counted_run(base)
-    meta = propeller.create(a)
-    _running_in_replica(os.path.join(base, "gate"))
-    (pod,) = _ready_pods(cluster, "k8s-restart")
-    creates = cluster.requests[("create", "pods")]
-    server.kill()  # SIGKILL mid-execution: the replica pod keeps running it
+    a, meta, pod, creates = _killed_mid_execution(cluster, server, propeller, base)
     server.start()
     r = propeller.get(meta)  # the first request after the restart: no CreateTask of this environment came
     assert r.phase == PHASE.RUNNING and "re-attached" in r.message, r.message + server.log()
@@ -376,12 +383,7 @@ def test_an_execution_running_when_the_connector_died_is_re_attached_and_its_res
 def test_an_execution_that_finished_while_the_connector_was_down_is_collected_after_the_restart(
     cluster, server, propeller, base
 ):
-    a = _counted_run(base)
-    meta = propeller.create(a)
-    _running_in_replica(os.path.join(base, "gate"))
-    (pod,) = _ready_pods(cluster, "k8s-restart")
-    creates = cluster.requests[("create", "pods")]
-    server.kill()
+    a, meta, pod, creates = _killed_mid_execution(cluster, server, propeller, base)
     open(os.path.join(base, "gate"), "w").close()
     wait_until(
         lambda: [i for i in _uncollected(cluster, pod) if i.startswith(f"{a.exec_name}-")],
@@ -407,12 +409,7 @@ def test_an_execution_that_finished_while_the_connector_was_down_is_collected_af
 def test_delete_task_after_a_restart_aborts_the_execution_running_on_an_adopted_replica(
     cluster, server, propeller, base
 ):
-    a = _counted_run(base)
-    meta = propeller.create(a)
-    _running_in_replica(os.path.join(base, "gate"))
-    (pod,) = _ready_pods(cluster, "k8s-restart")
-    creates = cluster.requests[("create", "pods")]
-    server.kill()
+    a, meta, pod, creates = _killed_mid_execution(cluster, server, propeller, base)
     server.start()
     propeller.delete(meta)  # the first request after the restart: it must reach the replica running it
     assert propeller.get(meta).phase == PHASE.ABORTED
@@ -429,11 +426,7 @@ def test_delete_task_after_a_restart_aborts_the_execution_running_on_an_adopted_
 
 
 def test_an_execution_whose_replica_died_with_the_connector_is_not_run_twice(cluster, server, propeller, base):
-    a = _counted_run(base)
-    meta = propeller.create(a)
-    _running_in_replica(os.path.join(base, "gate"))
-    (pod,) = _ready_pods(cluster, "k8s-restart")
-    server.kill()
+    a, meta, pod, _ = _killed_mid_execution(cluster, server, propeller, base)
     cluster.kubelet.oom_kill(pod["metadata"]["name"])  # the replica dies too, before any connector adopts it
     wait_until(lambda: not _ready_pods(cluster, "k8s-restart"), 30, "the replica pod no longer ready")
     server.start()

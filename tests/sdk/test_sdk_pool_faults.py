@@ -543,6 +543,26 @@ def _health(replica, token) -> dict:
         return c.request("health")
 
 
+@contextlib.contextmanager
+def _adopting_pool(tmp_path, token, replica):
+    """A new pool that adopts `replica` with the previous process's token (as a restarted connector's pool does)."""
+    pool = make_pool(tmp_path)
+    try:
+        pool.adopt(token, [replica])
+        yield pool
+    finally:
+        pool.shutdown()
+
+
+def _ended_on_an_orphan(tmp_path, task, token="prev-token", **inputs):
+    """A replica a previous process left, on which `task` ran to its end with no pool to collect it: (replica, spec)."""
+    replica = _orphaned_replica(tmp_path, token)
+    spec = execution(tmp_path, task, **inputs)
+    _submit_directly(replica, token, spec)
+    wait_until(lambda: spec.execution_id in _health(replica, token)["uncollected"], 60, "the uncollected end")
+    return replica, spec
+
+
 def _running_on_an_orphan(tmp_path, token="prev-token"):
     """A replica a previous process left, running `count_then_wait`: (replica, token, spec, runs file, release)."""
     runs, release = tmp_path / "runs", tmp_path / "release"
@@ -555,9 +575,7 @@ def _running_on_an_orphan(tmp_path, token="prev-token"):
 
 def test_an_adopted_replica_running_an_execution_is_re_attached_and_its_end_collected(tmp_path):
     replica, token, spec, runs, release = _running_on_an_orphan(tmp_path)
-    pool = make_pool(tmp_path)
-    try:
-        pool.adopt(token, [replica])
+    with _adopting_pool(tmp_path, token, replica) as pool:
         e = pool.get(spec.execution_id)
         assert e is not None and e.reattached and e.dispatched and e.warm
         assert e.state is ExecutionState.RUNNING and e.replica == replica.name and e.log_uri == replica.log_uri
@@ -572,19 +590,12 @@ def test_an_adopted_replica_running_an_execution_is_re_attached_and_its_end_coll
         after = pool.submit(execution(tmp_path, tasks.pid))  # then the slot serves the queue, on the same replica
         assert after.wait(60) and after.state is ExecutionState.SUCCEEDED and after.replica == replica.name
         assert after.warm and pool.stats()["cold"] == 0 and pool.stats()["replicas"] == 1
-    finally:
-        pool.shutdown()
 
 
 def test_an_execution_that_ended_while_no_pool_watched_is_collected_by_the_adopting_pool(tmp_path):
     token, runs = "prev-token", tmp_path / "runs"
-    replica = _orphaned_replica(tmp_path, token)
-    spec = execution(tmp_path, tasks.count_run, path=str(runs))
-    _submit_directly(replica, token, spec)
-    wait_until(lambda: spec.execution_id in _health(replica, token)["uncollected"], 60, "the uncollected end")
-    pool = make_pool(tmp_path)
-    try:
-        pool.adopt(token, [replica])
+    replica, spec = _ended_on_an_orphan(tmp_path, tasks.count_run, token, path=str(runs))
+    with _adopting_pool(tmp_path, token, replica) as pool:
         e = pool.get(spec.execution_id)
         assert e is not None and e.reattached
         assert e.wait(30) and e.state is ExecutionState.SUCCEEDED, (e.state, e.error)
@@ -594,24 +605,15 @@ def test_an_execution_that_ended_while_no_pool_watched_is_collected_by_the_adopt
         after = pool.submit(execution(tmp_path, tasks.pid))  # the slot's next request: its end counts as received
         assert after.wait(60) and after.replica == replica.name
         assert spec.execution_id not in _health(replica, token)["uncollected"]  # a later adoption will not see it
-    finally:
-        pool.shutdown()
 
 
 def test_a_failed_execution_ended_while_no_pool_watched_is_collected_with_its_error(tmp_path):
     token = "prev-token"
-    replica = _orphaned_replica(tmp_path, token)
-    spec = execution(tmp_path, tasks.user_error)
-    _submit_directly(replica, token, spec)
-    wait_until(lambda: spec.execution_id in _health(replica, token)["uncollected"], 60, "the uncollected end")
-    pool = make_pool(tmp_path)
-    try:
-        pool.adopt(token, [replica])
+    replica, spec = _ended_on_an_orphan(tmp_path, tasks.user_error, token)
+    with _adopting_pool(tmp_path, token, replica) as pool:
         e = pool.get(spec.execution_id)
         assert e.wait(30) and e.state is ExecutionState.FAILED
         assert e.error is not None and e.error.origin.value == "USER", e.error
-    finally:
-        pool.shutdown()
 
 
 def test_cancel_of_a_re_attached_execution_reaches_its_replica_and_keeps_it(tmp_path):
@@ -620,29 +622,21 @@ def test_cancel_of_a_re_attached_execution_reaches_its_replica_and_keeps_it(tmp_
     spec = execution(tmp_path, tasks.sleep_long, started=str(started))
     _submit_directly(replica, token, spec)
     wait_until(started.exists, 60, "the task running on the orphaned replica")
-    pool = make_pool(tmp_path)
-    try:
-        pool.adopt(token, [replica])
+    with _adopting_pool(tmp_path, token, replica) as pool:
         e = pool.cancel(spec.execution_id, grace_seconds=30)
         assert e is not None and e.reattached
         assert e.wait(30) and e.state is ExecutionState.CANCELLED
         assert pool.stats()["deaths"] == 0 and replica.state is ReplicaState.READY  # interrupted, not replaced
-    finally:
-        pool.shutdown()
 
 
 def test_a_re_attached_execution_whose_replica_the_platform_took_is_not_dispatched_again(tmp_path):
     replica, token, spec, runs, release = _running_on_an_orphan(tmp_path)
-    pool = make_pool(tmp_path)
-    try:
-        pool.adopt(token, [replica])
+    with _adopting_pool(tmp_path, token, replica) as pool:
         e = pool.get(spec.execution_id)
         replica.abandon("was evicted (node drained)", DeathCause.INFRASTRUCTURE)
         assert e.wait(30) and e.state is ExecutionState.REPLICA_DIED
         assert "re-attached after a connector restart" in e.death.reason, e.death
         assert runs.read_text().count("run") == 1
-    finally:
-        pool.shutdown()
 
 
 def _inline_execution(tmp, x: int) -> ExecutionSpec:
