@@ -142,24 +142,6 @@ def send_message(sock: socket.socket, message: Dict[str, Any]) -> None:
     sock.sendall(encode_message(message))
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    chunks = []
-    while n:
-        chunk = sock.recv(min(n, 1 << 20))
-        if not chunk:
-            raise ProtocolError("connection closed by peer")
-        chunks.append(chunk)
-        n -= len(chunk)
-    return b"".join(chunks)
-
-
-def recv_message(sock: socket.socket) -> Dict[str, Any]:
-    (size,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
-    if size > MAX_MESSAGE_BYTES:
-        raise ProtocolError(f"message of {size} bytes exceeds the {MAX_MESSAGE_BYTES} byte limit")
-    return _parsed(_recv_exact(sock, size))
-
-
 def _parsed(data: bytes) -> Dict[str, Any]:
     message = json.loads(data)
     if not isinstance(message, dict):

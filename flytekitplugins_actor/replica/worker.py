@@ -338,24 +338,19 @@ class Worker:
             )
 
         with self._lock:
-            waiter = (delivery, include_exception)
             if delivery is not None and delivery.registered_for == execution_id:
                 delivery.registered_for = None  # the executing thread registered it as it took the submit
             elif delivery is None or ended():
                 self._lock.wait_for(ended, timeout)
                 return self._state_of(execution_id, include_exception)
             else:
-                self._waiting.setdefault(execution_id, []).append(waiter)
-                delivery.ended.clear()
+                self._register_locked(delivery, execution_id, include_exception)
         try:
             self.release(delivery)  # the execution this connection submitted starts now
             delivery.ended.wait(timeout)
         finally:
             with self._lock:
-                waiting = self._waiting[execution_id]
-                waiting.remove(waiter)
-                if not waiting:
-                    del self._waiting[execution_id]
+                self._unregister_locked(delivery, execution_id)
         with self._lock:
             if delivery.reply is not None:  # the executing thread sent it (or its start)
                 return {k: v for k, v in delivery.reply.items() if k != "ok"}
@@ -451,9 +446,7 @@ class Worker:
                     and isinstance(timeout, (int, float))
                 ):
                     with self._lock:
-                        waiter = (delivery, bool(pending.get("include_exception")))
-                        self._waiting.setdefault(spec.execution_id, []).append(waiter)
-                        delivery.ended.clear()
+                        self._register_locked(delivery, spec.execution_id, bool(pending.get("include_exception")))
                         delivery.registered_for = spec.execution_id
                         delivery.handed, delivery.deadline = pending, time.monotonic() + timeout
                     pending = None
@@ -470,6 +463,11 @@ class Worker:
         if delivery.registered_for is None:  # no wait registered here: its thread serves what follows
             self._give_back(delivery, pending)
         return spec
+
+    def _register_locked(self, delivery: Delivery, execution_id: str, include_exception: bool) -> None:
+        """The connection waits for the execution's end: the executing thread will send it the reply (`_record`)."""
+        self._waiting.setdefault(execution_id, []).append((delivery, include_exception))
+        delivery.ended.clear()
 
     def _unregister_locked(self, delivery: Delivery, execution_id: str) -> None:
         waiting = self._waiting.get(execution_id, [])

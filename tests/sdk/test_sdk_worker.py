@@ -25,13 +25,13 @@ from flytekitplugins_actor.replica.protocol import (
     INLINE_LIMIT_BYTES,
     PROTOCOL_VERSION,
     AuthenticationError,
+    MessageReader,
     ProtocolError,
     RefusalCode,
     ReplicaClient,
     ReplyLost,
     RequestRefused,
     decode_bytes,
-    recv_message,
     send_message,
 )
 
@@ -107,7 +107,7 @@ def raw_request(worker, **message):
     host, port = worker.replica.address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=30) as s:
         send_message(s, {"token": worker.token, **message})
-        return recv_message(s)
+        return MessageReader(s).read()
 
 
 def output(out):
@@ -142,11 +142,12 @@ def test_bad_token_is_refused(worker):
         bad.close()
     host, port = worker.replica.address.rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=10) as s:
+        replies = MessageReader(s)
         send_message(s, {"op": "health"})  # no token at all
-        reply = recv_message(s)
+        reply = replies.read()
         assert reply["ok"] is False and reply["code"] == "UNAUTHENTICATED"
         send_message(s, {"op": "status", "token": worker.token[:-1] + "x", "execution_id": "e"})
-        assert recv_message(s)["code"] == "UNAUTHENTICATED"
+        assert replies.read()["code"] == "UNAUTHENTICATED"
     # and it kept serving the right token
     assert worker.request("health")["protocol"] == PROTOCOL_VERSION == 2
 
@@ -292,7 +293,8 @@ def test_a_connection_lost_between_replies_is_reported_for_each_unanswered_reque
         def answer_one_then_vanish():
             peer, _ = server.accept()
             with peer:
-                recv_message(peer), recv_message(peer)
+                requests = MessageReader(peer)
+                requests.read(), requests.read()
                 send_message(peer, {"ok": True, "state": "accepted"})  # the second request is never answered
 
         peer_thread = threading.Thread(target=answer_one_then_vanish)
