@@ -883,7 +883,8 @@ class ReplicaPool:
         the replica, the cause and, for the platform's fault, why it was not dispatched again."""
         if execution.cancel_requested:
             return self._complete_locked(execution, ExecutionState.CANCELLED)
-        if self._may_retry(execution, death) and exited:
+        may_retry = self._may_retry(execution, death)
+        if may_retry and exited:
             execution.system_retries += 1
             execution.retried_after = death
             logger.warning(
@@ -897,7 +898,7 @@ class ReplicaPool:
             )
             self._requeue_locked(execution)
             return []
-        if self._may_retry(execution, death):
+        if may_retry:
             why = (
                 f"not dispatched again: its backend did not see it end within {self.backend.exit_confirm_s:g}s, "
                 "so the execution may still be running there"

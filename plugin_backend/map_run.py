@@ -145,10 +145,10 @@ class MapRun:
         inline = len(inputs_pb) <= INLINE_LIMIT_BYTES  # small inputs go with the request: no storage write per item
         if not inline:
             store.write_bytes(inputs_path, inputs_pb)
-        item_id = self._item_id(i)
+        execution_id = item_id(self.execution_id, i)
         command = self.template.command.with_paths(inputs=inputs_path, output_prefix=prefix, item=i)
         spec = ExecutionSpec(
-            item_id,
+            execution_id,
             command.to_args(),
             self.env,
             inputs_pb=inputs_pb if inline else None,
@@ -170,7 +170,7 @@ class MapRun:
 
     def _absorb(self, execution: Execution) -> None:
         """Counts a finished item. Only an item that never reached a replica goes back to the queue."""
-        i = self._index(execution.id)
+        i = item_of(self.execution_id, execution.id)
         if i is None or i not in self.tally.inflight:
             return
         if execution.replica:
@@ -228,23 +228,16 @@ class MapRun:
         outputs = MapPlan.gather(self.template.output_names, results)
         store.write_bytes(self.record.path("outputs.pb"), outputs.SerializeToString(), atomic=True)  # = SUCCEEDED
 
-    def _item_id(self, i: int) -> str:
-        """Item i's execution id in the pool."""
-        return item_id(self.execution_id, i)
-
-    def _index(self, execution_id: str) -> Optional[int]:
-        return item_of(self.execution_id, execution_id)
-
     def _cancel_inflight(self) -> None:
         """Cancels every item still in flight (the pool escalates past the grace on its own) and forgets them."""
-        ids = [self._item_id(i) for i in sorted(self.tally.inflight)]
+        ids = [item_id(self.execution_id, i) for i in sorted(self.tally.inflight)]
         if not ids:
             return
         pool = self._pool_of()
 
-        def cancel(item_id: str) -> None:
-            pool.cancel(item_id, grace_seconds=self.CANCEL_GRACE_S)
-            pool.forget(item_id)
+        def cancel(execution_id: str) -> None:
+            pool.cancel(execution_id, grace_seconds=self.CANCEL_GRACE_S)
+            pool.forget(execution_id)
 
         cancel_items(cancel, ids, f"map {self.execution_id}")
         self.tally.inflight.clear()

@@ -23,7 +23,6 @@ class EngineFiles:
 
     def __init__(self, engine_dir: str, inputs_path: Optional[str] = None, inputs_pb: Optional[bytes] = None) -> None:
         self.engine_dir = engine_dir
-        self.inputs_path = inputs_path
         self._inputs: Dict[str, bytes] = {} if inputs_path is None or inputs_pb is None else {inputs_path: inputs_pb}
         self.written: Dict[str, bytes] = {}
         """The engine dir's files by name, as `_dispatch_execute` wrote them."""

@@ -205,7 +205,9 @@ class ReplicaRuntime:
         outcome: Optional[ExecutionOutcome] = None
         outputs_pb: Optional[bytes] = None
         fast = fast_path_applies()
-        files = EngineFiles(os.path.join(exec_dir, ENGINE_DIR)) if fast else None
+        # inputs that came with the request are read from memory, under a name that is never written
+        inline = os.path.join(exec_dir, SANDBOX, "inputs.inline.pb") if fast and spec.inputs_pb is not None else None
+        files = EngineFiles(os.path.join(exec_dir, ENGINE_DIR), inline, spec.inputs_pb) if fast else None
         if not self.executions:  # the first execution of this process: it is a replica
             use_frugal_serialization()
             run_coroutines_inline()
@@ -216,10 +218,8 @@ class ReplicaRuntime:
                 if path and path not in sys.path:
                     sys.path.append(path)
             tempfile.tempdir = exec_dir
-            if spec.inputs_pb is not None and files is not None:  # they came with the request: read from memory
-                inline = os.path.join(exec_dir, SANDBOX, "inputs.inline.pb")  # a name only: never written
-                files = EngineFiles(files.engine_dir, inline, spec.inputs_pb)
-                cmd = cmd.with_paths(inputs=files.inputs_path)
+            if inline is not None:
+                cmd = cmd.with_paths(inputs=inline)
             elif spec.inputs_pb is not None:  # flytekit's own set-up reads them from a file
                 cmd = cmd.with_paths(inputs=stage_inputs(exec_dir, spec.inputs_pb))
             self._activate_distribution(cmd)

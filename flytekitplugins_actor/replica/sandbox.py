@@ -163,22 +163,21 @@ def _fast_file_access_class():
         kept_outputs: Optional[bytes] = None
 
         def put_data(self, local_path, remote_path: str, is_multipart: bool = False, **kwargs):
+            dest = _local_path(remote_path)
             files = engine_files.current()
             if files is not None and is_multipart and not kwargs and files.is_engine_dir(local_path):
                 if os.listdir(files.engine_dir):  # the task wrote into the engine dir itself: upload it all, as files
                     files.materialize()
-                elif self.keep_outputs and files.small_outputs() is not None:
-                    self.kept_outputs = files.small_outputs()
+                elif self.keep_outputs and (kept := files.small_outputs()) is not None:
+                    self.kept_outputs = kept
                     return remote_path
-                elif _local_path(remote_path) is not None:
-                    dest = _local_path(remote_path)
+                elif dest is not None:
                     os.makedirs(dest, exist_ok=True)
                     for name, data in files.written.items():
                         _write_new(os.path.join(dest, name), data)
                     return remote_path
                 else:  # remote storage: flytekit's own upload, from real files
                     files.materialize()
-            dest = _local_path(remote_path)
             if dest is None or kwargs:
                 return super().put_data(local_path, remote_path, is_multipart=is_multipart, **kwargs)
             src = str(local_path)

@@ -73,6 +73,9 @@ STOP_GRACE_S = 5.0
 """How long a replica that stops on its own gives its execution to end before it exits regardless."""
 
 
+_ENDED_STATES = frozenset(s.value for s in ReplicaExecutionState if s.ended)
+
+
 class Delivery:
     """One connection's reply on its way: a `wait`'s reply is sent by the executing thread the moment the execution
     ends (as far as the socket takes it without blocking), and its connection thread sends the rest, if any. One
@@ -256,13 +259,15 @@ class Worker:
         """The execution whose end a reply told its peer (a `wait` or `status` of an ended execution), or None."""
         if msg.get("op") not in ("wait", "status") or not reply.get("ok"):
             return None
-        ended = reply.get("state") in {s.value for s in ReplicaExecutionState if s.ended}
-        return str(reply.get("execution_id")) if ended else None
+        return str(reply.get("execution_id")) if reply.get("state") in _ENDED_STATES else None
 
-    def collected(self, execution_id: str) -> None:
-        """The peer that was told the execution's end got it (it sent its next request): not uncollected any more."""
-        with self._lock:
-            self._uncollected.pop(execution_id, None)
+    def collected(self, delivery: Delivery) -> None:
+        """The connection's peer sent its next request: the end its last reply told (`Delivery.told`), if any, was
+        received, so it is not uncollected any more."""
+        told, delivery.told = delivery.told, None
+        if told is not None:
+            with self._lock:
+                self._uncollected.pop(told, None)
 
     def _state_of(self, execution_id: str, include_exception: bool = False) -> Dict[str, Any]:
         outcome = self._outcomes.get(execution_id)
@@ -426,9 +431,7 @@ class Worker:
             msg = delivery.reader.arrived(SENT_ALONG_TIMEOUT_S)
             if msg is None:  # nothing after all
                 return None
-            if delivery.told is not None:
-                self.collected(delivery.told)
-                delivery.told = None
+            self.collected(delivery)
             if msg.get("op") == "health":
                 delivery.finish(self.handle(msg, delivery))
                 return None
@@ -572,9 +575,7 @@ class _Handler(socketserver.BaseRequestHandler):
                     if pending is not None and pending.get("op") == _CLOSED:
                         return
                 msg, pending = pending if pending is not None else delivery.reader.read(), None
-                if delivery.told is not None:
-                    worker.collected(delivery.told)
-                    delivery.told = None
+                worker.collected(delivery)
                 reply = delivery.finish(worker.handle(msg, delivery))
                 delivery.told = worker.carried_end(msg, reply)
                 if delivery.held is not None:  # a submit: read its `wait` now if it came with it
